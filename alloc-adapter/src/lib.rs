@@ -1,0 +1,1 @@
+//! `qcow2-alloc`: [`qcow2_core`] with heap-backed buffers, larger caches, and zstd decompression.
