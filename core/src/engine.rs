@@ -581,12 +581,13 @@ where
         check_block_size(dev.block_size(), bounce.len())?;
         let file_size = dev.size()?;
         match format {
+            // Like QEMU, a raw image's size is its length rounded up to a sector; the tail reads as zeros.
             Format::Raw => Ok(Layer {
                 dev,
                 data: None,
                 format,
                 meta: None,
-                size: file_size,
+                size: file_size.checked_next_multiple_of(512).unwrap_or(file_size),
                 file_size,
                 probed,
             }),

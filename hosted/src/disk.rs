@@ -1,0 +1,225 @@
+//! What the command-line tool needs from an image, whatever its format.
+//!
+//! The commands (`info`, `map`, `convert`, `compare`, `io`) only see a [`VirtualDisk`] and [`ImageInfo`]s, so
+//! they do not depend on the engine's API. `raw_disk` implements the trait for raw files; `qcow2_disk`
+//! implements it on top of `qcow2-core`.
+
+use std::fmt;
+
+/// An error from an image, carrying a one-line message in QEMU's words (for example
+/// "Could not open 'x': No such file or directory").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskError(pub String);
+
+impl DiskError {
+    /// Wraps a message.
+    pub fn new(msg: impl Into<String>) -> DiskError {
+        DiskError(msg.into())
+    }
+
+    /// The message for an OS error the way C's `strerror` words it ("No such file or directory"), without
+    /// Rust's " (os error N)" suffix.
+    pub fn os_text(e: &std::io::Error) -> String {
+        let s = e.to_string();
+        match s.find(" (os error") {
+            Some(pos) => s[..pos].to_string(),
+            None => s,
+        }
+    }
+}
+
+impl fmt::Display for DiskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DiskError {}
+
+/// One extent of a guest range as `qemu-img map` sees it (QEMU's block status of the whole chain). Extents are
+/// reported unmerged; the `map` command merges neighbours the way qemu-img does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapExtent {
+    /// Guest offset of the first byte.
+    pub start: u64,
+    /// Length in bytes (> 0).
+    pub length: u64,
+    /// Which image of the backing chain decides the content: 0 the image itself, 1 its backing file, ...
+    /// For an extent allocated nowhere, the depth of the last image of the chain.
+    pub depth: u32,
+    /// Allocated somewhere in the chain (QEMU's BDRV_BLOCK_ALLOCATED).
+    pub present: bool,
+    /// Known to read as zeros.
+    pub zero: bool,
+    /// Holds data in the image that decides it (QEMU's BDRV_BLOCK_DATA).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset of the first byte in `file`, when the data sits there uncompressed (BDRV_BLOCK_OFFSET_VALID).
+    pub offset: Option<u64>,
+    /// The host file `offset` refers to, as given to open it (shown by the human map output).
+    pub file: Option<String>,
+}
+
+/// An opened image, read side.
+pub trait VirtualDisk {
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Reads `buf.len()` bytes at guest `offset`. The range must lie within [`VirtualDisk::virtual_size`].
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
+
+    /// The extent that starts at `offset`: `length` is at least 1 and at most `max_len` (which is > 0 and does
+    /// not reach past the virtual size); it may be shorter than the whole run of same-status bytes.
+    fn map_extent(&mut self, offset: u64, max_len: u64) -> Result<MapExtent, DiskError>;
+}
+
+/// One internal snapshot, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotInfo {
+    /// Unique ID string.
+    pub id: String,
+    /// Name (tag).
+    pub name: String,
+    /// Size of the saved VM state in bytes.
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u64,
+    /// Nanoseconds part of the creation time.
+    pub date_nsec: u32,
+    /// Guest clock at the snapshot, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, if the snapshot entry stores one.
+    pub icount: Option<u64>,
+}
+
+/// One persistent dirty bitmap, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BitmapInfo {
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Flag names in QEMU's words: "in-use", "auto".
+    pub flags: Vec<String>,
+}
+
+/// qcow2's part of `qemu-img info` ("Format specific information").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Qcow2Specific {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: String,
+    /// External data file name (v3 only).
+    pub data_file: Option<String>,
+    /// Raw external data file (shown whenever there is a data file).
+    pub data_file_raw: Option<bool>,
+    /// Extended L2 entries (v3).
+    pub extended_l2: Option<bool>,
+    /// Lazy refcounts (v3).
+    pub lazy_refcounts: Option<bool>,
+    /// Corrupt bit (v3).
+    pub corrupt: Option<bool>,
+    /// Refcount width in bits.
+    pub refcount_bits: u64,
+    /// Persistent bitmaps; `None` (not printed) when the image has none.
+    pub bitmaps: Option<Vec<BitmapInfo>>,
+    /// "zlib" or "zstd".
+    pub compression_type: String,
+}
+
+impl Qcow2Specific {
+    /// What QEMU reports for a version `version` image with default v3 flags cleared.
+    pub fn new(version: u32, refcount_bits: u64, compression_type: &str) -> Qcow2Specific {
+        let v3 = version >= 3;
+        Qcow2Specific {
+            compat: if v3 { "1.1" } else { "0.10" }.to_string(),
+            data_file: None,
+            data_file_raw: None,
+            extended_l2: v3.then_some(false),
+            lazy_refcounts: v3.then_some(false),
+            corrupt: v3.then_some(false),
+            refcount_bits,
+            bitmaps: None,
+            compression_type: compression_type.to_string(),
+        }
+    }
+}
+
+/// The protocol ("file") node under a format node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChildInfo {
+    /// File name as given.
+    pub filename: String,
+    /// File length rounded up to 512 bytes, as QEMU reports it.
+    pub length: u64,
+    /// Bytes allocated on the host (`st_blocks * 512`), if known.
+    pub actual_size: Option<u64>,
+}
+
+impl FileChildInfo {
+    /// Stats `path` the way QEMU's file driver does.
+    pub fn from_path(
+        display_name: &str,
+        path: &std::path::Path,
+    ) -> Result<FileChildInfo, DiskError> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(path).map_err(|e| DiskError::new(DiskError::os_text(&e)))?;
+        Ok(FileChildInfo {
+            filename: display_name.to_string(),
+            length: md.len().div_ceil(512) * 512,
+            actual_size: Some(md.blocks() * 512),
+        })
+    }
+}
+
+/// Everything `qemu-img info` prints about one image (one element of a backing chain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// File name as given (for a backing file: as QEMU opened it, i.e. the full backing file name).
+    pub filename: String,
+    /// "qcow2" or "raw".
+    pub format: String,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// Host bytes allocated to the image file (`st_blocks * 512`), if known.
+    pub actual_size: Option<u64>,
+    /// qcow2 dirty bit.
+    pub dirty_flag: bool,
+    /// Cluster size (qcow2 only).
+    pub cluster_size: Option<u64>,
+    /// Shown (as `"encrypted": true`) only for encrypted images.
+    pub encrypted: bool,
+    /// Backing file name exactly as stored in the image.
+    pub backing_filename: Option<String>,
+    /// Backing file name resolved against the image's directory.
+    pub full_backing_filename: Option<String>,
+    /// Backing file format from the header extension.
+    pub backing_filename_format: Option<String>,
+    /// Internal snapshots (not printed when empty).
+    pub snapshots: Vec<SnapshotInfo>,
+    /// qcow2 format-specific data.
+    pub qcow2: Option<Qcow2Specific>,
+    /// The "file" child node.
+    pub file: Option<FileChildInfo>,
+}
+
+impl ImageInfo {
+    /// Info for a raw image file.
+    pub fn raw(filename: &str, file: FileChildInfo) -> ImageInfo {
+        ImageInfo {
+            filename: filename.to_string(),
+            format: "raw".to_string(),
+            virtual_size: file.length,
+            actual_size: file.actual_size,
+            dirty_flag: false,
+            cluster_size: None,
+            encrypted: false,
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            snapshots: Vec::new(),
+            qcow2: None,
+            file: Some(file),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! A host file as a qcow2-core block device, and the SEEK_DATA/SEEK_HOLE probe shared with raw images.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use qcow2_core::device::{BlockDevice, BlockDeviceWrite, DeviceExtent};
+
+/// Block size [`FileDevice`] reports.
+pub const FILE_BLOCK_SIZE: usize = 512;
+
+/// Whether the bytes of `file` starting at `offset` are data or a hole, and for how many bytes (at most `len`,
+/// at least 1 when `len > 0`). Bytes at or past `file_len` are a hole. Filesystems that cannot tell report data.
+pub fn probe_extent(file: &File, offset: u64, len: u64, file_len: u64) -> io::Result<(bool, u64)> {
+    use rustix::fs::{SeekFrom, seek};
+    if len == 0 {
+        return Ok((true, 0));
+    }
+    if offset >= file_len {
+        return Ok((false, len));
+    }
+    match seek(file, SeekFrom::Data(offset)) {
+        Ok(data) if data <= offset => {
+            // Data here: it runs to the next hole (EOF counts as one).
+            let hole = match seek(file, SeekFrom::Hole(offset)) {
+                Ok(h) if h > offset => h,
+                Ok(_) => file_len,
+                Err(_) => file_len,
+            };
+            Ok((true, (hole - offset).min(len)))
+        }
+        Ok(data) => Ok((false, (data - offset).min(len))),
+        // No data at or after `offset`: a hole to the end.
+        Err(rustix::io::Errno::NXIO) => Ok((false, len)),
+        // SEEK_DATA unsupported: everything is data.
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::OPNOTSUPP) => {
+            Ok((true, (file_len - offset).min(len)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, filling whatever lies past the end of the file with zeros.
+pub fn read_zero_filled(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A host file seen as a block device of 512-byte blocks (positional I/O, so it never moves a file cursor
+/// that matters). Reads past the end of the file return zeros; writes past it grow the file.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+}
+
+impl FileDevice {
+    /// Wraps an open file (opened read-only or read-write as the caller needs).
+    pub fn new(file: File) -> FileDevice {
+        FileDevice { file }
+    }
+
+    /// The wrapped file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Gives the file back.
+    pub fn into_inner(self) -> File {
+        self.file
+    }
+}
+
+impl BlockDevice for FileDevice {
+    type Error = io::Error;
+
+    fn block_size(&self) -> usize {
+        FILE_BLOCK_SIZE
+    }
+
+    fn size(&mut self) -> Result<u64, io::Error> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), io::Error> {
+        let offset = lba.checked_mul(FILE_BLOCK_SIZE as u64).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "block address out of range")
+        })?;
+        read_zero_filled(&self.file, offset, buf)
+    }
+
+    fn block_status(&mut self, offset: u64, len: u64) -> Result<DeviceExtent, io::Error> {
+        let file_len = self.file.metadata()?.len();
+        let (data, n) = probe_extent(&self.file, offset, len, file_len)?;
+        Ok(DeviceExtent {
+            data,
+            len: n.max(u64::from(len > 0)),
+        })
+    }
+}
+
+impl BlockDeviceWrite for FileDevice {
+    fn write_blocks(&mut self, lba: u64, buf: &[u8]) -> Result<(), io::Error> {
+        let offset = lba.checked_mul(FILE_BLOCK_SIZE as u64).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "block address out of range")
+        })?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> Result<(), io::Error> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("qcow2-hosted-file-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn device_reads_zeros_past_eof_and_reports_holes() {
+        let path = temp_path("dev");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut dev = FileDevice::new(f);
+        dev.write_blocks(0, &[0x5a; 512]).unwrap();
+        dev.file().set_len(1 << 20).unwrap();
+        dev.flush().unwrap();
+        assert_eq!(dev.size().unwrap(), 1 << 20);
+        let mut buf = [1u8; 1024];
+        dev.read_blocks(2047, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        dev.read_blocks(0, &mut buf).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 0x5a));
+        let first = dev.block_status(0, 1 << 20).unwrap();
+        assert!(first.data);
+        assert!(first.len >= 512 && first.len < 1 << 20);
+        let tail = dev.block_status(512 * 1024, 4096).unwrap();
+        assert_eq!(
+            tail,
+            DeviceExtent {
+                data: false,
+                len: 4096
+            }
+        );
+        let past = dev.block_status(2 << 20, 512).unwrap();
+        assert_eq!(
+            past,
+            DeviceExtent {
+                data: false,
+                len: 512
+            }
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,329 @@
+//! The std side of qcow2-core: host files as block devices, raw images, and the `qcow2` command-line tool,
+//! whose commands print what `qemu-img` and `qemu-io` (QEMU 10) print, so that the two can be compared text
+//! for text.
+//!
+//! The commands see images only through [`disk::VirtualDisk`] and [`disk::ImageInfo`]; [`open::open_disk`]
+//! picks the implementation (raw files here, qcow2 through the engine).
+
+pub mod compare;
+pub mod convert;
+pub mod disk;
+pub mod file;
+pub mod info;
+pub mod io;
+pub mod json;
+pub mod map;
+pub mod open;
+pub mod progress;
+pub mod qcow2_disk;
+pub mod raw_disk;
+pub mod size;
+
+use std::ffi::OsString;
+use std::io::Write;
+
+use lexopt::Arg;
+
+use crate::map::{MapError, OutputFormat};
+
+/// Program name used in messages.
+const PROG: &str = "qcow2";
+
+const USAGE: &str = "usage: qcow2 COMMAND [OPTIONS]
+Commands:
+  info [--output=human|json] [--backing-chain] [-f FMT] FILE
+  map [--output=human|json] [-f FMT] FILE
+  convert [-p] [-q] [-f FMT] [-O raw] SRC DST
+  compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
+  io [-f FMT] [-r] -c CMD [-c CMD ...] FILE
+";
+
+/// A command-line problem: the one-line message (without the program name) and the exit code.
+struct Fail {
+    msg: String,
+    code: i32,
+}
+
+fn fail(msg: impl Into<String>) -> Fail {
+    Fail {
+        msg: msg.into(),
+        code: 1,
+    }
+}
+
+/// Turns a lexopt error into qemu-img's getopt wording for command `cmd`.
+fn opt_error(cmd: &str, e: lexopt::Error) -> Fail {
+    let msg = match e {
+        lexopt::Error::MissingValue { option: Some(o) } if o.starts_with("--") => {
+            format!("{PROG} {cmd}: option '{o}' requires an argument")
+        }
+        lexopt::Error::MissingValue { option: Some(o) } => {
+            format!(
+                "{PROG} {cmd}: option requires an argument -- '{}'",
+                o.trim_start_matches('-')
+            )
+        }
+        lexopt::Error::UnexpectedValue { option, .. } => {
+            format!("{PROG} {cmd}: option '{option}' doesn't allow an argument")
+        }
+        other => format!("{PROG} {cmd}: {other}"),
+    };
+    fail(msg)
+}
+
+fn unknown_option(cmd: &str, arg: Arg<'_>) -> Fail {
+    match arg {
+        Arg::Short(c) => fail(format!("{PROG} {cmd}: invalid option -- '{c}'")),
+        Arg::Long(l) => fail(format!("{PROG} {cmd}: unrecognized option '--{l}'")),
+        Arg::Value(v) => fail(format!(
+            "{PROG} {cmd}: unexpected argument '{}'",
+            v.to_string_lossy()
+        )),
+    }
+}
+
+fn os_to_string(v: OsString) -> Result<String, Fail> {
+    v.into_string().map_err(|v| {
+        fail(format!(
+            "invalid UTF-8 in argument '{}'",
+            v.to_string_lossy()
+        ))
+    })
+}
+
+fn value(cmd: &str, p: &mut lexopt::Parser) -> Result<String, Fail> {
+    os_to_string(p.value().map_err(|e| opt_error(cmd, e))?)
+}
+
+fn parse_output(v: &str) -> Result<OutputFormat, Fail> {
+    match v {
+        "human" => Ok(OutputFormat::Human),
+        "json" => Ok(OutputFormat::Json),
+        other => Err(fail(format!(
+            "--output expects 'human' or 'json' not '{other}'"
+        ))),
+    }
+}
+
+/// qemu-img's message for an image that did not open.
+fn open_error(path: &str, e: disk::DiskError) -> Fail {
+    fail(format!("Could not open '{path}': {e}"))
+}
+
+fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut output, mut chain, mut files) =
+        (None, OutputFormat::Human, false, Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("info", e))? {
+        match arg {
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("info", p)?),
+            Arg::Long("output") => output = parse_output(&value("info", p)?)?,
+            Arg::Long("backing-chain") => chain = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("info", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    let img = open::open_disk(file, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    if img.chain.is_empty() {
+        return Err(fail(format!(
+            "Could not open '{file}': no image information"
+        )));
+    }
+    let text = match output {
+        OutputFormat::Json => info::format_info_json(&img.chain, chain),
+        OutputFormat::Human => info::format_info_human_chain(&img.chain, chain),
+    };
+    out.write_all(text.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut output, mut files) = (None, OutputFormat::Human, Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("map", e))? {
+        match arg {
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("map", p)?),
+            Arg::Long("output") => output = parse_output(&value("map", p)?)?,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("map", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    let mut img = open::open_disk(file, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    match map::write_map(img.disk.as_mut(), output, out) {
+        Ok(()) => Ok(0),
+        Err(MapError::Message(m)) => {
+            let _ = out.flush();
+            Err(fail(m))
+        }
+        Err(MapError::Io(e)) => Err(fail(e.to_string())),
+    }
+}
+
+fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut out_fmt, mut progress, mut quiet, mut files) =
+        (None, None, false, false, Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("convert", e))? {
+        match arg {
+            Arg::Short('f') => fmt = Some(value("convert", p)?),
+            Arg::Short('O') => out_fmt = Some(value("convert", p)?),
+            Arg::Short('p') => progress = true,
+            Arg::Short('q') => quiet = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("convert", other)),
+        }
+    }
+    match out_fmt.as_deref() {
+        None | Some("raw") => {}
+        Some("qcow2") => {
+            return Err(fail(
+                "Output format 'qcow2' is not supported by this tool (use -O raw)",
+            ));
+        }
+        Some(other) => return Err(fail(format!("Unknown file format '{other}'"))),
+    }
+    if files.len() < 2 {
+        return Err(fail("Must specify image file name"));
+    }
+    if files.len() > 2 {
+        return Err(fail("Only one source image is supported"));
+    }
+    let (src, dst) = (&files[0], &files[1]);
+    let mut img = open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?;
+    convert::convert_to_raw(img.disk.as_mut(), dst, progress && !quiet, out)
+        .map_err(|e| fail(e.0))?;
+    Ok(0)
+}
+
+fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt1, mut fmt2, mut files) = (None, None, Vec::new());
+    let mut opts = compare::CompareOptions::default();
+    // Usage errors exit with 1 like qemu-img's; only failures to open or read exit with 2 and up.
+    while let Some(arg) = p.next().map_err(|e| opt_error("compare", e))? {
+        match arg {
+            Arg::Short('f') => fmt1 = Some(value("compare", p)?),
+            Arg::Short('F') => fmt2 = Some(value("compare", p)?),
+            Arg::Short('s') => opts.strict = true,
+            Arg::Short('q') => opts.quiet = true,
+            Arg::Short('p') => opts.progress = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("compare", other)),
+        }
+    }
+    let [f1, f2] = files.as_slice() else {
+        return Err(fail("Expecting two image file names"));
+    };
+    let mut a = open::open_disk(f1, fmt1.as_deref()).map_err(|e| Fail {
+        code: 2,
+        ..open_error(f1, e)
+    })?;
+    let mut b = open::open_disk(f2, fmt2.as_deref()).map_err(|e| Fail {
+        code: 2,
+        ..open_error(f2, e)
+    })?;
+    let r = compare::compare(
+        &mut compare::Side {
+            name: f1,
+            disk: a.disk.as_mut(),
+        },
+        &mut compare::Side {
+            name: f2,
+            disk: b.disk.as_mut(),
+        },
+        &opts,
+        out,
+    );
+    match r.error {
+        Some(msg) => Err(Fail { msg, code: r.code }),
+        None => Ok(r.code),
+    }
+}
+
+fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut cmds, mut files) = (None, Vec::new(), Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("io", e))? {
+        match arg {
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("io", p)?),
+            Arg::Short('c') | Arg::Long("cmd") => cmds.push(value("io", p)?),
+            Arg::Short('r') | Arg::Long("read-only") => {}
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("io", other)),
+        }
+    }
+    if files.len() > 1 {
+        return Err(fail(
+            "Usage: qcow2 io [-f FMT] [-r] -c CMD [-c CMD ...] [FILE]",
+        ));
+    }
+    if cmds.is_empty() {
+        return Err(fail("io: no command given (use -c)"));
+    }
+    let mut img = match files.first() {
+        Some(f) => Some(
+            open::open_disk(f, fmt.as_deref())
+                .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut failed = false;
+    for c in &cmds {
+        let disk = img
+            .as_mut()
+            .map(|i| i.disk.as_mut() as &mut dyn disk::VirtualDisk);
+        match io::run_command(disk, c, out, err) {
+            io::CmdStatus::Ok => {}
+            io::CmdStatus::Failed => failed = true,
+            io::CmdStatus::Quit => break,
+        }
+    }
+    Ok(i32::from(failed))
+}
+
+/// Runs the tool with `args` (program name first), writing normal output to `out` and messages to `err`;
+/// returns the exit code.
+pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let mut p = lexopt::Parser::from_args(args.into_iter().skip(1));
+    let result = match p.next() {
+        Ok(Some(Arg::Value(cmd))) => match cmd.to_str() {
+            Some("info") => cmd_info(&mut p, out),
+            Some("map") => cmd_map(&mut p, out),
+            Some("convert") => cmd_convert(&mut p, out),
+            Some("compare") => cmd_compare(&mut p, out),
+            Some("io") => cmd_io(&mut p, out, err),
+            Some(other) => Err(fail(format!("Command not found: {other}"))),
+            None => Err(fail(format!(
+                "Command not found: {}",
+                cmd.to_string_lossy()
+            ))),
+        },
+        Ok(Some(Arg::Short('h') | Arg::Long("help"))) => {
+            let _ = out.write_all(USAGE.as_bytes());
+            Ok(0)
+        }
+        Ok(Some(other)) => Err(unknown_option("", other)),
+        Ok(None) => Err(fail("Not enough arguments")),
+        Err(e) => Err(fail(e.to_string())),
+    };
+    let _ = out.flush();
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            let msg = if f.msg.starts_with(&format!("{PROG} ")) {
+                f.msg
+            } else {
+                format!("{PROG}: {}", f.msg)
+            };
+            let _ = writeln!(err, "{msg}");
+            f.code
+        }
+    }
+}

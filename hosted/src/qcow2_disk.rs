@@ -1,0 +1,331 @@
+//! qcow2 images (and their backing chains) through `qcow2-core`, as [`VirtualDisk`]s.
+//!
+//! Backing and data file policy (the resolver below):
+//! - A stored name is resolved against the directory of the image that stores it, as QEMU does; an absolute
+//!   name is used as it is.
+//! - Names that look like a protocol (`json:{...}`, `nbd://...`, anything with a `:` before the first `/`)
+//!   are refused: the tool opens plain files only.
+//! - A backing file's format is the one the image declares (`backing_fmt`); without one it is probed (qcow2
+//!   magic, else raw), and the engine refuses to follow the backing name of a qcow2 file whose format was
+//!   probed, so a guest-written header inside a raw disk can never point the tool at a host file.
+//! - A file that appears twice in one chain is refused (a loop).
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use qcow2_alloc::HeapImage;
+use qcow2_core::engine::{FileRequest, Format, Resolver};
+use qcow2_core::format::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
+use qcow2_core::{Error, Source};
+
+use crate::disk::{DiskError, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, VirtualDisk};
+use crate::file::FileDevice;
+
+/// Where each image of a chain came from, as the resolver opened it.
+#[derive(Debug, Default)]
+struct ChainResolver {
+    /// Display name of each image opened so far (the top image first), QEMU's "filename".
+    names: Vec<String>,
+    /// Canonical paths seen, for loop detection.
+    seen: Vec<PathBuf>,
+    /// Display names of external data files, by depth.
+    data_files: Vec<(usize, String)>,
+}
+
+/// QEMU's `path_has_protocol`: a `:` before any `/`.
+fn has_protocol(name: &str) -> bool {
+    match name.find(':') {
+        Some(colon) => !name[..colon].contains('/'),
+        None => false,
+    }
+}
+
+/// QEMU's `path_combine`: `name` relative to the directory of `base`.
+pub fn combine(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(slash) => format!("{}{}", &base[..=slash], name),
+        None => name.to_string(),
+    }
+}
+
+fn io_err(msg: String) -> Error<io::Error> {
+    Error::Io(io::Error::other(msg))
+}
+
+impl ChainResolver {
+    fn open_named(
+        &mut self,
+        depth: usize,
+        raw_name: &[u8],
+        what: &str,
+    ) -> Result<(File, String), Error<io::Error>> {
+        let name = String::from_utf8_lossy(raw_name).into_owned();
+        if name.is_empty() {
+            return Err(io_err(format!(
+                "Could not open {what}: the image stores an empty file name"
+            )));
+        }
+        if has_protocol(&name) {
+            return Err(io_err(format!(
+                "Could not open {what} '{name}': protocol names are not supported (only plain files are opened)"
+            )));
+        }
+        let base = self.names.get(depth).cloned().unwrap_or_default();
+        let full = combine(&base, &name);
+        let file = File::open(&full).map_err(|e| {
+            io_err(format!(
+                "Could not open {what}: Could not open '{full}': {}",
+                DiskError::os_text(&e)
+            ))
+        })?;
+        let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
+        if self.seen.contains(&canon) {
+            return Err(io_err(format!(
+                "Could not open {what} '{full}': the backing chain loops"
+            )));
+        }
+        self.seen.push(canon);
+        Ok((file, full))
+    }
+}
+
+impl Resolver<FileDevice> for ChainResolver {
+    fn backing_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<io::Error>> {
+        if let Some(fmt) = request.format
+            && fmt != b"qcow2"
+            && fmt != b"raw"
+        {
+            return Err(io_err(format!(
+                "Could not open backing file: Unknown driver '{}'",
+                String::from_utf8_lossy(fmt)
+            )));
+        }
+        let (file, full) = self.open_named(request.depth, request.name, "backing file")?;
+        self.names.push(full);
+        Ok(FileDevice::new(file))
+    }
+
+    fn data_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<io::Error>> {
+        let (file, full) = self.open_named(request.depth, request.name, "data file")?;
+        // The data file is not part of the chain: forget it for loop detection's sake only when distinct.
+        self.data_files.push((request.depth, full));
+        Ok(FileDevice::new(file))
+    }
+}
+
+/// A qcow2 image with its chain, read through the engine.
+pub struct Qcow2Disk {
+    image: HeapImage<FileDevice>,
+    /// Display name of each image of the chain.
+    names: Vec<String>,
+    /// Display name of each image's external data file.
+    data_files: Vec<Option<String>>,
+}
+
+impl std::fmt::Debug for Qcow2Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Disk")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The engine's message for an error (device errors carry their own text).
+pub fn engine_error(e: Error<io::Error>) -> DiskError {
+    match e {
+        Error::Io(e) => DiskError::new(DiskError::os_text(&e)),
+        other => DiskError::new(other.to_string()),
+    }
+}
+
+impl Qcow2Disk {
+    /// Opens `path` (already known to be qcow2) and its chain.
+    pub fn open(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
+        let mut resolver = ChainResolver {
+            names: vec![path.to_string()],
+            ..ChainResolver::default()
+        };
+        if let Ok(c) = std::fs::canonicalize(path) {
+            resolver.seen.push(c);
+        }
+        let image = qcow2_alloc::open(FileDevice::new(file), Format::Qcow2, &mut resolver)
+            .map_err(engine_error)?;
+        let mut data_files = vec![None; image.layers().len()];
+        for (depth, name) in resolver.data_files {
+            if let Some(slot) = data_files.get_mut(depth) {
+                *slot = Some(name);
+            }
+        }
+        let mut disk = Qcow2Disk {
+            image,
+            names: resolver.names,
+            data_files,
+        };
+        let infos = disk.chain_info()?;
+        Ok((disk, infos))
+    }
+
+    fn stored_name(
+        &mut self,
+        depth: usize,
+        name: Option<qcow2_core::engine::StoredName>,
+    ) -> Result<Option<String>, DiskError> {
+        let Some(name) = name else { return Ok(None) };
+        let mut buf = vec![0u8; name.len as usize];
+        let bytes = self
+            .image
+            .read_stored_name(depth, name, &mut buf)
+            .map_err(engine_error)?;
+        Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+    }
+
+    /// `qemu-img info`'s view of every image of the chain.
+    fn chain_info(&mut self) -> Result<Vec<ImageInfo>, DiskError> {
+        let mut infos = Vec::new();
+        for depth in 0..self.image.layers().len() {
+            let name = self.names.get(depth).cloned().unwrap_or_default();
+            let child = FileChildInfo::from_path(&name, Path::new(&name))?;
+            let layer = &self.image.layers()[depth];
+            let Some(meta) = layer.qcow2().copied() else {
+                infos.push(ImageInfo::raw(&name, child));
+                continue;
+            };
+            let h = meta.header;
+            let mut spec = Qcow2Specific::new(
+                h.version,
+                u64::from(h.refcount_bits()),
+                h.compression_type.name(),
+            );
+            if h.version >= 3 {
+                spec.lazy_refcounts = Some(
+                    h.compatible_features
+                        .contains(CompatibleFeatures::LAZY_REFCOUNTS),
+                );
+                spec.corrupt = Some(
+                    h.incompatible_features
+                        .contains(IncompatibleFeatures::CORRUPT),
+                );
+                spec.extended_l2 = Some(h.extended_l2());
+            }
+            if let Some(data_name) = self.stored_name(depth, meta.data_file_name)? {
+                spec.data_file = Some(data_name);
+            }
+            if h.incompatible_features
+                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+            {
+                spec.data_file_raw = Some(
+                    h.autoclear_features
+                        .contains(AutoclearFeatures::DATA_FILE_RAW),
+                );
+            }
+            let backing = self.stored_name(depth, meta.backing_name)?;
+            let full_backing = backing.as_ref().map(|b| combine(&name, b));
+            let backing_format = meta
+                .backing_format()
+                .map(|f| String::from_utf8_lossy(f).into_owned());
+            infos.push(ImageInfo {
+                filename: name,
+                format: "qcow2".to_string(),
+                virtual_size: h.size,
+                actual_size: child.actual_size,
+                dirty_flag: h
+                    .incompatible_features
+                    .contains(IncompatibleFeatures::DIRTY),
+                cluster_size: Some(h.cluster_size()),
+                encrypted: false,
+                backing_filename: backing,
+                full_backing_filename: full_backing,
+                backing_filename_format: backing_format,
+                snapshots: Vec::new(),
+                qcow2: Some(spec),
+                file: Some(child),
+            });
+        }
+        Ok(infos)
+    }
+
+    fn file_name(&self, depth: usize, external: bool) -> Option<String> {
+        if external {
+            self.data_files.get(depth).cloned().flatten()
+        } else {
+            self.names.get(depth).cloned()
+        }
+    }
+}
+
+impl VirtualDisk for Qcow2Disk {
+    fn virtual_size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.image.read_at(offset, buf).map_err(engine_error)
+    }
+
+    fn map_extent(&mut self, offset: u64, max_len: u64) -> Result<MapExtent, DiskError> {
+        let m = self
+            .image
+            .map_guest_range(offset, max_len)
+            .map_err(engine_error)?;
+        let depth = m.depth as u32;
+        let mut e = MapExtent {
+            start: offset,
+            length: m.len,
+            depth,
+            present: true,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            file: None,
+        };
+        match m.source {
+            Source::Data { host, external } => {
+                let raw = self
+                    .image
+                    .layers()
+                    .get(m.depth)
+                    .is_some_and(|l| l.format() == Format::Raw);
+                e.data = true;
+                e.offset = Some(host);
+                e.file = self.file_name(m.depth, external);
+                if raw {
+                    // A raw image's holes read as zeros; QEMU asks the file.
+                    let st = self
+                        .image
+                        .host_status(m.depth, external, host, m.len)
+                        .map_err(engine_error)?;
+                    e.length = st.len.max(1);
+                    e.data = st.data;
+                    e.zero = !st.data;
+                }
+            }
+            Source::Zero { host, external } => {
+                e.zero = true;
+                e.offset = host;
+                if host.is_some() {
+                    e.file = self.file_name(m.depth, external);
+                }
+            }
+            Source::Compressed { .. } => {
+                e.data = true;
+                e.compressed = true;
+            }
+            Source::PastEnd => {
+                // The image above reads zeros past its backing file's end; QEMU reports that at its depth.
+                e.depth = depth.saturating_sub(1);
+                e.present = false;
+                e.zero = true;
+            }
+            Source::Unallocated => {
+                e.present = false;
+                e.zero = true;
+            }
+        }
+        Ok(e)
+    }
+}

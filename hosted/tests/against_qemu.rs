@@ -1,0 +1,256 @@
+//! The `qcow2` tool against the real qemu-img / qemu-io on raw images: same stdout, same exit codes.
+//! qemu-img and qemu-io must be installed; these tests fail (they do not skip) when they are missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("qcow2-hosted-it-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, f: &str) -> String {
+        self.0.join(f).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a QEMU tool; panics if it is not installed.
+fn qemu(tool: &str, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is required for these tests and could not be run: {e}"));
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// Runs our tool in-process.
+fn tool(args: &[&str]) -> (i32, String, String) {
+    let mut argv = vec![std::ffi::OsString::from("qcow2")];
+    argv.extend(args.iter().map(std::ffi::OsString::from));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = qcow2_hosted::run(argv, &mut out, &mut err);
+    (
+        code,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+/// A 4 MiB raw image with data at 1 MiB (0xab), an explicit zero block at 2 MiB and a byte near the end.
+fn make_raw(dir: &TempDir, name: &str) -> String {
+    let p = dir.path(name);
+    assert_eq!(
+        qemu("qemu-img", &["create", "-q", "-f", "raw", &p, "4M"]).0,
+        0
+    );
+    let (code, _, err) = qemu(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1M 64k",
+            "-c",
+            "write -P 0 2M 64k",
+            "-c",
+            "write -P 7 4190000 1",
+            &p,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    p
+}
+
+/// Drops qemu-io's timing line (the numbers differ from run to run).
+fn without_timing(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.contains(" ops; "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn info_and_map_match_qemu_img() {
+    let dir = TempDir::new("info");
+    let img = make_raw(&dir, "a.raw");
+    for args in [
+        vec!["info", img.as_str()],
+        vec!["info", "--output=json", img.as_str()],
+        vec!["info", "--backing-chain", "--output=json", img.as_str()],
+        vec!["info", "-f", "raw", "--output", "human", img.as_str()],
+        vec!["map", img.as_str()],
+        vec!["map", "--output=json", img.as_str()],
+    ] {
+        let (qcode, qout, _) = qemu("qemu-img", &args);
+        let (code, out, err) = tool(&args);
+        assert_eq!(
+            (code, out.as_str()),
+            (qcode, qout.as_str()),
+            "{args:?}: {err}"
+        );
+    }
+    // Odd-sized and empty files.
+    let odd = dir.path("odd.raw");
+    std::fs::write(&odd, b"abc").unwrap();
+    let empty = dir.path("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    for f in [&odd, &empty] {
+        for args in [
+            vec!["map", "--output=json", f.as_str()],
+            vec!["info", "--output=json", f.as_str()],
+        ] {
+            assert_eq!(tool(&args).1, qemu("qemu-img", &args).1, "{args:?}");
+        }
+    }
+}
+
+#[test]
+fn convert_matches_qemu_img() {
+    let dir = TempDir::new("convert");
+    let img = make_raw(&dir, "a.raw");
+    let (ours, theirs) = (dir.path("ours.raw"), dir.path("theirs.raw"));
+    let (qcode, qout, _) = qemu("qemu-img", &["convert", "-p", "-O", "raw", &img, &theirs]);
+    let (code, out, err) = tool(&["convert", "-p", "-O", "raw", &img, &ours]);
+    assert_eq!((code, out.as_str()), (qcode, qout.as_str()), "{err}");
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
+    // Same holes: qemu-img map of both outputs agrees.
+    let map = |f: &str| qemu("qemu-img", &["map", "--output=json", f]).1;
+    assert_eq!(map(&ours), map(&theirs));
+    assert!(Path::new(&ours).metadata().unwrap().len() == 4 << 20);
+}
+
+#[test]
+fn compare_matches_qemu_img() {
+    let dir = TempDir::new("compare");
+    let a = make_raw(&dir, "a.raw");
+    let b = make_raw(&dir, "b.raw");
+    let c = make_raw(&dir, "c.raw");
+    assert_eq!(
+        qemu("qemu-io", &["-f", "raw", "-c", "write -P 1 3000000 1", &c]).0,
+        0
+    );
+    let big = dir.path("big.raw");
+    std::fs::copy(&a, &big).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
+    let missing = dir.path("missing.raw");
+    for args in [
+        vec!["compare", a.as_str(), b.as_str()],
+        vec!["compare", "-s", a.as_str(), b.as_str()],
+        vec!["compare", a.as_str(), c.as_str()],
+        vec!["compare", "-q", a.as_str(), c.as_str()],
+        vec!["compare", "-s", a.as_str(), c.as_str()],
+        vec!["compare", a.as_str(), big.as_str()],
+        vec!["compare", "-s", big.as_str(), a.as_str()],
+        vec!["compare", "-p", c.as_str(), big.as_str()],
+        vec!["compare", a.as_str(), missing.as_str()],
+        vec!["compare", "-f", "qcow2", a.as_str(), b.as_str()],
+    ] {
+        let (qcode, qout, _) = qemu("qemu-img", &args);
+        let (code, out, err) = tool(&args);
+        assert_eq!(
+            (code, out.as_str()),
+            (qcode, qout.as_str()),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn io_read_matches_qemu_io() {
+    let dir = TempDir::new("io");
+    let img = make_raw(&dir, "a.raw");
+    for cmds in [
+        vec!["read -P 0xab 1M 64k"],
+        vec!["read -P 0xab 1M 68k", "read 0 512"],
+        vec!["read -v 1048570 40"],
+        vec!["read 4M 1", "read 1x 1", "read 0 3G", "read -P 0x1ff 0 1"],
+        vec!["read -q -P 7 4190000 1", "length"],
+        vec!["quit", "read 0 1"],
+    ] {
+        let mut args = vec!["-f", "raw", "-r"];
+        for c in &cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(&img);
+        let (qcode, qout, _) = qemu("qemu-io", &args);
+        let mut ours = vec!["io"];
+        ours.extend(&args);
+        let (code, out, err) = tool(&ours);
+        assert_eq!(
+            (code, without_timing(&out)),
+            (qcode, without_timing(&qout)),
+            "{cmds:?}: {err}"
+        );
+    }
+    // Errors qemu-io prints on stderr.
+    let (code, _, err) = tool(&["io", "-r", "-c", "bogus 1", "-c", "read 0", &img]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "command \"bogus\" not found\nbad argument count 1 to read, expected at least 2 arguments\n"
+    );
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = TempDir::new("errors");
+    let img = make_raw(&dir, "a.raw");
+    let missing = dir.path("missing");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["info", &missing],
+            format!(
+                "qcow2: Could not open '{missing}': Could not open '{missing}': No such file or directory\n"
+            ),
+        ),
+        (
+            vec!["info", "-f", "qcow2", &img],
+            format!("qcow2: Could not open '{img}': Image is not in qcow2 format\n"),
+        ),
+        (
+            vec!["info", "--output=xml", &img],
+            "qcow2: --output expects 'human' or 'json' not 'xml'\n".into(),
+        ),
+        (
+            vec!["info", "--bogus", &img],
+            "qcow2 info: unrecognized option '--bogus'\n".into(),
+        ),
+        (vec!["map"], "qcow2: Expecting one image file name\n".into()),
+        (vec!["nope"], "qcow2: Command not found: nope\n".into()),
+        (vec![], "qcow2: Not enough arguments\n".into()),
+        (
+            vec!["io", "-c", "read 0 1", &missing],
+            format!(
+                "qcow2: can't open device {missing}: Could not open '{missing}': No such file or directory\n"
+            ),
+        ),
+    ];
+    for (args, expected) in cases {
+        let (code, out, err) = tool(&args);
+        assert_eq!(code, 1, "{args:?}");
+        assert_eq!(out, "", "{args:?}");
+        assert_eq!(err, expected, "{args:?}");
+    }
+}
