@@ -32,7 +32,10 @@ pub type HeapImage<D> = Image<D, Vec<u8>, AllocDecompressor, DEFAULT_MAX_DEPTH, 
 
 /// Heap buffers for [`HeapImage`].
 pub fn buffers() -> Buffers<Vec<u8>> {
-    Buffers { bounce: vec![0u8; BOUNCE_SIZE], metadata: vec![0u8; SLICES * SLICE_SIZE] }
+    Buffers {
+        bounce: vec![0u8; BOUNCE_SIZE],
+        metadata: vec![0u8; SLICES * SLICE_SIZE],
+    }
 }
 
 /// Opens an image of `format` on `dev` with heap buffers; backing and data files come from `resolver`.
@@ -41,7 +44,13 @@ pub fn open<D: BlockDevice, R: Resolver<D>>(
     format: Format,
     resolver: &mut R,
 ) -> Result<HeapImage<D>, Error<D::Error>> {
-    Image::open_as(dev, format, buffers(), AllocDecompressor::default(), resolver)
+    Image::open_as(
+        dev,
+        format,
+        buffers(),
+        AllocDecompressor::default(),
+        resolver,
+    )
 }
 
 /// Deflate with whole-cluster buffers, and zstd. Keeps the last decompressed cluster of each kind.
@@ -61,8 +70,13 @@ impl core::fmt::Debug for AllocDecompressor {
 }
 
 impl AllocDecompressor {
-    fn zstd_cluster(&mut self, src: &mut dyn CompressedSource, cluster_size: usize) -> Result<(), DecompressError> {
-        let len = usize::try_from(src.remaining()).map_err(|_| DecompressError::Corrupt("compressed size"))?;
+    fn zstd_cluster(
+        &mut self,
+        src: &mut dyn CompressedSource,
+        cluster_size: usize,
+    ) -> Result<(), DecompressError> {
+        let len = usize::try_from(src.remaining())
+            .map_err(|_| DecompressError::Corrupt("compressed size"))?;
         self.zstd_in.clear();
         self.zstd_in.resize(len, 0);
         let mut got = 0;
@@ -76,13 +90,17 @@ impl AllocDecompressor {
         self.zstd_in.truncate(got);
         self.zstd_out.clear();
         self.zstd_out.resize(cluster_size, 0);
-        let frame = self.zstd.get_or_insert_with(|| Box::new(FrameDecoder::new()));
+        let frame = self
+            .zstd
+            .get_or_insert_with(|| Box::new(FrameDecoder::new()));
         let mut input: &[u8] = &self.zstd_in;
         let mut filled = 0usize;
         // One or more frames, until the cluster is full.
         while filled < cluster_size {
             if input.is_empty() {
-                return Err(DecompressError::Corrupt("zstd data ends before a whole cluster"));
+                return Err(DecompressError::Corrupt(
+                    "zstd data ends before a whole cluster",
+                ));
             }
             let mut dec = StreamingDecoder::new_with_decoder(&mut input, &mut **frame)
                 .map_err(|_| DecompressError::Corrupt("invalid zstd frame"))?;
@@ -91,7 +109,9 @@ impl AllocDecompressor {
                 if out.is_empty() {
                     break;
                 }
-                let n = dec.read(out).map_err(|_| DecompressError::Corrupt("invalid zstd data"))?;
+                let n = dec
+                    .read(out)
+                    .map_err(|_| DecompressError::Corrupt("invalid zstd data"))?;
                 if n == 0 {
                     break;
                 }
@@ -118,8 +138,10 @@ impl Decompressor for AllocDecompressor {
                 let inflate = match &mut self.inflate {
                     Some((w, inflate)) if *w >= window => inflate,
                     slot => {
-                        let (_, inflate) =
-                            slot.insert((window, Inflate::new(vec![0u8; window], vec![0u8; 64 * 1024])));
+                        let (_, inflate) = slot.insert((
+                            window,
+                            Inflate::new(vec![0u8; window], vec![0u8; 64 * 1024]),
+                        ));
                         inflate
                     }
                 };
@@ -132,7 +154,9 @@ impl Decompressor for AllocDecompressor {
                     self.zstd_kept = Some(key);
                 }
                 let from = self.zstd_out.get(skip..skip.saturating_add(out.len()));
-                out.copy_from_slice(from.ok_or(DecompressError::Corrupt("range outside the cluster"))?);
+                out.copy_from_slice(
+                    from.ok_or(DecompressError::Corrupt("range outside the cluster"))?,
+                );
                 Ok(())
             }
         }

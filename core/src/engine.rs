@@ -108,6 +108,37 @@ pub struct StoredName {
     pub len: u32,
 }
 
+/// QEMU's limit on a snapshot table's size.
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
+/// QEMU's limit on a snapshot entry's extra data.
+pub const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+
+/// One internal snapshot table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SnapshotEntry {
+    /// Host offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries in the snapshot's L1 table.
+    pub l1_size: u32,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Nanoseconds part of the creation time.
+    pub date_nsec: u32,
+    /// Guest clock at the snapshot, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Virtual disk size at the snapshot, if the entry records it.
+    pub disk_size: Option<u64>,
+    /// Instruction count, if recorded.
+    pub icount: Option<u64>,
+    /// The unique id string, on disk.
+    pub id: StoredName,
+    /// The name, on disk.
+    pub name: StoredName,
+}
+
 /// The bitmaps header extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -215,8 +246,12 @@ pub enum Source {
     },
     /// Past the end of a backing image that is shorter than the image above it: reads as zeros.
     PastEnd,
-    /// Allocated nowhere in the chain: reads as zeros.
-    Unallocated,
+    /// Allocated nowhere in the chain: reads as zeros. `host` is set when the last image has the (sub)cluster's
+    /// host cluster allocated but the subcluster itself unallocated (extended L2).
+    Unallocated {
+        /// Host offset of the first byte inside the allocated host cluster, if any.
+        host: Option<u64>,
+    },
 }
 
 /// A run of guest bytes with one source.
@@ -408,6 +443,12 @@ impl Qcow2Meta {
             .autoclear_features
             .contains(AutoclearFeatures::DATA_FILE_RAW)
     }
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at.saturating_add(4))
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map_or(0, u32::from_be_bytes)
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -686,6 +727,151 @@ where
         Ok(dev.block_status(host, len)?)
     }
 
+    /// Reads the internal snapshot table entry at host offset `at` of the qcow2 image at `depth` (the first
+    /// is at the header's `snapshots_offset`). Returns the entry and the offset of the next one. The id and
+    /// name stay on disk: read them with [`Image::read_stored_name`].
+    pub fn read_snapshot(
+        &mut self,
+        depth: usize,
+        at: u64,
+    ) -> Result<(SnapshotEntry, u64), Error<D::Error>> {
+        let Image { layers, bounce, .. } = self;
+        let layer = layers.get_mut(depth).ok_or(Error::OutOfRange {
+            offset: depth as u64,
+            len: 0,
+            size: 0,
+        })?;
+        let meta = layer.meta.ok_or(Error::Unsupported {
+            what: "snapshots of a raw image",
+            value: 0,
+        })?;
+        let h = meta.header;
+        let table_end = h.snapshots_offset.saturating_add(MAX_SNAPSHOT_TABLE_BYTES);
+        let mut fixed = [0u8; 40];
+        read_bytes(&mut layer.dev, bounce.as_mut(), at, &mut fixed)?;
+        let id_len = u32::from(u16::try_from(be32(&fixed, 12) >> 16).unwrap_or(0));
+        let name_len = be32(&fixed, 12) & 0xffff;
+        let extra_len = be32(&fixed, 36);
+        if extra_len > MAX_SNAPSHOT_EXTRA {
+            return Err(corrupt(
+                "snapshot table entry has more than 1024 bytes of extra data",
+                at,
+            ));
+        }
+        let mut extra = [0u8; 24];
+        let extra_read = (extra_len as usize).min(extra.len());
+        let extra_at = at.saturating_add(40);
+        read_bytes(
+            &mut layer.dev,
+            bounce.as_mut(),
+            extra_at,
+            extra.get_mut(..extra_read).unwrap_or(&mut []),
+        )?;
+        let id_at = extra_at.saturating_add(extra_len.into());
+        let name_at = id_at.saturating_add(id_len.into());
+        let end = name_at.saturating_add(name_len.into());
+        let next = end.checked_next_multiple_of(8).unwrap_or(u64::MAX);
+        if next > table_end {
+            return Err(corrupt("snapshot table is larger than 64 MiB", at));
+        }
+        let entry = SnapshotEntry {
+            l1_table_offset: be64(&fixed, 0),
+            l1_size: be32(&fixed, 8),
+            date_sec: be32(&fixed, 16),
+            date_nsec: be32(&fixed, 20),
+            vm_clock_nsec: be64(&fixed, 24),
+            vm_state_size: if extra_len >= 8 {
+                be64(&extra, 0)
+            } else {
+                u64::from(be32(&fixed, 32))
+            },
+            disk_size: (extra_len >= 16).then(|| be64(&extra, 8)),
+            icount: (extra_len >= 24)
+                .then(|| be64(&extra, 16))
+                .filter(|&i| i != u64::MAX),
+            id: StoredName {
+                offset: id_at,
+                len: id_len,
+            },
+            name: StoredName {
+                offset: name_at,
+                len: name_len,
+            },
+        };
+        Ok((entry, next))
+    }
+
+    /// The refcount of host cluster `cluster` of the qcow2 image at `depth` (0 where no refcount block covers
+    /// it).
+    pub fn refcount(&mut self, depth: usize, cluster: u64) -> Result<u64, Error<D::Error>> {
+        let Image {
+            layers,
+            bounce,
+            cache,
+            ..
+        } = self;
+        let layer = layers.get_mut(depth).ok_or(Error::OutOfRange {
+            offset: depth as u64,
+            len: 0,
+            size: 0,
+        })?;
+        let meta = layer.meta.ok_or(Error::Unsupported {
+            what: "refcounts of a raw image",
+            value: 0,
+        })?;
+        let h = meta.header;
+        let block_bits = h
+            .cluster_bits
+            .saturating_add(3)
+            .saturating_sub(h.refcount_order);
+        let table_index = cluster >> block_bits;
+        let table_entries =
+            u64::from(h.refcount_table_clusters) << h.cluster_bits.saturating_sub(3);
+        if table_index >= table_entries {
+            return Ok(0);
+        }
+        let slice_len = (cache.slot_size() as u64).min(h.cluster_size());
+        let byte = table_index.saturating_mul(8);
+        let slice_start = byte & !slice_len.wrapping_sub(1);
+        let host = h.refcount_table_offset.saturating_add(slice_start);
+        let slice = cache.get(
+            &mut layer.dev,
+            bounce.as_mut(),
+            depth as u8,
+            host,
+            slice_len as usize,
+        )?;
+        let word = be64(slice, byte.saturating_sub(slice_start) as usize);
+        if word & crate::format::REFTABLE_RESERVED_MASK != 0 {
+            return Err(corrupt("refcount table entry has reserved bits set", host));
+        }
+        let block = word & crate::format::REFTABLE_OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if block & h.cluster_size().wrapping_sub(1) != 0 {
+            return Err(corrupt(
+                "refcount block offset is not cluster-aligned",
+                block,
+            ));
+        }
+        // Bit offset of the entry inside the block, then the slice holding it.
+        let index = cluster & (1u64 << block_bits).wrapping_sub(1);
+        let bit = index << h.refcount_order;
+        let slice_bits = slice_len.saturating_mul(8);
+        let slice_start = (bit & !slice_bits.wrapping_sub(1)) >> 3;
+        let slice = cache.get(
+            &mut layer.dev,
+            bounce.as_mut(),
+            depth as u8,
+            block.saturating_add(slice_start),
+            slice_len as usize,
+        )?;
+        let in_slice = (index & (slice_bits >> h.refcount_order).wrapping_sub(1)) as usize;
+        crate::format::refcount_get(slice, h.refcount_order, in_slice)
+            .ok_or(corrupt("refcount index", block))
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
         let size = self.virtual_size();
         if offset.checked_add(len).is_none_or(|end| end > size) {
@@ -748,7 +934,7 @@ where
                     limit,
                 )?,
             };
-            if source != Source::Unallocated {
+            if !matches!(source, Source::Unallocated { .. }) || depth.saturating_add(1) >= count {
                 return Ok(Mapping {
                     depth,
                     len: run,
@@ -760,7 +946,7 @@ where
         Ok(Mapping {
             depth: count.saturating_sub(1),
             len: limit,
-            source: Source::Unallocated,
+            source: Source::Unallocated { host: None },
         })
     }
 
@@ -791,7 +977,7 @@ where
             ..
         } = self;
         match m.source {
-            Source::Zero { .. } | Source::PastEnd | Source::Unallocated => {
+            Source::Zero { .. } | Source::PastEnd | Source::Unallocated { .. } => {
                 out.fill(0);
                 Ok(())
             }
@@ -868,7 +1054,7 @@ fn probe<D: BlockDevice>(dev: &mut D, bounce: &mut [u8]) -> Result<Format, Error
 /// The state of one (sub)cluster as a run source, for `pos` inside it.
 fn piece_source(kind: ClusterKind, in_cluster: u64, external: bool) -> Source {
     match kind {
-        ClusterKind::Unallocated => Source::Unallocated,
+        ClusterKind::Unallocated => Source::Unallocated { host: None },
         ClusterKind::Zero { host } => Source::Zero {
             host: host.map(|h| h.saturating_add(in_cluster)),
             external,
@@ -887,7 +1073,10 @@ fn piece_source(kind: ClusterKind, in_cluster: u64, external: bool) -> Source {
 /// Whether a piece with source `next` continues a run with source `run` that is `run_len` bytes long.
 fn continues(run: Source, run_len: u64, next: Source) -> bool {
     match (run, next) {
-        (Source::Unallocated, Source::Unallocated) => true,
+        (Source::Unallocated { host: None }, Source::Unallocated { host: None }) => true,
+        (Source::Unallocated { host: Some(a) }, Source::Unallocated { host: Some(b) }) => {
+            a.checked_add(run_len) == Some(b)
+        }
         (
             Source::Data {
                 host: a,
@@ -959,7 +1148,7 @@ fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize>(
                 .map_err(|e| corrupt(e.describe("L1"), h.l1_table_offset.saturating_add(byte)))?
         };
         let Some(l2_offset) = l2_offset else {
-            let piece = Source::Unallocated;
+            let piece = Source::Unallocated { host: None };
             match run {
                 None => run = Some((piece, l1_span_end.saturating_sub(cur))),
                 Some((src, len)) if continues(src, len, piece) => {
@@ -1011,7 +1200,15 @@ fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize>(
                         } else {
                             (kind, cluster_end)
                         };
-                    let piece = piece_source(piece_kind, in_cluster, external);
+                    let piece = match (piece_kind, kind) {
+                        // An unallocated subcluster of an allocated host cluster keeps its host offset.
+                        (ClusterKind::Unallocated, ClusterKind::Data { host }) => {
+                            Source::Unallocated {
+                                host: Some(host.saturating_add(in_cluster)),
+                            }
+                        }
+                        _ => piece_source(piece_kind, in_cluster, external),
+                    };
                     let piece_len = piece_end.saturating_sub(cur);
                     match run {
                         None => run = Some((piece, piece_len)),
@@ -1035,9 +1232,9 @@ fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: usize>(
                 at = at.saturating_add(entry_size);
             }
             if stop {
-                return Ok(run.unwrap_or((Source::Unallocated, limit)));
+                return Ok(run.unwrap_or((Source::Unallocated { host: None }, limit)));
             }
         }
     }
-    Ok(run.unwrap_or((Source::Unallocated, limit)))
+    Ok(run.unwrap_or((Source::Unallocated { host: None }, limit)))
 }

@@ -199,7 +199,7 @@ pub fn snapshot_table_row(s: &SnapshotInfo) -> String {
         secs % 60,
         (s.vm_clock_nsec / 1_000_000) % 1000
     );
-    let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+    let icount = s.icount.map_or_else(|| "--".to_string(), |i| i.to_string());
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         s.id,

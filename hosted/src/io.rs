@@ -294,7 +294,9 @@ fn read_cmd(
     };
     let elapsed = t1.elapsed();
     if let Err(msg) = result {
-        let _ = writeln!(out, "read failed: {msg}");
+        // qemu-io prints this on stdout; the tool keeps its words but sends failures to stderr, so that a
+        // failing run is one line on stderr like every other error of the tool.
+        let _ = writeln!(err, "read failed: {msg}");
         return CmdStatus::Failed;
     }
     let mut status = CmdStatus::Ok;
@@ -494,7 +496,7 @@ mod tests {
     fn read_errors_like_qemu_io() {
         let mut d = Mem(vec![0; 4096]);
         assert_eq!(
-            run(&mut d, "read 4k 1").1,
+            run(&mut d, "read 4k 1").2,
             "read failed: Input/output error\n"
         );
         assert_eq!(

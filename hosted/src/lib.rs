@@ -249,11 +249,12 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
 
 fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt, mut cmds, mut files) = (None, Vec::new(), Vec::new());
+    let mut read_only = false;
     while let Some(arg) = p.next().map_err(|e| opt_error("io", e))? {
         match arg {
             Arg::Short('f') | Arg::Long("format") => fmt = Some(value("io", p)?),
             Arg::Short('c') | Arg::Long("cmd") => cmds.push(value("io", p)?),
-            Arg::Short('r') | Arg::Long("read-only") => {}
+            Arg::Short('r') | Arg::Long("read-only") => read_only = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("io", other)),
@@ -274,6 +275,18 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
         ),
         None => None,
     };
+    // Like qemu-io, `io` opens images read-write unless -r: an image marked corrupt may only be read.
+    if let (Some(i), Some(f)) = (&img, files.first())
+        && !read_only
+        && i.chain
+            .first()
+            .and_then(|c| c.qcow2.as_ref())
+            .is_some_and(|q| q.corrupt == Some(true))
+    {
+        return Err(fail(format!(
+            "can't open device {f}: qcow2: Image is corrupt; cannot be opened read/write"
+        )));
+    }
     let mut failed = false;
     for c in &cmds {
         let disk = img

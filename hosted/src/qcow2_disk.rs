@@ -19,7 +19,9 @@ use qcow2_core::engine::{FileRequest, Format, Resolver};
 use qcow2_core::format::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
 use qcow2_core::{Error, Source};
 
-use crate::disk::{DiskError, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, VirtualDisk};
+use crate::disk::{
+    DiskError, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, SnapshotInfo, VirtualDisk,
+};
 use crate::file::FileDevice;
 
 /// Where each image of a chain came from, as the resolver opened it.
@@ -124,6 +126,8 @@ pub struct Qcow2Disk {
     names: Vec<String>,
     /// Display name of each image's external data file.
     data_files: Vec<Option<String>>,
+    /// Per image: whether it looks metadata-preallocated (computed on first use).
+    prealloc: Vec<Option<bool>>,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -160,10 +164,12 @@ impl Qcow2Disk {
                 *slot = Some(name);
             }
         }
+        let prealloc = vec![None; image.layers().len()];
         let mut disk = Qcow2Disk {
             image,
             names: resolver.names,
             data_files,
+            prealloc,
         };
         let infos = disk.chain_info()?;
         Ok((disk, infos))
@@ -222,6 +228,7 @@ impl Qcow2Disk {
                         .contains(AutoclearFeatures::DATA_FILE_RAW),
                 );
             }
+            let snapshots = self.snapshots(depth, &h)?;
             let backing = self.stored_name(depth, meta.backing_name)?;
             let full_backing = backing.as_ref().map(|b| combine(&name, b));
             let backing_format = meta
@@ -240,12 +247,80 @@ impl Qcow2Disk {
                 backing_filename: backing,
                 full_backing_filename: full_backing,
                 backing_filename_format: backing_format,
-                snapshots: Vec::new(),
+                snapshots,
                 qcow2: Some(spec),
                 file: Some(child),
             });
         }
         Ok(infos)
+    }
+
+    /// QEMU's metadata-preallocation heuristic: more clusters have a refcount than the file has allocated
+    /// (by a ninth, or two). Such images have allocated clusters that are holes in the file, and `qemu-img
+    /// map` then asks the file whether their data reads as zeros.
+    fn metadata_preallocated(&mut self, depth: usize) -> Result<bool, DiskError> {
+        if let Some(Some(known)) = self.prealloc.get(depth) {
+            return Ok(*known);
+        }
+        let Some(layer) = self.image.layers().get(depth) else {
+            return Ok(false);
+        };
+        let Some(meta) = layer.qcow2() else {
+            return Ok(false);
+        };
+        let cs = meta.header.cluster_size();
+        let file_len = layer.file_size();
+        let name = self.names.get(depth).cloned().unwrap_or_default();
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&name)
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(file_len)
+        };
+        let real_clusters = allocated / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = file_len.div_ceil(cs);
+        let mut count = 0u64;
+        let mut cluster = 0u64;
+        while cluster < end_cluster && count < threshold {
+            if self.image.refcount(depth, cluster).map_err(engine_error)? != 0 {
+                count += 1;
+            }
+            cluster += 1;
+        }
+        let known = count >= threshold;
+        if let Some(slot) = self.prealloc.get_mut(depth) {
+            *slot = Some(known);
+        }
+        Ok(known)
+    }
+
+    /// The internal snapshots of the image at `depth`, as `qemu-img info` lists them.
+    fn snapshots(
+        &mut self,
+        depth: usize,
+        h: &qcow2_core::format::Header,
+    ) -> Result<Vec<SnapshotInfo>, DiskError> {
+        let mut list = Vec::new();
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (entry, next) = self.image.read_snapshot(depth, at).map_err(engine_error)?;
+            let id = self.stored_name(depth, Some(entry.id))?.unwrap_or_default();
+            let name = self
+                .stored_name(depth, Some(entry.name))?
+                .unwrap_or_default();
+            list.push(SnapshotInfo {
+                id,
+                name,
+                vm_state_size: entry.vm_state_size,
+                date_sec: entry.date_sec.into(),
+                date_nsec: entry.date_nsec,
+                vm_clock_nsec: entry.vm_clock_nsec,
+                icount: entry.icount,
+            });
+            at = next;
+        }
+        Ok(list)
     }
 
     fn file_name(&self, depth: usize, external: bool) -> Option<String> {
@@ -302,6 +377,14 @@ impl VirtualDisk for Qcow2Disk {
                     e.length = st.len.max(1);
                     e.data = st.data;
                     e.zero = !st.data;
+                } else if self.metadata_preallocated(m.depth)? {
+                    // QEMU asks the file whether preallocated data is a hole (it still reports data).
+                    let st = self
+                        .image
+                        .host_status(m.depth, external, host, m.len)
+                        .map_err(engine_error)?;
+                    e.length = st.len.max(1);
+                    e.zero = !st.data;
                 }
             }
             Source::Zero { host, external } => {
@@ -321,9 +404,13 @@ impl VirtualDisk for Qcow2Disk {
                 e.present = false;
                 e.zero = true;
             }
-            Source::Unallocated => {
+            Source::Unallocated { host } => {
                 e.present = false;
                 e.zero = true;
+                e.offset = host;
+                if host.is_some() {
+                    e.file = self.file_name(m.depth, false);
+                }
             }
         }
         Ok(e)
