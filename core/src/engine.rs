@@ -996,10 +996,9 @@ where
                     .meta
                     .ok_or(corrupt("compressed cluster in a raw image", 0))?;
                 let cluster_size = meta.header.cluster_size() as usize;
-                let available = layer
-                    .file_size
-                    .saturating_sub(descriptor.offset)
-                    .min(descriptor.len);
+                // Bytes past the end of the device read as zeros (as QEMU reads them); the descriptor's length is at
+                // most two clusters, so this stays bounded.
+                let available = descriptor.len;
                 let mut src = DeviceSource {
                     dev: &mut layer.dev,
                     bounce: bounce.as_mut(),
