@@ -277,3 +277,33 @@ fn miniz_oxide_compress(data: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// A compressed cluster whose stored bytes run past the end of the file (trailing zeros cut off) reads as if
+/// the missing bytes were zeros, as QEMU reads it.
+#[test]
+fn compressed_cluster_past_end_of_file_reads_zeros() {
+    let bits = 12;
+    let cs = 1usize << bits;
+    let spec = Spec { cluster_bits: bits, size: 4 << 12, extended_l2: false, version: 3 };
+    let mut built = build(&spec, &[(0, Cluster::Fill(1))]);
+    let mut plain: Vec<u8> = (0..cs).map(|i| (i % 13) as u8 + 1).collect();
+    plain[cs - 300..].fill(0);
+    let packed = miniz_oxide_compress(&plain);
+    let coff = built.bytes.len() as u64 + 8;
+    built.bytes.resize(coff as usize, 0);
+    built.bytes.extend_from_slice(&packed);
+    let nsect = (coff + packed.len() as u64).div_ceil(512) - coff / 512;
+    let word = (1u64 << 62) | coff | ((nsect - 1) << (70 - bits));
+    let l2 = 4 * cs + 8;
+    built.bytes[l2..l2 + 8].copy_from_slice(&word.to_be_bytes());
+    while built.bytes.last() == Some(&0) {
+        built.bytes.pop();
+    }
+    let buffers = Buffers { bounce: vec![0u8; 512], metadata: vec![0u8; 4 * 512] };
+    let inflate = Inflate::new(vec![0u8; 32 * 1024], vec![0u8; 512]);
+    let mut img: Image<_, _, _, 4, 4> =
+        Image::open(MemDevice::new(&built.bytes[..]), buffers, inflate, &mut NoFiles).unwrap();
+    let mut whole = vec![0u8; cs];
+    img.read_at(cs as u64, &mut whole).unwrap();
+    assert_eq!(whole, plain);
+}
