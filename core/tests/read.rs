@@ -284,7 +284,12 @@ fn miniz_oxide_compress(data: &[u8]) -> Vec<u8> {
 fn compressed_cluster_past_end_of_file_reads_zeros() {
     let bits = 12;
     let cs = 1usize << bits;
-    let spec = Spec { cluster_bits: bits, size: 4 << 12, extended_l2: false, version: 3 };
+    let spec = Spec {
+        cluster_bits: bits,
+        size: 4 << 12,
+        extended_l2: false,
+        version: 3,
+    };
     let mut built = build(&spec, &[(0, Cluster::Fill(1))]);
     let mut plain: Vec<u8> = (0..cs).map(|i| (i % 13) as u8 + 1).collect();
     plain[cs - 300..].fill(0);
@@ -299,10 +304,18 @@ fn compressed_cluster_past_end_of_file_reads_zeros() {
     while built.bytes.last() == Some(&0) {
         built.bytes.pop();
     }
-    let buffers = Buffers { bounce: vec![0u8; 512], metadata: vec![0u8; 4 * 512] };
+    let buffers = Buffers {
+        bounce: vec![0u8; 512],
+        metadata: vec![0u8; 4 * 512],
+    };
     let inflate = Inflate::new(vec![0u8; 32 * 1024], vec![0u8; 512]);
-    let mut img: Image<_, _, _, 4, 4> =
-        Image::open(MemDevice::new(&built.bytes[..]), buffers, inflate, &mut NoFiles).unwrap();
+    let mut img: Image<_, _, _, 4, 4> = Image::open(
+        MemDevice::new(&built.bytes[..]),
+        buffers,
+        inflate,
+        &mut NoFiles,
+    )
+    .unwrap();
     let mut whole = vec![0u8; cs];
     img.read_at(cs as u64, &mut whole).unwrap();
     assert_eq!(whole, plain);

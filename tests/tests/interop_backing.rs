@@ -27,3 +27,27 @@ fn chain_qcow2_middle_layer() {
     check_image(&s, &top);
     check_image(&s, &s.path("q-mid.qcow2"));
 }
+
+/// External data files: guest data lives in a second file, at host offsets the L2 entries give (or, with
+/// `data_file_raw=on`, at the guest offset).
+#[test]
+fn external_data_file() {
+    let s = Scratch::new();
+    for (name, raw_opt) in [("df", ""), ("dfr", ",data_file_raw=on")] {
+        // qemu-img creates the data file relative to its working directory: name it by its full path.
+        let data = s.path(&format!("{name}.raw"));
+        let opts = format!("data_file={}{raw_opt}", data.display());
+        let img = s.qcow2(&format!("{name}.qcow2"), &opts, 4 << 20);
+        qcow2_tests::qemu_io_cmds(
+            &img,
+            "qcow2",
+            &[
+                "write -P 0x61 4096 100000".to_string(),
+                "write -z 1M 64k".to_string(),
+                "write -P 0x62 3M 70000".to_string(),
+                "discard 3M 64k".to_string(),
+            ],
+        );
+        check_image(&s, &img);
+    }
+}
