@@ -10,6 +10,7 @@ use crate::format::{
     FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, IncompatibleFeatures, L1Entry,
     L2Entry, L2Format, MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, extension,
 };
+use crate::format::{be32, be64};
 use crate::io::{check_block_size, read_bytes};
 use crate::meta::SliceCache;
 
@@ -445,16 +446,11 @@ impl Qcow2Meta {
     }
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at.saturating_add(4))
-        .and_then(|s| <[u8; 4]>::try_from(s).ok())
-        .map_or(0, u32::from_be_bytes)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at.saturating_add(8))
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map_or(0, u64::from_be_bytes)
+/// The image at `depth` of the chain.
+fn layer_at<D, E>(layers: &mut [Layer<D>], depth: usize) -> Result<&mut Layer<D>, Error<E>> {
+    layers.get_mut(depth).ok_or(Error::Unavailable {
+        what: "no image at that depth of the backing chain",
+    })
 }
 
 /// Looks a feature up in the feature name table.
@@ -690,11 +686,7 @@ where
         name: StoredName,
         buf: &'b mut [u8],
     ) -> Result<&'b [u8], Error<D::Error>> {
-        let layer = self.layers.get_mut(depth).ok_or(Error::OutOfRange {
-            offset: depth as u64,
-            len: 0,
-            size: 0,
-        })?;
+        let layer = layer_at(&mut self.layers, depth)?;
         let dst = buf
             .get_mut(..name.len as usize)
             .ok_or(Error::BufferTooSmall {
@@ -714,11 +706,7 @@ where
         host: u64,
         len: u64,
     ) -> Result<crate::device::DeviceExtent, Error<D::Error>> {
-        let layer = self.layers.get_mut(depth).ok_or(Error::OutOfRange {
-            offset: depth as u64,
-            len: 0,
-            size: 0,
-        })?;
+        let layer = layer_at(&mut self.layers, depth)?;
         let dev = if external {
             layer.data.as_mut().unwrap_or(&mut layer.dev)
         } else {
@@ -736,11 +724,7 @@ where
         at: u64,
     ) -> Result<(SnapshotEntry, u64), Error<D::Error>> {
         let Image { layers, bounce, .. } = self;
-        let layer = layers.get_mut(depth).ok_or(Error::OutOfRange {
-            offset: depth as u64,
-            len: 0,
-            size: 0,
-        })?;
+        let layer = layer_at(layers, depth)?;
         let meta = layer.meta.ok_or(Error::Unsupported {
             what: "snapshots of a raw image",
             value: 0,
@@ -810,11 +794,7 @@ where
             cache,
             ..
         } = self;
-        let layer = layers.get_mut(depth).ok_or(Error::OutOfRange {
-            offset: depth as u64,
-            len: 0,
-            size: 0,
-        })?;
+        let layer = layer_at(layers, depth)?;
         let meta = layer.meta.ok_or(Error::Unsupported {
             what: "refcounts of a raw image",
             value: 0,

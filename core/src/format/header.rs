@@ -95,10 +95,18 @@ fn invalid<E>(field: &'static str, value: u64, problem: &'static str) -> Error<E
     }
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// Big-endian u32 at `at`, 0 if `b` is too short.
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     b.get(at..at.saturating_add(4))
         .and_then(|s| <[u8; 4]>::try_from(s).ok())
         .map_or(0, u32::from_be_bytes)
+}
+
+/// Big-endian u64 at `at`, 0 if `b` is too short.
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at.saturating_add(8))
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 /// Checks a table's offset and byte size as QEMU's `validate_table_offset` does, and more: the table must be

@@ -9,6 +9,7 @@ mod header;
 
 pub use entry::*;
 pub use header::*;
+pub(crate) use header::{be32, be64};
 
 use bitflags::bitflags;
 
