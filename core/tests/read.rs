@@ -220,16 +220,7 @@ fn compressed_cluster_streams_through_small_window() {
     let plain: Vec<u8> = (0..cs)
         .map(|i| ((i * 7) % 251) as u8 ^ (i >> 12) as u8)
         .collect();
-    let packed = miniz_oxide_compress(&plain);
-    let coff = built.bytes.len() as u64 + 100; // unaligned, as qemu packs them
-    built.bytes.resize(coff as usize, 0);
-    built.bytes.extend_from_slice(&packed);
-    let nsect = (coff + packed.len() as u64).div_ceil(512) - coff / 512;
-    let x = 70 - bits;
-    let word = (1u64 << 62) | coff | ((nsect - 1) << x);
-    // L2 table is cluster 4 (after header, reftable, refblock, L1): entry 1.
-    let l2 = 4 * cs + 8;
-    built.bytes[l2..l2 + 8].copy_from_slice(&word.to_be_bytes());
+    append_compressed_cluster_1(&mut built.bytes, bits, &plain, 100);
     for window in [32 * 1024usize, 64 * 1024] {
         let buffers = Buffers {
             bounce: vec![0u8; 512],
@@ -265,6 +256,20 @@ fn compressed_cluster_streams_through_small_window() {
     ));
 }
 
+/// Appends `plain` as a deflate stream `gap` bytes past the end of `img` (unaligned, as qemu packs them) and
+/// points guest cluster 1 at it. The L2 table of images from `build` is cluster 4 (after header, refcount
+/// table, refcount block and L1).
+fn append_compressed_cluster_1(img: &mut Vec<u8>, bits: u32, plain: &[u8], gap: u64) {
+    let packed = miniz_oxide_compress(plain);
+    let coff = img.len() as u64 + gap;
+    img.resize(coff as usize, 0);
+    img.extend_from_slice(&packed);
+    let nsect = (coff + packed.len() as u64).div_ceil(512) - coff / 512;
+    let word = (1u64 << 62) | coff | ((nsect - 1) << (70 - bits));
+    let l2 = (4usize << bits) + 8;
+    img[l2..l2 + 8].copy_from_slice(&word.to_be_bytes());
+}
+
 fn miniz_oxide_compress(data: &[u8]) -> Vec<u8> {
     // A stored (uncompressed) deflate stream is valid deflate and needs no compressor.
     let mut out = Vec::new();
@@ -293,14 +298,7 @@ fn compressed_cluster_past_end_of_file_reads_zeros() {
     let mut built = build(&spec, &[(0, Cluster::Fill(1))]);
     let mut plain: Vec<u8> = (0..cs).map(|i| (i % 13) as u8 + 1).collect();
     plain[cs - 300..].fill(0);
-    let packed = miniz_oxide_compress(&plain);
-    let coff = built.bytes.len() as u64 + 8;
-    built.bytes.resize(coff as usize, 0);
-    built.bytes.extend_from_slice(&packed);
-    let nsect = (coff + packed.len() as u64).div_ceil(512) - coff / 512;
-    let word = (1u64 << 62) | coff | ((nsect - 1) << (70 - bits));
-    let l2 = 4 * cs + 8;
-    built.bytes[l2..l2 + 8].copy_from_slice(&word.to_be_bytes());
+    append_compressed_cluster_1(&mut built.bytes, bits, &plain, 8);
     while built.bytes.last() == Some(&0) {
         built.bytes.pop();
     }
