@@ -73,6 +73,7 @@ pub mod io;
 pub mod meta;
 #[doc(hidden)]
 pub mod testimage;
+mod write;
 
 pub use compress::{Decompressor, Inflate, NoDecompressor};
 pub use device::{BlockDevice, BlockDeviceWrite, DeviceExtent};
