@@ -184,15 +184,15 @@ impl Qcow2Meta {
 /// One image of the chain.
 #[derive(Debug)]
 pub struct Layer<D> {
-    dev: D,
-    data: Option<D>,
+    pub(crate) dev: D,
+    pub(crate) data: Option<D>,
     format: Format,
     /// qcow2 metadata (for qcow2 images).
-    meta: Option<Qcow2Meta>,
+    pub(crate) meta: Option<Qcow2Meta>,
     /// Virtual size in bytes.
-    size: u64,
+    pub(crate) size: u64,
     /// Length of the device (of the image file) in bytes.
-    file_size: u64,
+    pub(crate) file_size: u64,
     /// The format was probed, not declared.
     probed: bool,
 }
@@ -284,10 +284,12 @@ pub struct Image<
     const DEPTH: usize = DEFAULT_MAX_DEPTH,
     const SLICES: usize = DEFAULT_SLICES,
 > {
-    layers: Vec<Layer<D>, DEPTH>,
-    bounce: B,
-    cache: SliceCache<B, SLICES>,
-    decompressor: C,
+    pub(crate) layers: Vec<Layer<D>, DEPTH>,
+    pub(crate) bounce: B,
+    pub(crate) cache: SliceCache<B, SLICES>,
+    pub(crate) decompressor: C,
+    /// Writer state (unused by a read-only image).
+    pub(crate) w: crate::write::WriteState,
 }
 
 fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
@@ -295,7 +297,7 @@ fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
 }
 
 /// Reads the qcow2 header and extensions of `dev` and validates them.
-fn open_qcow2<D: BlockDevice>(
+pub(crate) fn open_qcow2<D: BlockDevice>(
     dev: &mut D,
     bounce: &mut [u8],
     file_size: u64,
@@ -604,6 +606,7 @@ where
             bounce,
             cache,
             decompressor,
+            w: crate::write::WriteState::default(),
         })
     }
 
@@ -852,7 +855,7 @@ where
             .ok_or(corrupt("refcount index", block))
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
         let size = self.virtual_size();
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::OutOfRange { offset, len, size });
@@ -868,6 +871,54 @@ where
         offset: u64,
         max_len: u64,
     ) -> Result<Mapping, Error<D::Error>> {
+        self.reader().map_from(0, offset, max_len)
+    }
+
+    /// Reads `buf.len()` guest bytes at `offset`.
+    ///
+    /// Each run of contiguous allocated clusters is one device read straight into `buf`; zero and
+    /// unallocated runs are filled; compressed clusters stream through the decompressor into `buf`.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.reader().read(offset, buf)
+    }
+
+    pub(crate) fn reader(&mut self) -> Reader<'_, D, B, C, SLICES> {
+        Reader {
+            layers: &mut self.layers,
+            bounce: self.bounce.as_mut(),
+            cache: &mut self.cache,
+            decompressor: &mut self.decompressor,
+        }
+    }
+}
+
+/// The parts of an [`Image`] that reading needs, borrowed one by one so that a writer can lend the rest of
+/// the bounce buffer out as a copy buffer while it reads.
+pub(crate) struct Reader<'a, D, B, C, const SLICES: usize> {
+    pub(crate) layers: &'a mut [Layer<D>],
+    pub(crate) bounce: &'a mut [u8],
+    pub(crate) cache: &'a mut SliceCache<B, SLICES>,
+    pub(crate) decompressor: &'a mut C,
+}
+
+impl<D, B, C, const SLICES: usize> Reader<'_, D, B, C, SLICES>
+where
+    D: BlockDevice,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    C: Decompressor,
+{
+    fn virtual_size(&self) -> u64 {
+        self.layers.first().map_or(0, |l| l.size)
+    }
+
+    /// [`Image::map_guest_range`], starting the walk at image `first` of the chain.
+    pub(crate) fn map_from(
+        &mut self,
+        first: usize,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<Mapping, Error<D::Error>> {
         let len = max_len.min(self.virtual_size().saturating_sub(offset));
         if len == 0 {
             return Err(Error::OutOfRange {
@@ -878,8 +929,8 @@ where
         }
         let mut limit = len;
         let count = self.layers.len();
-        for depth in 0..count {
-            let Image {
+        for depth in first..count {
+            let Reader {
                 layers,
                 bounce,
                 cache,
@@ -904,15 +955,9 @@ where
                     },
                     limit,
                 ),
-                Some(ref meta) => map_qcow2(
-                    meta,
-                    &mut layer.dev,
-                    cache,
-                    bounce.as_mut(),
-                    depth,
-                    offset,
-                    limit,
-                )?,
+                Some(ref meta) => {
+                    map_qcow2(meta, &mut layer.dev, cache, bounce, depth, offset, limit)?
+                }
             };
             if !matches!(source, Source::Unallocated { .. }) || depth.saturating_add(1) >= count {
                 return Ok(Mapping {
@@ -930,16 +975,12 @@ where
         })
     }
 
-    /// Reads `buf.len()` guest bytes at `offset`.
-    ///
-    /// Each run of contiguous allocated clusters is one device read straight into `buf`; zero and
-    /// unallocated runs are filled; compressed clusters stream through the decompressor into `buf`.
-    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
-        self.check_range(offset, buf.len() as u64)?;
+    /// Reads guest bytes (the range must lie inside the virtual disk).
+    pub(crate) fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Error<D::Error>> {
         let mut pos = offset;
         let mut rest = buf;
         while !rest.is_empty() {
-            let m = self.map_guest_range(pos, rest.len() as u64)?;
+            let m = self.map_from(0, pos, rest.len() as u64)?;
             let n = usize::try_from(m.len).unwrap_or(usize::MAX).min(rest.len());
             let (head, tail) = rest.split_at_mut(n);
             self.read_run(m, head)?;
@@ -950,7 +991,7 @@ where
     }
 
     fn read_run(&mut self, m: Mapping, out: &mut [u8]) -> Result<(), Error<D::Error>> {
-        let Image {
+        let Reader {
             layers,
             bounce,
             decompressor,
@@ -968,7 +1009,7 @@ where
                 } else {
                     &mut layer.dev
                 };
-                read_bytes(dev, bounce.as_mut(), host, out)
+                read_bytes(dev, bounce, host, out)
             }
             Source::Compressed { descriptor, skip } => {
                 let layer = layers.get_mut(m.depth).ok_or(corrupt("chain", 0))?;
@@ -981,7 +1022,7 @@ where
                 let available = descriptor.len;
                 let mut src = DeviceSource {
                     dev: &mut layer.dev,
-                    bounce: bounce.as_mut(),
+                    bounce,
                     pos: descriptor.offset,
                     remaining: available,
                     error: None,

@@ -87,6 +87,11 @@ pub enum Error<E> {
     },
     /// The image is open read-only (or may only be opened read-only: corrupt bit set).
     ReadOnly,
+    /// The image cannot grow any further (host offsets past 2^56, or a refcount table past QEMU's limit).
+    NoSpace {
+        /// What ran out.
+        what: &'static str,
+    },
 }
 
 impl<E> From<E> for Error<E> {
@@ -125,6 +130,7 @@ impl<E> Error<E> {
             Error::ChainTooDeep { limit } => Error::ChainTooDeep { limit },
             Error::Decompress { offset, problem } => Error::Decompress { offset, problem },
             Error::ReadOnly => Error::ReadOnly,
+            Error::NoSpace { what } => Error::NoSpace { what },
         }
     }
 }
@@ -186,6 +192,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 )
             }
             Error::ReadOnly => write!(f, "Image is read-only"),
+            Error::NoSpace { what } => write!(f, "No space left in the image: {what}"),
         }
     }
 }
@@ -243,6 +250,7 @@ impl<E> defmt::Format for Error<E> {
                 )
             }
             Error::ReadOnly => defmt::write!(f, "read-only"),
+            Error::NoSpace { what } => defmt::write!(f, "no space: {=str}", what),
         }
     }
 }

@@ -22,6 +22,18 @@ struct Tag {
     len: u32,
     /// Last use, for LRU.
     used: u32,
+    /// Changed in the cache and not yet written back.
+    dirty: Option<SliceKind>,
+}
+
+/// What a dirty slice holds: the write-back order depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SliceKind {
+    /// A piece of an L2 table.
+    L2,
+    /// A piece of a refcount block.
+    Refcount,
 }
 
 const EMPTY: Tag = Tag {
@@ -29,6 +41,7 @@ const EMPTY: Tag = Tag {
     host: 0,
     len: 0,
     used: 0,
+    dirty: None,
 };
 
 /// `N` metadata slices in a caller-supplied buffer.
@@ -88,7 +101,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
     }
 
     /// The slice of `len` bytes (a power of two, at most [`SliceCache::slot_size`]) at host offset `host` of
-    /// `layer`'s device, read on a miss.
+    /// `layer`'s device, read on a miss. Dirty slices are never evicted here: a writer writes them back first.
     pub fn get<D: BlockDevice>(
         &mut self,
         dev: &mut D,
@@ -97,6 +110,137 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
         host: u64,
         len: usize,
     ) -> Result<&[u8], Error<D::Error>> {
+        let idx = self.lookup(dev, bounce, layer, host, len)?;
+        let start = idx.saturating_mul(self.slot);
+        self.buf
+            .as_ref()
+            .get(start..start.saturating_add(len))
+            .ok_or(Error::BufferTooSmall {
+                what: "metadata cache",
+                need: len as u64,
+                have: 0,
+            })
+    }
+
+    /// Like [`SliceCache::get`], for changing the slice: it is marked dirty (as `kind`) and stays in the
+    /// cache until [`SliceCache::mark_clean`].
+    pub fn get_mut<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        bounce: &mut [u8],
+        layer: u8,
+        host: u64,
+        len: usize,
+        kind: SliceKind,
+    ) -> Result<&mut [u8], Error<D::Error>> {
+        let idx = self.lookup(dev, bounce, layer, host, len)?;
+        if let Some(t) = self.tags.get_mut(idx) {
+            t.dirty = Some(kind);
+        }
+        let start = idx.saturating_mul(self.slot);
+        self.buf
+            .as_mut()
+            .get_mut(start..start.saturating_add(len))
+            .ok_or(Error::BufferTooSmall {
+                what: "metadata cache",
+                need: len as u64,
+                have: 0,
+            })
+    }
+
+    /// Number of dirty slices.
+    pub fn dirty_count(&self) -> usize {
+        self.tags.iter().filter(|t| t.dirty.is_some()).count()
+    }
+
+    /// A dirty slice of `kind` (`None`: any kind): its slot, host offset and bytes.
+    pub fn dirty_slice(&self, kind: Option<SliceKind>) -> Option<(usize, u64, &[u8])> {
+        let (idx, t) = self
+            .tags
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.dirty.is_some_and(|k| kind.is_none_or(|want| want == k)))?;
+        let start = idx.saturating_mul(self.slot);
+        let bytes = self
+            .buf
+            .as_ref()
+            .get(start..start.saturating_add(t.len as usize))?;
+        Some((idx, t.host, bytes))
+    }
+
+    /// Records that slot `idx` has been written back.
+    pub fn mark_clean(&mut self, idx: usize) {
+        if let Some(t) = self.tags.get_mut(idx) {
+            t.dirty = None;
+        }
+    }
+
+    /// Copies `bytes` into every cached slice of `layer` that covers host offset `host` (a write-through
+    /// update of an entry the writer has already written to the device).
+    pub fn update(&mut self, layer: u8, host: u64, bytes: &[u8]) {
+        let slot = self.slot;
+        for (idx, t) in self.tags.iter().enumerate() {
+            if t.layer != layer || host < t.host {
+                continue;
+            }
+            let within = host.saturating_sub(t.host);
+            let end = within.saturating_add(bytes.len() as u64);
+            if end > u64::from(t.len) {
+                continue;
+            }
+            let start = idx.saturating_mul(slot).saturating_add(within as usize);
+            if let Some(dst) = self
+                .buf
+                .as_mut()
+                .get_mut(start..start.saturating_add(bytes.len()))
+            {
+                dst.copy_from_slice(bytes);
+            }
+        }
+    }
+
+    /// Forgets the slices of `layer` that overlap host bytes `[host, host + len)` (a cluster that is being
+    /// reused for something else). Dirty slices there are dropped too: the caller owns that range now.
+    pub fn forget_range(&mut self, layer: u8, host: u64, len: u64) {
+        let end = host.saturating_add(len);
+        for t in self.tags.iter_mut() {
+            let t_end = t.host.saturating_add(u64::from(t.len));
+            if t.layer == layer && t.host < end && host < t_end {
+                *t = EMPTY;
+            }
+        }
+    }
+
+    /// Whether a cached slice of `layer` overlaps host bytes `[host, host + len)`.
+    pub fn overlaps(&self, layer: u8, host: u64, len: u64) -> bool {
+        let end = host.saturating_add(len);
+        self.tags.iter().any(|t| {
+            let t_end = t.host.saturating_add(u64::from(t.len));
+            t.layer == layer && t.host < end && host < t_end
+        })
+    }
+
+    /// The whole buffer, emptied of slices (for a caller that needs scratch memory, such as a refcount
+    /// rebuild). Fails if a slice is dirty.
+    pub fn scratch<E>(&mut self) -> Result<&mut [u8], Error<E>> {
+        if self.dirty_count() != 0 {
+            return Err(Error::Corrupt {
+                what: "metadata cache still holds unwritten slices",
+                offset: 0,
+            });
+        }
+        self.invalidate(None);
+        Ok(self.buf.as_mut())
+    }
+
+    fn lookup<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        bounce: &mut [u8],
+        layer: u8,
+        host: u64,
+        len: usize,
+    ) -> Result<usize, Error<D::Error>> {
         if len > self.slot || len == 0 {
             return Err(Error::BufferTooSmall {
                 what: "metadata cache slot",
@@ -121,6 +265,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
                     .tags
                     .iter()
                     .enumerate()
+                    .filter(|(_, t)| t.dirty.is_none())
                     .max_by_key(|(_, t)| {
                         if t.layer == u8::MAX {
                             u32::MAX
@@ -128,7 +273,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
                             clock.wrapping_sub(t.used)
                         }
                     })
-                    .map_or(0, |(i, _)| i);
+                    .map(|(i, _)| i)
+                    .ok_or(Error::BufferTooSmall {
+                        what: "metadata cache (every slice is waiting to be written back)",
+                        need: N as u64,
+                        have: N as u64,
+                    })?;
                 let start = victim.saturating_mul(self.slot);
                 let dst = self
                     .buf
@@ -149,6 +299,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
                         host,
                         len: len as u32,
                         used: clock,
+                        dirty: None,
                     };
                 }
                 victim
@@ -157,14 +308,6 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
         if let Some(t) = self.tags.get_mut(idx) {
             t.used = clock;
         }
-        let start = idx.saturating_mul(self.slot);
-        self.buf
-            .as_ref()
-            .get(start..start.saturating_add(len))
-            .ok_or(Error::BufferTooSmall {
-                what: "metadata cache",
-                need: len as u64,
-                have: 0,
-            })
+        Ok(idx)
     }
 }
