@@ -156,6 +156,8 @@ fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
 /// The metadata side of the top image, borrowed from an [`Image`].
 struct Meta<'a, D, B, const SLICES: usize> {
     dev: &'a mut D,
+    /// The external data file, flushed with `dev` (guest data there must be durable before the entries).
+    data: Option<&'a mut D>,
     header: &'a mut Header,
     bounce: &'a mut [u8],
     cache: &'a mut SliceCache<B, SLICES>,
@@ -178,6 +180,9 @@ where
     }
 
     fn flush_dev(&mut self) -> Result<(), Error<D::Error>> {
+        if let Some(data) = self.data.as_mut() {
+            data.flush()?;
+        }
         self.dev.flush()?;
         self.w.needs_flush = false;
         Ok(())
@@ -837,12 +842,6 @@ where
                 0,
             ));
         }
-        if meta.l2.external_data {
-            return Err(Error::Unsupported {
-                what: "writing to an image with an external data file",
-                value: 0,
-            });
-        }
         if h.incompatible_features
             .contains(IncompatibleFeatures::DIRTY)
         {
@@ -896,6 +895,7 @@ where
         let g = Geo::new(&meta.header, meta.l2, cache.slot_size());
         Ok(Meta {
             dev: &mut layer.dev,
+            data: layer.data.as_mut(),
             header: &mut meta.header,
             bounce: bounce.as_mut(),
             cache,
@@ -1025,20 +1025,50 @@ where
             }
             .read(guest.saturating_add(done), part)?;
             let top = layers.first_mut().ok_or(Error::ReadOnly)?;
-            write_bytes(&mut top.dev, b, host.saturating_add(done), part)?;
+            let dev = match top.data.as_mut() {
+                Some(data) => data,
+                None => &mut top.dev,
+            };
+            write_bytes(dev, b, host.saturating_add(done), part)?;
             done = done.saturating_add(n as u64);
         }
         self.w.needs_flush = true;
         Ok(())
     }
 
-    /// Stores `src` at host offset `host` of the top image.
+    /// Stores `src` at host offset `host` of the top image (in its external data file, if it has one).
     fn store(&mut self, host: u64, src: Src<'_>, len: u64) -> Result<(), Error<D::Error>> {
-        let mut m = self.meta()?;
+        let Image {
+            layers, bounce, w, ..
+        } = self;
+        let top = layers.first_mut().ok_or(Error::ReadOnly)?;
+        let bs = top.dev.block_size();
+        let dev = match top.data.as_mut() {
+            Some(data) => data,
+            None => &mut top.dev,
+        };
+        let (b, rest) = split_bounce(bounce.as_mut(), bs);
         match src {
-            Src::Bytes(b) => m.write_dev(host, b),
-            Src::Zeros => m.write_zeros(host, len),
+            Src::Bytes(bytes) => write_bytes(dev, b, host, bytes)?,
+            Src::Zeros => {
+                let mut stack = [0u8; STACK_CHUNK];
+                let chunk = chunk_of(rest, &mut stack);
+                chunk.fill(0);
+                let mut done = 0u64;
+                while done < len {
+                    let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
+                    write_bytes(
+                        dev,
+                        b,
+                        host.saturating_add(done),
+                        chunk.get(..n).unwrap_or(&[]),
+                    )?;
+                    done = done.saturating_add(n as u64);
+                }
+            }
         }
+        w.needs_flush = true;
+        Ok(())
     }
 
     /// Writes guest bytes `[a, b)` of the cluster at guest offset `gc` from `src`.
@@ -1089,9 +1119,13 @@ where
         let new_alloc = old_alloc | touched;
         let target = match in_place {
             Some(host) => host,
+            // An external data file maps guest clusters to the same offsets, without refcounts.
+            None if g.l2.external_data => gc,
             None => m.alloc_clusters(1)?.0,
         };
-        m.check_overlap(target, g.cs)?;
+        if !g.l2.external_data {
+            m.check_overlap(target, g.cs)?;
+        }
         // Copy what the write does not cover in the pieces that will be allocated, from the old content.
         let mut run: Option<(u64, u64)> = None;
         for p in 0..pieces {
@@ -1188,12 +1222,20 @@ where
     ) -> Result<(), Error<D::Error>> {
         self.check_range(offset, len)?;
         self.begin_write()?;
+        self.zero_range(offset, len, unmap)?;
+        self.end_write()
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Error<D::Error>> {
         let g = self.geo()?;
+        if g.l2.external_data && self.data_raw() {
+            // A raw data file must read as the guest disk: zero it too.
+            self.store(offset, Src::Zeros, len)?;
+        }
         let size = self.virtual_size();
         if !g.l2.v3 {
             // Version 2 has no zero flag: write zeros.
-            self.write_range(offset, len, Src::Zeros)?;
-            return self.end_write();
+            return self.write_range(offset, len, Src::Zeros);
         }
         let end = offset.saturating_add(len);
         let mut pos = offset;
@@ -1234,7 +1276,15 @@ where
             }
             pos = gc.saturating_add(b);
         }
-        self.end_write()
+        Ok(())
+    }
+
+    fn data_raw(&self) -> bool {
+        self.layers.first().and_then(|l| l.meta).is_some_and(|m| {
+            m.header
+                .autoclear_features
+                .contains(AutoclearFeatures::DATA_FILE_RAW)
+        })
     }
 
     fn zero_cluster(&mut self, gc: u64, unmap: bool) -> Result<(), Error<D::Error>> {
@@ -1252,7 +1302,9 @@ where
             kind,
             ClusterKind::Data { .. } | ClusterKind::Zero { host: Some(_) }
         );
-        let drop_host = matches!(kind, ClusterKind::Compressed(_)) || (unmap && allocated);
+        // An external data file keeps its clusters (they are not refcounted).
+        let drop_host = !g.l2.external_data
+            && (matches!(kind, ClusterKind::Compressed(_)) || (unmap && allocated));
         let new = if g.l2.extended {
             L2Entry {
                 word: if drop_host { 0 } else { old.word },
@@ -1323,6 +1375,13 @@ where
         } else {
             end_req & !g.cs.wrapping_sub(1)
         };
+        if g.l2.external_data {
+            // Clusters of an external data file stay mapped; the discarded range reads as zeros.
+            if start < end {
+                self.zero_range(start, end.saturating_sub(start), false)?;
+            }
+            return self.end_write();
+        }
         let backing = self.layers.len() > 1;
         if backing && !g.l2.v3 {
             // Version 2 cannot mark a cluster as zeros, and dropping it would expose the backing file's
@@ -1417,6 +1476,12 @@ where
                 what: "compressed cluster (must be shorter than a cluster)",
                 need: g.cs.saturating_sub(1),
                 have: n,
+            });
+        }
+        if g.l2.external_data {
+            return Err(Error::Unsupported {
+                what: "compressed clusters in an image with an external data file",
+                value: offset,
             });
         }
         self.begin_write()?;

@@ -22,7 +22,12 @@ impl Resolver<FileDevice> for DirResolver {
         Ok(FileDevice::new(File::open(self.0.join(name))?))
     }
     fn data_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<std::io::Error>> {
-        self.backing_file(request)
+        let name = String::from_utf8_lossy(request.name).to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.0.join(name))?;
+        Ok(FileDevice::new(file))
     }
 }
 
@@ -204,7 +209,13 @@ fn case(name: &str, opts: &str, size: u64, cluster: u64, backing: Option<&str>, 
     }
     create.push(top.display().to_string());
     create.push(size.to_string());
-    qemu_img_ok(&create);
+    // Relative data file names are created relative to the working directory.
+    let made = std::process::Command::new("qemu-img")
+        .args(&create)
+        .current_dir(s.dir())
+        .status()
+        .expect("qemu-img is required");
+    assert!(made.success(), "qemu-img {create:?} failed");
     let setup: Vec<String> = setup.iter().map(|c| c.to_string()).collect();
     qemu_io_cmds(&top, "qcow2", &setup);
     if setup.iter().any(|c| c.starts_with("write -c")) || name.contains("snapshot") {
@@ -219,8 +230,15 @@ fn case(name: &str, opts: &str, size: u64, cluster: u64, backing: Option<&str>, 
         ]);
     }
     let before = raw(&s, &top, "before.raw");
-    let copy = s.path("b.qcow2");
-    std::fs::copy(&top, &copy).unwrap();
+    // The copy lives in its own directory with its own backing and data files.
+    let other = s.path("b");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["a.qcow2", "base.qcow2", "data.img"] {
+        if s.path(f).exists() {
+            std::fs::copy(s.path(f), other.join(f)).unwrap();
+        }
+    }
+    let copy = other.join("a.qcow2");
     for seed in 1..=4u64 {
         let seq = ops(seed ^ size ^ cluster, size, cluster, 40);
         if seed % 2 == 0 {
@@ -393,4 +411,17 @@ fn refcount_table_growth() {
             "chunk {i}"
         );
     }
+}
+
+#[test]
+fn external_data_file() {
+    case("data file", "data_file=data.img", 4 << 20, 65536, None, &[]);
+    case(
+        "raw data file",
+        "data_file=data.img,data_file_raw=on",
+        4 << 20,
+        65536,
+        None,
+        &[],
+    );
 }
