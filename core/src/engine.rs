@@ -150,6 +150,8 @@ pub struct BitmapsExtension {
     pub directory_size: u64,
     /// Host offset of the bitmap directory.
     pub directory_offset: u64,
+    /// Host offset of the extension's own 8-byte header (in the first cluster).
+    pub extension_at: u64,
 }
 
 /// Everything the engine knows about one qcow2 image of the chain after opening it.
@@ -404,6 +406,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
                         nb_bitmaps,
                         directory_size,
                         directory_offset,
+                        extension_at: off,
                     });
                 }
                 extension::DATA_FILE => {

@@ -21,12 +21,12 @@ use heapless::Vec;
 use crate::Error;
 use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
-use crate::engine::{Buffers, Format, Image, Reader, Resolver, open_qcow2};
+use crate::engine::{BitmapsExtension, Buffers, Format, Image, Reader, Resolver, open_qcow2};
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFTABLE_OFFSET_MASK,
-    REFTABLE_RESERVED_MASK, be64, refcount_get, refcount_set,
+    REFTABLE_RESERVED_MASK, be32, be64, refcount_get, refcount_set,
 };
 use crate::io::{read_bytes, write_bytes};
 use crate::meta::{SliceCache, SliceKind};
@@ -745,6 +745,113 @@ where
         Ok(())
     }
 
+    /// The engine does not keep dirty bitmaps up to date, so before its first write it disowns them (their
+    /// autoclear bit is already cleared and durable): the bitmaps extension is ended where it is the last
+    /// extension, and the directory, tables and bitmap clusters are freed. Anything that does not look exactly
+    /// like a valid bitmap directory is left alone (leaked, never freed twice).
+    fn drop_bitmaps(&mut self, b: BitmapsExtension) -> Result<(), Error<D::Error>> {
+        let cs = self.g.cs;
+        let next = b.extension_at.saturating_add(8 + 24);
+        let mut word = [0u8; 8];
+        read_bytes(self.dev, bounce_of(self.bounce, 0), next, &mut word)?;
+        if word != [0u8; 8] {
+            return Ok(());
+        }
+        self.write_header(b.extension_at, &[0u8; 8])?;
+        // Validate the whole directory before freeing anything.
+        let end = b.directory_offset.saturating_add(b.directory_size);
+        let mut pos = b.directory_offset;
+        let mut count = 0u32;
+        while pos < end {
+            let Some(e) = self.bitmap_entry(pos, end)? else {
+                return Ok(());
+            };
+            pos = e.next;
+            count = count.saturating_add(1);
+        }
+        if count != b.nb_bitmaps {
+            return Ok(());
+        }
+        let mut pos = b.directory_offset;
+        while pos < end {
+            let Some(BitmapEntry {
+                table,
+                entries,
+                next,
+            }) = self.bitmap_entry(pos, end)?
+            else {
+                return Ok(());
+            };
+            for i in 0..entries {
+                let mut w = [0u8; 8];
+                read_bytes(
+                    self.dev,
+                    bounce_of(self.bounce, 0),
+                    table.saturating_add(i.saturating_mul(8)),
+                    &mut w,
+                )?;
+                let host = u64::from_be_bytes(w) & OFFSET_MASK;
+                self.free_owned(host)?;
+            }
+            let clusters = entries.saturating_mul(8).div_ceil(cs);
+            for c in 0..clusters {
+                self.free_owned(table.saturating_add(c.saturating_mul(cs)))?;
+            }
+            pos = next;
+        }
+        let clusters = b.directory_size.div_ceil(cs);
+        for c in 0..clusters {
+            self.free_owned(b.directory_offset.saturating_add(c.saturating_mul(cs)))?;
+        }
+        Ok(())
+    }
+
+    /// One bitmap directory entry at `pos`: (table offset, table entries, next entry), if it is valid.
+    fn bitmap_entry(&mut self, pos: u64, end: u64) -> Result<Option<BitmapEntry>, Error<D::Error>> {
+        let mut e = [0u8; 24];
+        if pos.saturating_add(24) > end {
+            return Ok(None);
+        }
+        read_bytes(self.dev, bounce_of(self.bounce, 0), pos, &mut e)?;
+        let table = be64(&e, 0);
+        let entries = u64::from(be32(&e, 8));
+        let kind = e.get(16).copied().unwrap_or(0);
+        let granularity = e.get(17).copied().unwrap_or(0);
+        let name = u64::from(be32(&e, 16) & 0xffff);
+        let extra = u64::from(be32(&e, 20));
+        let len = 24u64
+            .saturating_add(extra)
+            .saturating_add(name)
+            .checked_next_multiple_of(8)
+            .unwrap_or(u64::MAX);
+        let valid = table != 0
+            && table & self.g.cs.wrapping_sub(1) == 0
+            && table & !OFFSET_MASK == 0
+            && kind == 1
+            && (9..=31).contains(&granularity)
+            && (1..=1023).contains(&name)
+            && extra <= 1024
+            && entries <= 1 << 24;
+        let next = pos.saturating_add(len);
+        Ok((valid && next <= end).then_some(BitmapEntry {
+            table,
+            entries,
+            next,
+        }))
+    }
+
+    /// Lowers the refcount of the cluster at `host` if it is exactly 1 (a bitmap cluster is never shared).
+    fn free_owned(&mut self, host: u64) -> Result<(), Error<D::Error>> {
+        if host == 0 || host & self.g.cs.wrapping_sub(1) != 0 || host > MAX_HOST_OFFSET {
+            return Ok(());
+        }
+        let c = host >> self.g.cluster_bits;
+        if self.refcount(c)? == 1 {
+            self.change_refcount(c, false)?;
+        }
+        Ok(())
+    }
+
     /// Sets the corrupt bit (version 3), stops writing, and returns the error describing why.
     fn mark_corrupt(&mut self, what: &'static str, offset: u64) -> Error<D::Error> {
         self.w.writable = false;
@@ -759,6 +866,13 @@ where
         }
         corrupt(what, offset)
     }
+}
+
+/// A bitmap directory entry, as far as freeing it goes.
+struct BitmapEntry {
+    table: u64,
+    entries: u64,
+    next: u64,
 }
 
 /// The first `bs` bytes of the bounce buffer (the device-block bounce).
@@ -912,6 +1026,13 @@ where
         if self.w.started {
             return Ok(());
         }
+        let bitmaps = self.layers.first().and_then(|l| l.meta).and_then(|m| {
+            m.header
+                .autoclear_features
+                .contains(AutoclearFeatures::BITMAPS)
+                .then_some(m.bitmaps)
+                .flatten()
+        });
         let mut m = self.meta()?;
         if m.header.version >= 3 {
             let keep = m.header.autoclear_features & AutoclearFeatures::DATA_FILE_RAW;
@@ -919,6 +1040,9 @@ where
             if raw != keep.bits() {
                 m.write_header(HDR_AUTOCLEAR, &keep.bits().to_be_bytes())?;
                 m.header.autoclear_features = keep;
+            }
+            if let Some(b) = bitmaps {
+                m.drop_bitmaps(b)?;
             }
             if m.w.lazy && !m.w.dirty_bit {
                 let bits = m.header.incompatible_features | IncompatibleFeatures::DIRTY;

@@ -425,3 +425,96 @@ fn external_data_file() {
         &[],
     );
 }
+
+fn be64_at(path: &Path, at: u64) -> u64 {
+    let d = std::fs::read(path).unwrap();
+    u64::from_be_bytes(d[at as usize..at as usize + 8].try_into().unwrap())
+}
+
+fn put_be64(path: &Path, at: u64, v: u64) {
+    qcow2_tests::write_at(path, at, &v.to_be_bytes());
+}
+
+/// Bitmaps the engine does not keep up to date are disowned before the first write: their autoclear bit is
+/// cleared, and QEMU then treats them as stale rather than trusting them.
+#[test]
+fn autoclear_bits_cleared_before_writing() {
+    let s = Scratch::new();
+    let img = s.path("bm.qcow2");
+    qemu_img_ok(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    qemu_img_ok(["bitmap", "--add", img.to_str().unwrap(), "b0"]);
+    // A dirty region, so that the bitmap has a data cluster as well as its table and directory.
+    qemu_io_cmds(&img, "qcow2", &["write -P 3 1M 1M".to_string()]);
+    // An unknown autoclear bit as well.
+    put_be64(&img, 88, be64_at(&img, 88) | 1 << 40);
+    assert_eq!(be64_at(&img, 88), 1 | 1 << 40);
+    apply_ours(
+        &img,
+        &[Op::Write {
+            off: 0,
+            len: 65536,
+            byte: 7,
+        }],
+    );
+    assert_eq!(be64_at(&img, 88), 0, "autoclear bits after our write");
+    assert_check_clean(&img);
+    let data = raw(&s, &img, "bm.raw");
+    assert!(data[..65536].iter().all(|&b| b == 7));
+    assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 3));
+    let info = qcow2_tests::qemu_img_ok(["info", img.to_str().unwrap()]);
+    assert!(!info.contains("bitmaps:"), "{info}");
+}
+
+/// An L2 entry that points into the L1 table is caught before the data write: the request fails, the image
+/// is marked corrupt, and the L1 table is intact.
+#[test]
+fn write_into_metadata_marks_corrupt() {
+    let s = Scratch::new();
+    let img = s.path("c.qcow2");
+    qemu_img_ok(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    qemu_io_cmds(&img, "qcow2", &["write -P 9 0 64k".to_string()]);
+    let l1 = be64_at(&img, 40);
+    let l2 = be64_at(&img, l1) & 0x00ff_ffff_ffff_fe00;
+    let l1_before = be64_at(&img, l1);
+    put_be64(&img, l2, l1 | 1 << 63);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut image: qcow2_alloc::HeapImage<FileDevice> = Image::open_writable(
+        FileDevice::new(file),
+        qcow2_alloc::buffers(),
+        qcow2_alloc::AllocDecompressor::default(),
+        &mut DirResolver(s.dir().to_path_buf()),
+    )
+    .unwrap();
+    let err = image.write_at(512, &[1u8; 512]).unwrap_err();
+    assert!(
+        matches!(err, Error::Corrupt { .. }),
+        "expected a corruption error, got {err}"
+    );
+    assert!(!image.is_writable());
+    assert!(matches!(
+        image.write_at(0, &[1u8; 512]),
+        Err(Error::ReadOnly)
+    ));
+    drop(image);
+    assert_eq!(be64_at(&img, l1), l1_before, "the L1 table was overwritten");
+    assert_eq!(be64_at(&img, 72) & 2, 2, "corrupt bit not set");
+    let info = qcow2_tests::qemu_img_ok(["info", img.to_str().unwrap()]);
+    assert!(info.contains("corrupt: true"), "{info}");
+    // The corrupt bit keeps writers away until the image is repaired.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let reopened: Result<qcow2_alloc::HeapImage<FileDevice>, _> = Image::open_writable(
+        FileDevice::new(file),
+        qcow2_alloc::buffers(),
+        qcow2_alloc::AllocDecompressor::default(),
+        &mut DirResolver(s.dir().to_path_buf()),
+    );
+    assert!(matches!(reopened, Err(Error::Corrupt { .. })));
+}
