@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 pub mod images;
 pub mod malformed;
+pub mod ops;
 
 /// Our tool must finish any command within this time, whatever the input.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use qcow2_core::engine::{FileRequest, Resolver};
 use qcow2_core::{Error, Image};
 use qcow2_hosted::file::FileDevice;
+use qcow2_tests::ops::{Op, ops, twin_images};
 use qcow2_tests::{Scratch, qemu_img, qemu_img_ok, qemu_io_cmds};
 
 /// Opens backing files read-only, relative to the top image's directory.
@@ -29,76 +30,6 @@ impl Resolver<FileDevice> for DirResolver {
             .open(self.0.join(name))?;
         Ok(FileDevice::new(file))
     }
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Write { off: u64, len: u64, byte: u8 },
-    Zero { off: u64, len: u64, unmap: bool },
-    Discard { off: u64, len: u64 },
-    Flush,
-}
-
-impl Op {
-    fn qemu_io(&self) -> String {
-        match self {
-            Op::Write { off, len, byte } => format!("write -P {byte} {off} {len}"),
-            Op::Zero { off, len, unmap } => {
-                format!("write -z {}{off} {len}", if *unmap { "-u " } else { "" })
-            }
-            Op::Discard { off, len } => format!("discard {off} {len}"),
-            Op::Flush => "flush".to_string(),
-        }
-    }
-}
-
-/// A small deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
-
-/// Random operations over a disk of `size` bytes with `cluster` sized clusters: aligned and unaligned, small
-/// and multi-cluster.
-fn ops(seed: u64, size: u64, cluster: u64, count: usize) -> Vec<Op> {
-    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut out = Vec::new();
-    for _ in 0..count {
-        let unit = match r.below(3) {
-            0 => 512,
-            1 => cluster,
-            _ => cluster / 4 + 512,
-        }
-        .max(512);
-        let len = (1 + r.below(4)) * unit;
-        let len = len.min(size);
-        let off = (r.below(size - len + 1) / 512) * 512;
-        let op = match r.below(10) {
-            0..=5 => Op::Write {
-                off,
-                len,
-                byte: (1 + r.below(250)) as u8,
-            },
-            6 | 7 => Op::Zero {
-                off,
-                len,
-                unmap: r.below(2) == 0,
-            },
-            8 => Op::Discard { off, len },
-            _ => Op::Flush,
-        };
-        out.push(op);
-    }
-    out
 }
 
 fn apply_ours(img: &Path, ops: &[Op]) {
@@ -178,67 +109,8 @@ fn assert_check_clean(img: &Path) {
 /// qemu-io commands applied before copying.
 fn case(name: &str, opts: &str, size: u64, cluster: u64, backing: Option<&str>, setup: &[&str]) {
     let s = Scratch::new();
-    let base = s.path("base.qcow2");
-    let top = s.path("a.qcow2");
-    let mut create: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-    if !opts.is_empty() {
-        create.push("-o".into());
-        create.push(opts.into());
-    }
-    if let Some(bopts) = backing {
-        let mut b: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-        if !bopts.is_empty() {
-            b.push("-o".into());
-            b.push(bopts.into());
-        }
-        b.push(base.display().to_string());
-        b.push(size.to_string());
-        qemu_img_ok(&b);
-        qemu_io_cmds(
-            &base,
-            "qcow2",
-            &[
-                format!("write -P 0x11 0 {}", size / 2),
-                format!("write -P 0x22 {} {}", size / 2 + 4096, size / 4),
-            ],
-        );
-        create.push("-b".into());
-        create.push("base.qcow2".into());
-        create.push("-F".into());
-        create.push("qcow2".into());
-    }
-    create.push(top.display().to_string());
-    create.push(size.to_string());
-    // Relative data file names are created relative to the working directory.
-    let made = std::process::Command::new("qemu-img")
-        .args(&create)
-        .current_dir(s.dir())
-        .status()
-        .expect("qemu-img is required");
-    assert!(made.success(), "qemu-img {create:?} failed");
-    let setup: Vec<String> = setup.iter().map(|c| c.to_string()).collect();
-    qemu_io_cmds(&top, "qcow2", &setup);
-    if setup.iter().any(|c| c.starts_with("write -c")) || name.contains("snapshot") {
-        // Nothing else: the setup itself made the interesting state.
-    }
-    if name.contains("snapshot") {
-        qemu_img_ok([
-            "snapshot".as_ref(),
-            "-c".as_ref(),
-            "snap".as_ref(),
-            top.as_os_str(),
-        ]);
-    }
+    let (top, copy) = twin_images(&s, opts, size, backing, setup, name.contains("snapshot"));
     let before = raw(&s, &top, "before.raw");
-    // The copy lives in its own directory with its own backing and data files.
-    let other = s.path("b");
-    std::fs::create_dir(&other).unwrap();
-    for f in ["a.qcow2", "base.qcow2", "data.img"] {
-        if s.path(f).exists() {
-            std::fs::copy(s.path(f), other.join(f)).unwrap();
-        }
-    }
-    let copy = other.join("a.qcow2");
     for seed in 1..=4u64 {
         let seq = ops(seed ^ size ^ cluster, size, cluster, 40);
         if seed % 2 == 0 {
