@@ -2,7 +2,11 @@
 
 use std::fs::File;
 
-use crate::disk::{DiskError, MapExtent, VirtualDisk};
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::{FallocateFlags, fallocate};
+
+use crate::disk::{DiskError, EIO, ENOTSUP, MapExtent, VirtualDisk, VirtualDiskWrite};
 use crate::file::{probe_extent, read_zero_filled};
 
 /// A raw image: the guest sees the file's bytes, its length rounded up to 512 bytes as QEMU does.
@@ -15,6 +19,8 @@ pub struct RawDisk {
     file_len: u64,
     /// Guest size: `file_len` rounded up to 512.
     size: u64,
+    /// Opened for writing.
+    writable: bool,
 }
 
 impl RawDisk {
@@ -29,7 +35,115 @@ impl RawDisk {
             name: name.to_string(),
             file_len,
             size: file_len.div_ceil(512) * 512,
+            writable: false,
         })
+    }
+
+    /// Wraps a raw file opened read-write.
+    pub fn new_writable(file: File, name: &str) -> Result<RawDisk, DiskError> {
+        let mut disk = RawDisk::new(file, name)?;
+        disk.writable = true;
+        Ok(disk)
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        if !self.writable {
+            return Err(DiskError::new("Bad file descriptor"));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(DiskError::new(EIO));
+        }
+        Ok(())
+    }
+
+    fn os_err(e: std::io::Error) -> DiskError {
+        DiskError::new(DiskError::os_text(&e))
+    }
+
+    /// Writes zeros the slow way, in pieces of at most 1 MiB.
+    fn write_zero_bytes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], offset + done)
+                .map_err(RawDisk::os_err)?;
+            done += n as u64;
+        }
+        self.grown_to(offset + len);
+        Ok(())
+    }
+
+    fn grown_to(&mut self, end: u64) {
+        self.file_len = self.file_len.max(end);
+    }
+}
+
+impl VirtualDiskWrite for RawDisk {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        self.check(offset, buf.len() as u64)?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(RawDisk::os_err)?;
+        self.grown_to(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // Inside the file: let the filesystem zero (or, with unmap, punch) the range; past its end the
+        // bytes already read as zeros and the file keeps its length, as with QEMU's file driver.
+        let inside = self.file_len.saturating_sub(offset).min(len);
+        if inside > 0 {
+            let mode = if unmap {
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+            } else {
+                FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+            };
+            if fallocate(&self.file, mode, offset, inside).is_err() {
+                self.write_zero_bytes(offset, inside)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check(offset, len)?;
+        let inside = self.file_len.saturating_sub(offset).min(len);
+        if inside > 0 {
+            // Discarding is a hint: a filesystem that cannot punch holes keeps the data.
+            let _ = fallocate(
+                &self.file,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                offset,
+                inside,
+            );
+        }
+        Ok(())
+    }
+
+    fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
+        Err(DiskError::new(ENOTSUP))
+    }
+
+    fn write_compressed(&mut self, _offset: u64, _data: &[u8]) -> Result<(), DiskError> {
+        Err(DiskError::new(ENOTSUP))
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(RawDisk::os_err)
+    }
+
+    fn close(self: Box<Self>) -> Result<(), DiskError> {
+        let mut this = self;
+        this.flush()
     }
 }
 
