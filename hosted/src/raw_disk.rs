@@ -184,3 +184,39 @@ impl VirtualDisk for RawDisk {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_writes_zeroes_and_discards() {
+        let path = std::env::temp_dir().join(format!("qcow2-raw-write-{}", std::process::id()));
+        std::fs::write(&path, vec![0x11u8; 1000]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut d = RawDisk::new_writable(file, "x").unwrap();
+        assert_eq!(d.virtual_size(), 1024);
+        d.write_at(990, &[0x22; 30]).unwrap();
+        assert!(d.write_at(1000, &[0; 25]).is_err());
+        d.write_zeroes(0, 100, false).unwrap();
+        d.write_zeroes(100, 100, true).unwrap();
+        d.discard(500, 10).unwrap();
+        assert_eq!(d.compressed_cluster_size().unwrap_err().0, ENOTSUP);
+        let mut buf = vec![0u8; 1024];
+        d.read_at(0, &mut buf).unwrap();
+        assert!(buf[..200].iter().all(|&b| b == 0));
+        assert!(buf[200..500].iter().all(|&b| b == 0x11));
+        // The discarded bytes keep their data or read as zeros.
+        assert!(buf[500..510].iter().all(|&b| b == 0x11 || b == 0));
+        assert!(buf[990..1020].iter().all(|&b| b == 0x22));
+        Box::new(d).close().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1020);
+        let mut ro = RawDisk::new(File::open(&path).unwrap(), "x").unwrap();
+        assert!(ro.write_at(0, &[1]).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
+}
