@@ -36,6 +36,8 @@ struct ChainResolver {
     seen: Vec<PathBuf>,
     /// Display names of external data files, by depth.
     data_files: Vec<(usize, String)>,
+    /// The top image is opened for writing: its data file is opened read-write too.
+    writable_top: bool,
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
@@ -79,6 +81,7 @@ impl ChainResolver {
         depth: usize,
         raw_name: &[u8],
         what: &str,
+        write: bool,
     ) -> Result<(File, String), Error<io::Error>> {
         let name = String::from_utf8_lossy(raw_name).into_owned();
         if name.is_empty() {
@@ -93,12 +96,16 @@ impl ChainResolver {
         }
         let base = self.names.get(depth).cloned().unwrap_or_default();
         let full = combine(&base, &name);
-        let file = File::open(&full).map_err(|e| {
-            io_err(format!(
-                "Could not open {what}: Could not open '{full}': {}",
-                DiskError::os_text(&e)
-            ))
-        })?;
+        let file = File::options()
+            .read(true)
+            .write(write)
+            .open(&full)
+            .map_err(|e| {
+                io_err(format!(
+                    "Could not open {what}: Could not open '{full}': {}",
+                    DiskError::os_text(&e)
+                ))
+            })?;
         let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
         if self.seen.contains(&canon) {
             return Err(io_err(format!(
@@ -121,13 +128,14 @@ impl Resolver<FileDevice> for ChainResolver {
                 String::from_utf8_lossy(fmt)
             )));
         }
-        let (file, full) = self.open_named(request.depth, request.name, "backing file")?;
+        let (file, full) = self.open_named(request.depth, request.name, "backing file", false)?;
         self.names.push(full);
         Ok(FileDevice::new(file))
     }
 
     fn data_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<io::Error>> {
-        let (file, full) = self.open_named(request.depth, request.name, "data file")?;
+        let write = self.writable_top && request.depth == 0;
+        let (file, full) = self.open_named(request.depth, request.name, "data file", write)?;
         // The data file is not part of the chain: forget it for loop detection's sake only when distinct.
         self.data_files.push((request.depth, full));
         Ok(FileDevice::new(file))
@@ -184,6 +192,7 @@ impl Qcow2Disk {
     /// instead, so that it can still be read; every write then fails with the engine's message.
     pub fn open_writable(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
         let mut resolver = ChainResolver::for_top(path);
+        resolver.writable_top = true;
         match qcow2_alloc::open_writable(FileDevice::new(file), &mut resolver) {
             Ok(image) => Qcow2Disk::finish(image, resolver, true),
             Err(Error::ReadOnly) => {
