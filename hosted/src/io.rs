@@ -569,6 +569,14 @@ fn write_cmd(
     } else {
         disk.write_at(offset, &buf).map_err(|e| e.0)
     };
+    // Force Unit Access: the data is durable when the write completes.
+    let result = result.and_then(|()| {
+        if fua && count > 0 {
+            disk.flush().map_err(|e| e.0)
+        } else {
+            Ok(())
+        }
+    });
     let elapsed = t1.elapsed();
     if let Err(msg) = result {
         let _ = writeln!(err, "write failed: {msg}");
