@@ -19,8 +19,12 @@ const HASH_BITS: u32 = 15;
 const NONE: u32 = u32::MAX;
 /// Candidates examined per position.
 const MAX_CHAIN: usize = 96;
+/// A match this long ends the search along the chain.
+const NICE_LENGTH: usize = 128;
 /// A match this long is taken without looking one byte further.
-const LAZY_LIMIT: usize = 32;
+const LAZY_LIMIT: usize = 16;
+/// With a match this long in hand, looking one byte further searches a quarter of the chain.
+const GOOD_LENGTH: usize = 8;
 /// Tokens per block (each block gets its own Huffman codes).
 const BLOCK_TOKENS: usize = 16 * 1024;
 
@@ -98,7 +102,7 @@ impl<'a> Matcher<'a> {
     }
 
     /// The longest match for the bytes at `pos` (not yet inserted): (length, distance), length 0 if none.
-    fn find(&self, pos: usize) -> (usize, usize) {
+    fn find(&self, pos: usize, max_chain: usize) -> (usize, usize) {
         let Some(h) = self.hash(pos) else {
             return (0, 0);
         };
@@ -106,7 +110,7 @@ impl<'a> Matcher<'a> {
         let here = &self.data[pos..pos + max_len];
         let (mut best_len, mut best_dist) = (0usize, 0usize);
         let mut cand = self.head[h];
-        let mut chain = MAX_CHAIN;
+        let mut chain = max_chain;
         while cand != NONE && chain > 0 {
             let c = cand as usize;
             if c >= pos || pos - c > MAX_DISTANCE {
@@ -119,7 +123,7 @@ impl<'a> Matcher<'a> {
                 if len > best_len {
                     best_len = len;
                     best_dist = pos - c;
-                    if len == max_len {
+                    if len == max_len || len >= NICE_LENGTH {
                         break;
                     }
                 }
@@ -147,7 +151,7 @@ fn tokenize(data: &[u8]) -> Vec<Token> {
     let mut i = 0;
     let mut carried: Option<(usize, usize)> = None;
     while i < n {
-        let (len, dist) = carried.take().unwrap_or_else(|| m.find(i));
+        let (len, dist) = carried.take().unwrap_or_else(|| m.find(i, MAX_CHAIN));
         if len < MIN_MATCH {
             m.insert(i);
             tokens.push(Token::Literal(data[i]));
@@ -156,7 +160,12 @@ fn tokenize(data: &[u8]) -> Vec<Token> {
         }
         m.insert(i);
         if len < LAZY_LIMIT && i + 1 < n {
-            let next = m.find(i + 1);
+            let chain = if len >= GOOD_LENGTH {
+                MAX_CHAIN / 4
+            } else {
+                MAX_CHAIN
+            };
+            let next = m.find(i + 1, chain);
             if next.0 > len {
                 tokens.push(Token::Literal(data[i]));
                 i += 1;
