@@ -2,7 +2,8 @@
 //!
 //! The commands (`info`, `map`, `convert`, `compare`, `io`) only see a [`VirtualDisk`] and [`ImageInfo`]s, so
 //! they do not depend on the engine's API. `raw_disk` implements the trait for raw files; `qcow2_disk`
-//! implements it on top of `qcow2-core`.
+//! implements it on top of `qcow2-core`. Writers (`io`'s write commands, a conversion's output) see a
+//! [`VirtualDiskWrite`], implemented by both.
 
 use std::fmt;
 
