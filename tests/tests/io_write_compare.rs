@@ -503,7 +503,32 @@ fn refused_requests() {
     for cmd in &single {
         run_both(&p, &[], std::slice::from_ref(cmd), Reasons::Exact);
     }
-    // Several commands: a failure in the middle does not stop the others.
+    // Read-only: writes and discards are refused before their arguments are looked at.
+    run_both(
+        &p,
+        &["-r"],
+        &[
+            "write 0 1".to_string(),
+            "write -x 0 1".to_string(),
+            "discard 0 1".to_string(),
+            "write 0".to_string(),
+            "flush".to_string(),
+            "aio_flush".to_string(),
+            "read -P 0x11 32668 1".to_string(),
+        ],
+        Reasons::Exact,
+    );
+    assert_same_result(&p);
+}
+
+/// A failing request among successful ones: the others still run, the run fails.
+#[test]
+fn failure_among_writes() {
+    let s = Scratch::new();
+    let c = 65536u64;
+    let img = plain(&s, "mixed.qcow2", "", c);
+    let size = size_for_cluster(c);
+    let p = pair(&img, "qcow2", "mixed");
     run_both(
         &p,
         &[],
@@ -517,21 +542,6 @@ fn refused_requests() {
         Reasons::Exact,
     );
     assert_same_result(&p);
-    // Read-only: writes and discards are refused before their arguments are looked at.
-    run_both(
-        &p,
-        &["-r"],
-        &[
-            "write 0 1".to_string(),
-            "write -x 0 1".to_string(),
-            "discard 0 1".to_string(),
-            "write 0".to_string(),
-            "flush".to_string(),
-            "aio_flush".to_string(),
-            "read -P 0x5 0 1".to_string(),
-        ],
-        Reasons::Exact,
-    );
 }
 
 /// An image with an external data file takes no compressed writes.
