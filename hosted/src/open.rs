@@ -120,7 +120,11 @@ pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskEr
 }
 
 /// Like [`open_disk`], for writing: the image file is opened read-write (its backing chain read-only).
+///
+/// A raw image whose format was probed (no `format` given) refuses writes that would make its first sector
+/// look like another image format, as QEMU does.
 pub fn open_disk_writable(path: &str, format: Option<&str>) -> Result<OpenedWritable, DiskError> {
+    let probed = format.is_none();
     let (file, format) = open_probed(path, format, true)?;
     if format == "qcow2" {
         let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open_writable(path, file)?;
@@ -130,8 +134,10 @@ pub fn open_disk_writable(path: &str, format: Option<&str>) -> Result<OpenedWrit
         });
     }
     let chain = raw_chain(path)?;
+    let mut disk = RawDisk::new_writable(file, path)?;
+    disk.set_probed(probed);
     Ok(OpenedWritable {
-        disk: Box::new(RawDisk::new_writable(file, path)?),
+        disk: Box::new(disk),
         chain,
     })
 }

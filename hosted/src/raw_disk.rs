@@ -21,7 +21,25 @@ pub struct RawDisk {
     size: u64,
     /// Opened for writing.
     writable: bool,
+    /// The format was probed, not given: writes must not make the first sector look like another format.
+    probed: bool,
 }
+
+/// The first bytes of image formats that a probe would take a raw disk for (QEMU's drivers' probes, by
+/// magic): qcow and qcow2, QED, VMDK (sparse and descriptor), VHDX, VPC, LUKS.
+const FOREIGN_MAGICS: [&[u8]; 8] = [
+    b"QFI\xfb",
+    b"QED\0",
+    b"KDMV",
+    b"COWD",
+    b"# Disk DescriptorFile",
+    b"vhdxfile",
+    b"conectix",
+    b"LUKS\xba\xbe",
+];
+
+/// Bytes at the start of a raw disk that a format probe looks at (QEMU's BLOCK_PROBE_BUF_SIZE).
+const PROBE_SIZE: u64 = 512;
 
 impl RawDisk {
     /// Wraps an open raw file; `name` is how the user named it.
@@ -36,7 +54,31 @@ impl RawDisk {
             file_len,
             size: file_len.div_ceil(512) * 512,
             writable: false,
+            probed: false,
         })
+    }
+
+    /// Restricts writes the way QEMU does for a raw image whose format was probed: a write that would make
+    /// the first sector start like another image format (so that the next probe would take the guest's
+    /// data for an image header, possibly naming host files) fails with "Operation not permitted".
+    pub fn set_probed(&mut self, probed: bool) {
+        self.probed = probed;
+    }
+
+    /// Refuses a write of `buf` at `offset` that would make the first sector look like another format.
+    fn check_probe(&self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        if !self.probed || offset >= PROBE_SIZE || buf.is_empty() {
+            return Ok(());
+        }
+        let mut first = [0u8; PROBE_SIZE as usize];
+        read_zero_filled(&self.file, 0, &mut first).map_err(RawDisk::os_err)?;
+        let start = offset as usize;
+        let n = buf.len().min(first.len() - start);
+        first[start..start + n].copy_from_slice(&buf[..n]);
+        if FOREIGN_MAGICS.iter().any(|m| first.starts_with(m)) {
+            return Err(DiskError::new("Operation not permitted"));
+        }
+        Ok(())
     }
 
     /// Wraps a raw file opened read-write.
@@ -83,6 +125,7 @@ impl RawDisk {
 impl VirtualDiskWrite for RawDisk {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
         self.check(offset, buf.len() as u64)?;
+        self.check_probe(offset, buf)?;
         self.file
             .write_all_at(buf, offset)
             .map_err(RawDisk::os_err)?;
@@ -215,6 +258,21 @@ mod tests {
         assert!(buf[990..1020].iter().all(|&b| b == 0x22));
         Box::new(d).close().unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1020);
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut probed = RawDisk::new_writable(rw, "x").unwrap();
+        probed.set_probed(true);
+        assert_eq!(
+            probed.write_at(0, b"QFI\xfb").unwrap_err().0,
+            "Operation not permitted"
+        );
+        probed.write_at(1, b"QFI\xfb").unwrap();
+        probed.write_at(0, b"KDM").unwrap();
+        assert!(probed.write_at(3, b"V").is_err());
+        probed.write_at(512, b"QFI\xfb").unwrap();
         let mut ro = RawDisk::new(File::open(&path).unwrap(), "x").unwrap();
         assert!(ro.write_at(0, &[1]).is_err());
         std::fs::remove_file(&path).unwrap();
