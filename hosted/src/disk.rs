@@ -286,10 +286,11 @@ pub fn write_compressed_range(
     if !in_range(disk, offset, len) {
         return Err(DiskError::new(EIO));
     }
+    // A format without compression refuses even an empty request; qcow2 takes it as a no-op.
+    let cluster = disk.compressed_cluster_size()?;
     if buf.is_empty() {
         return Ok(());
     }
-    let cluster = disk.compressed_cluster_size()?;
     if cluster == 0 || !offset.is_multiple_of(cluster) {
         return Err(DiskError::new(EINVAL));
     }

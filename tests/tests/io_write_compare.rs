@@ -506,6 +506,8 @@ fn refused_requests() {
         "write -c 512 65536".to_string(),
         "write -c 0 4096".to_string(),
         format!("write -c {} {}", size - c, 2 * c),
+        "write -c 0 0".to_string(),
+        format!("write -c {} 0", size + 512),
         "write -P 0x100 0 1".to_string(),
         "write -P x 0 1".to_string(),
         "write 0 1x".to_string(),
@@ -579,7 +581,9 @@ fn compressed_write_with_data_file() {
         qemu: img,
         fmt: "qcow2",
     };
-    run_both(&p, &[], &["write -c 0 65536".to_string()], Reasons::Exact);
+    for cmd in ["write -c 0 65536", "write -c 0 0"] {
+        run_both(&p, &[], &[cmd.to_string()], Reasons::Exact);
+    }
 }
 
 /// Raw images: plain writes, zero writes (with and without unmap), discards; no compressed writes.
@@ -604,7 +608,9 @@ fn raw_images() {
     ];
     check_writes(&raw, "raw", "raw", &cmds);
     let p = pair(&raw, "raw", "rawc");
-    run_both(&p, &[], &["write -c 0 65536".to_string()], Reasons::Exact);
+    for cmd in ["write -c 0 65536", "write -c 0 0", "write -c 2M 0"] {
+        run_both(&p, &[], &[cmd.to_string()], Reasons::Exact);
+    }
 }
 
 /// A raw image opened without a format (probed) refuses writes that would make its first sector look like
