@@ -3,6 +3,10 @@
 //! The engine is the same; this crate only supplies what needs a heap: buffers sized at run time, a
 //! metadata cache of megabytes rather than kilobytes, whole-cluster decompression (so reading a compressed
 //! cluster in small pieces inflates it once), and zstd through `ruzstd`.
+//!
+//! For writes it also supplies the compression the engine leaves to its caller: [`compress_cluster`] turns
+//! one guest cluster into what [`Image::write_compressed`] stores, with a raw-deflate encoder of its own
+//! ([`deflate`], 4 KiB window as QEMU requires) or ruzstd's zstd encoder.
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -16,9 +20,14 @@ use alloc::vec::Vec;
 use qcow2_core::compress::{CompressedSource, DEFLATE_WINDOW, DecompressError};
 use qcow2_core::engine::DEFAULT_MAX_DEPTH;
 use qcow2_core::format::CompressionType;
-use qcow2_core::{BlockDevice, Buffers, Decompressor, Error, Format, Image, Inflate, Resolver};
+use qcow2_core::{
+    BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, Format, Image, Inflate, Resolver,
+};
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
+use ruzstd::encoding::{CompressionLevel, compress_to_vec};
 use ruzstd::io::Read;
+
+pub mod deflate;
 
 /// Metadata slices the heap-backed image caches.
 pub const SLICES: usize = 32;
@@ -51,6 +60,33 @@ pub fn open<D: BlockDevice, R: Resolver<D>>(
         AllocDecompressor::default(),
         resolver,
     )
+}
+
+/// Opens the qcow2 image on `dev` for reading and writing with heap buffers (its backing chain, from
+/// `resolver`, stays read-only).
+pub fn open_writable<D: BlockDeviceWrite, R: Resolver<D>>(
+    dev: D,
+    resolver: &mut R,
+) -> Result<HeapImage<D>, Error<D::Error>> {
+    Image::open_writable(dev, buffers(), AllocDecompressor::default(), resolver)
+}
+
+/// Compresses one guest cluster (`data`, exactly one cluster) the way the image's compression type `ty`
+/// says, for [`Image::write_compressed`].
+///
+/// Returns `None` when the cluster does not compress into at most `data.len() - 1` bytes: QEMU's rule
+/// (the compressed data must be shorter than a cluster), and the caller then writes the cluster
+/// uncompressed. Deflate never refers back more than 4 KiB, so QEMU (which inflates with a 4 KiB window)
+/// reads what this writes.
+pub fn compress_cluster(ty: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
+    let limit = data.len().checked_sub(1)?;
+    match ty {
+        CompressionType::Deflate => deflate::deflate_raw(data, limit),
+        CompressionType::Zstd => {
+            let out = compress_to_vec(data, CompressionLevel::Fastest);
+            (out.len() <= limit).then_some(out)
+        }
+    }
 }
 
 /// Deflate with whole-cluster buffers, and zstd. Keeps the last decompressed cluster of each kind.
@@ -167,5 +203,71 @@ impl Decompressor for AllocDecompressor {
             i.invalidate();
         }
         self.zstd_kept = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bytes<'a>(&'a [u8]);
+    impl CompressedSource for Bytes<'_> {
+        fn remaining(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read(&mut self, buf: &mut [u8]) -> Result<usize, DecompressError> {
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn cluster(size: usize) -> Vec<u8> {
+        (0..size)
+            .map(|i| {
+                if i % 1000 < 600 {
+                    (i / 1000) as u8
+                } else {
+                    (i * 7 % 13) as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_clusters_read_back_through_the_decompressor() {
+        for ty in [CompressionType::Deflate, CompressionType::Zstd] {
+            for size in [512usize, 4096, 65536, 2 << 20] {
+                let data = cluster(size);
+                let c = compress_cluster(ty, &data).expect("compressible");
+                assert!(c.len() < size);
+                // Trailing bytes after the stream are normal (the descriptor counts whole sectors).
+                let mut padded = c.clone();
+                padded.resize(c.len().div_ceil(512) * 512 + 511, 0xee);
+                let mut out = vec![0u8; size];
+                AllocDecompressor::default()
+                    .decompress(ty, (0, 1), &mut Bytes(&padded), size, 0, &mut out)
+                    .unwrap();
+                assert!(out == data, "{ty:?} {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn incompressible_clusters_are_refused() {
+        let mut x = 88172645463325252u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(compress_cluster(CompressionType::Deflate, &noise).is_none());
+        assert!(compress_cluster(CompressionType::Zstd, &noise).is_none());
+        assert!(compress_cluster(CompressionType::Deflate, &[]).is_none());
+        assert!(compress_cluster(CompressionType::Deflate, &[0]).is_none());
     }
 }

@@ -1,11 +1,16 @@
-//! `qemu-img convert -O raw`: copy the guest view into a sparse raw file, the way qemu-img does it.
+//! `qemu-img convert`: copy the guest view of one disk into another, the way qemu-img does it.
+//!
+//! The copy itself ([`copy_guest_data`]) writes through a [`VirtualDiskWrite`], so any writable output
+//! plugs in: [`convert_to_raw`] creates a sparse raw file and copies into it; a qcow2 output only needs the
+//! new image created and opened writable (`-c` then goes through compressed cluster writes).
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
-use crate::disk::{DiskError, VirtualDisk};
+use crate::disk::{DiskError, VirtualDisk, VirtualDiskWrite, write_compressed_range};
 use crate::progress::Progress;
+use crate::raw_disk::RawDisk;
 
 const SECTOR: u64 = 512;
 /// qemu-img's copy buffer: 2 MiB.
@@ -96,6 +101,16 @@ fn data_status(
     Ok((!e.zero, e.length.clamp(1, len)))
 }
 
+/// How [`copy_guest_data`] copies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyOptions {
+    /// Print qemu-img's progress lines on the output.
+    pub progress: bool,
+    /// Write every cluster that holds data compressed (`qemu-img convert -c`); the output must take
+    /// compressed writes ([`VirtualDiskWrite::compressed_cluster_size`]).
+    pub compress: bool,
+}
+
 /// Converts `disk` into the raw file `dst` (created or truncated), with qemu-img's progress on `out` when
 /// `progress` is set.
 pub fn convert_to_raw(
@@ -106,11 +121,8 @@ pub fn convert_to_raw(
 ) -> Result<(), ConvertError> {
     let size = disk.virtual_size();
     let total_sectors = size.div_ceil(SECTOR);
-    let mut prog = Progress::new(progress, 1.0);
-    let io = |e: std::io::Error| ConvertError(format!("{dst}: {}", DiskError::os_text(&e)));
-    prog.print(0.0, 100, out).map_err(io)?;
-
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
@@ -139,6 +151,37 @@ pub fn convert_to_raw(
             ))
         })?;
     }
+    let mut target = RawDisk::new_writable(file, dst).map_err(|e| ConvertError(e.0))?;
+    copy_guest_data(
+        disk,
+        &mut target,
+        dst,
+        CopyOptions {
+            progress,
+            compress: false,
+        },
+        out,
+    )?;
+    Box::new(target)
+        .close()
+        .map_err(|e| ConvertError(format!("{dst}: {e}")))
+}
+
+/// Copies the guest view of `src` into `dst` (a new, empty disk of at least the same size, so that what
+/// is not written reads as zeros): data runs are written, zero runs skipped, with qemu-img's progress on
+/// `out` when asked. `dst_name` names the output in messages.
+pub fn copy_guest_data(
+    src: &mut dyn VirtualDisk,
+    dst: &mut dyn VirtualDiskWrite,
+    dst_name: &str,
+    opts: CopyOptions,
+    out: &mut dyn Write,
+) -> Result<(), ConvertError> {
+    let size = src.virtual_size();
+    let total_sectors = size.div_ceil(SECTOR);
+    let mut prog = Progress::new(opts.progress, 1.0);
+    let io = |e: std::io::Error| ConvertError(format!("{dst_name}: {}", DiskError::os_text(&e)));
+    prog.print(0.0, 100, out).map_err(io)?;
 
     // First pass: how many sectors hold data, for the progress bar.
     let status_err = |off: u64, e: DiskError| {
@@ -150,7 +193,7 @@ pub fn convert_to_raw(
     let mut sector = 0;
     while sector < total_sectors {
         let n = (total_sectors - sector).min(MAX_REQUEST_SECTORS);
-        let (data, len) = data_status(disk, sector * SECTOR, n * SECTOR)
+        let (data, len) = data_status(src, sector * SECTOR, n * SECTOR)
             .map_err(|e| status_err(sector * SECTOR, e))?;
         let n = len.div_ceil(SECTOR);
         if data {
@@ -159,13 +202,24 @@ pub fn convert_to_raw(
         sector += n;
     }
 
+    let write_err =
+        |off: u64, e: DiskError| ConvertError(format!("error while writing at byte {off}: {e}"));
+    let read_err =
+        |off: u64, e: DiskError| ConvertError(format!("error while reading at byte {off}: {e}"));
+
+    if opts.compress {
+        return copy_compressed(src, dst, allocated, &mut prog, out)
+            .and_then(|()| prog.print(100.0, 0, out).map_err(io))
+            .and_then(|()| prog.end(out).map_err(io));
+    }
+
     // Second pass: copy data runs in 2 MiB pieces, leaving zero runs as holes.
     let mut buf = vec![0u8; (BUF_SECTORS * SECTOR) as usize];
     let mut done: u64 = 0;
     let mut sector = 0;
     while sector < total_sectors {
         let n = (total_sectors - sector).min(MAX_REQUEST_SECTORS);
-        let (data, len) = data_status(disk, sector * SECTOR, n * SECTOR)
+        let (data, len) = data_status(src, sector * SECTOR, n * SECTOR)
             .map_err(|e| status_err(sector * SECTOR, e))?;
         let run_end = sector + len.div_ceil(SECTOR);
         if !data {
@@ -182,8 +236,8 @@ pub fn convert_to_raw(
             let off = sector * SECTOR;
             let readable = (size - off).min(bytes as u64) as usize;
             chunk[readable..].fill(0);
-            disk.read_at(off, &mut chunk[..readable])
-                .map_err(|e| ConvertError(format!("error while reading at byte {off}: {e}")))?;
+            src.read_at(off, &mut chunk[..readable])
+                .map_err(|e| read_err(off, e))?;
             let mut i = 0usize;
             while i < n as usize {
                 let (is_data, run) = allocated_run_min(
@@ -196,14 +250,8 @@ pub fn convert_to_raw(
                 if is_data {
                     let start = i * SECTOR as usize;
                     let end = (i + run) * SECTOR as usize;
-                    file.write_all_at(&chunk[start..end], off + start as u64)
-                        .map_err(|e| {
-                            ConvertError(format!(
-                                "error while writing at byte {}: {}",
-                                off + start as u64,
-                                DiskError::os_text(&e)
-                            ))
-                        })?;
+                    dst.write_at(off + start as u64, &chunk[start..end])
+                        .map_err(|e| write_err(off + start as u64, e))?;
                 }
                 i += run;
             }
@@ -215,9 +263,163 @@ pub fn convert_to_raw(
     Ok(())
 }
 
+/// The second pass of a compressed conversion: cluster by cluster, skipping clusters that read as zeros and
+/// writing every other one compressed (or plain where it does not compress).
+fn copy_compressed(
+    src: &mut dyn VirtualDisk,
+    dst: &mut dyn VirtualDiskWrite,
+    allocated: u64,
+    prog: &mut Progress,
+    out: &mut dyn Write,
+) -> Result<(), ConvertError> {
+    let vsize = src.virtual_size();
+    // Requests cover whole sectors; the last cluster ends at the end of the last sector.
+    let size = vsize.div_ceil(SECTOR) * SECTOR;
+    let cluster = dst.compressed_cluster_size().map_err(|e| {
+        ConvertError(format!(
+            "Compression not supported for this file format: {e}"
+        ))
+    })?;
+    let step = usize::try_from(cluster)
+        .ok()
+        .filter(|&c| c > 0)
+        .ok_or_else(|| ConvertError("cluster size out of range".to_string()))?;
+    let mut buf = vec![0u8; step];
+    let mut done = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let len = (size - off).min(cluster);
+        let (data, status_len) = data_status(src, off, len).map_err(|e| {
+            ConvertError(format!(
+                "error while reading block status at offset {off}: {e}"
+            ))
+        })?;
+        if !data && status_len >= len {
+            off += len;
+            continue;
+        }
+        let chunk = &mut buf[..len as usize];
+        let readable = (vsize - off).min(len) as usize;
+        chunk[readable..].fill(0);
+        src.read_at(off, &mut chunk[..readable])
+            .map_err(|e| ConvertError(format!("error while reading at byte {off}: {e}")))?;
+        done += len.div_ceil(SECTOR);
+        prog.print(
+            (100.0 * done.min(allocated) as f64 / allocated.max(1) as f64) as f32,
+            0,
+            out,
+        )
+        .map_err(|e| ConvertError(DiskError::os_text(&e)))?;
+        if chunk.iter().any(|&b| b != 0) {
+            write_compressed_range(dst, off, chunk).map_err(|e| {
+                ConvertError(format!(
+                    "error while compressing sector {}: {e}",
+                    off / SECTOR
+                ))
+            })?;
+        }
+        off += len;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::MapExtent;
+
+    /// A disk in memory; as an output it records which clusters were written compressed.
+    struct Mem {
+        data: Vec<u8>,
+        compressed: Vec<u64>,
+    }
+
+    impl VirtualDisk for Mem {
+        fn virtual_size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+        fn map_extent(&mut self, offset: u64, max_len: u64) -> Result<MapExtent, DiskError> {
+            // Whole 4 KiB blocks: data unless all zero.
+            let o = offset as usize;
+            let end = ((o / 4096 + 1) * 4096).min(o + max_len as usize);
+            let zero = self.data[o..end].iter().all(|&b| b == 0);
+            Ok(MapExtent {
+                start: offset,
+                length: (end - o) as u64,
+                depth: 0,
+                present: !zero,
+                zero,
+                data: !zero,
+                compressed: false,
+                offset: None,
+                file: None,
+            })
+        }
+    }
+
+    impl VirtualDiskWrite for Mem {
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+            let o = offset as usize;
+            self.data[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> Result<(), DiskError> {
+            self.data[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.write_zeroes(offset, len, true)
+        }
+        fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
+            Ok(4096)
+        }
+        fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            self.compressed.push(offset);
+            self.write_at(offset, data)
+        }
+        fn flush(&mut self) -> Result<(), DiskError> {
+            Ok(())
+        }
+        fn close(self: Box<Self>) -> Result<(), DiskError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn copies_into_any_writable_disk() {
+        let mut data = vec![0u8; 40_000];
+        data[100..200].fill(7);
+        data[20_000..30_000].fill(9);
+        data[39_999] = 1;
+        for compress in [false, true] {
+            let mut src = Mem {
+                data: data.clone(),
+                compressed: Vec::new(),
+            };
+            let mut dst = Mem {
+                data: vec![0u8; 40_448],
+                compressed: Vec::new(),
+            };
+            let mut out = Vec::new();
+            let opts = CopyOptions {
+                progress: false,
+                compress,
+            };
+            copy_guest_data(&mut src, &mut dst, "dst", opts, &mut out).unwrap();
+            assert!(dst.data[..40_000] == data[..]);
+            if compress {
+                // Clusters 0, 4..7 and the last (partial) one hold data.
+                assert_eq!(dst.compressed, [0, 16384, 20480, 24576, 28672, 36864]);
+            } else {
+                assert!(dst.compressed.is_empty());
+            }
+        }
+    }
 
     fn sectors(pattern: &[u8]) -> Vec<u8> {
         pattern

@@ -2,7 +2,8 @@
 //!
 //! The commands (`info`, `map`, `convert`, `compare`, `io`) only see a [`VirtualDisk`] and [`ImageInfo`]s, so
 //! they do not depend on the engine's API. `raw_disk` implements the trait for raw files; `qcow2_disk`
-//! implements it on top of `qcow2-core`.
+//! implements it on top of `qcow2-core`. Writers (`io`'s write commands, a conversion's output) see a
+//! [`VirtualDiskWrite`], implemented by both.
 
 use std::fmt;
 
@@ -222,4 +223,83 @@ impl ImageInfo {
             file: Some(file),
         }
     }
+}
+
+/// The message QEMU gives for a request it refuses as malformed (`EINVAL`).
+pub const EINVAL: &str = "Invalid argument";
+/// The message QEMU gives for a request outside the disk (`EIO`).
+pub const EIO: &str = "Input/output error";
+/// The message QEMU gives for an operation the driver does not do (`ENOTSUP`).
+pub const ENOTSUP: &str = "Operation not supported";
+
+/// An opened image, write side (the image at the top of the chain; backing files are never written).
+///
+/// Ranges are guest ranges within [`VirtualDisk::virtual_size`]; callers check that, as QEMU's block layer
+/// does, before calling. Messages are QEMU's strerror words where QEMU would fail with an errno.
+pub trait VirtualDiskWrite: VirtualDisk {
+    /// Writes `buf` at guest `offset`.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError>;
+
+    /// Makes `len` bytes at `offset` read as zeros; with `unmap` the storage behind them may be released.
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError>;
+
+    /// Discards `len` bytes at `offset` (a hint: what is not released keeps its content or reads as zeros,
+    /// as the format decides).
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError>;
+
+    /// The unit of compressed writes (the cluster size), or why this image takes no compressed writes.
+    fn compressed_cluster_size(&self) -> Result<u64, DiskError>;
+
+    /// Writes one cluster at the cluster-aligned `offset`, compressed if it compresses and as plain data
+    /// otherwise. `data` is the whole cluster, or less for the last cluster of a disk whose size is not a
+    /// multiple of the cluster size (the rest of that cluster counts as zeros).
+    fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
+
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> Result<(), DiskError>;
+
+    /// Flushes and closes the image (for qcow2: metadata written back, dirty bit cleared).
+    fn close(self: Box<Self>) -> Result<(), DiskError>;
+}
+
+/// QEMU's view of the disk length for requests: the size in whole 512-byte sectors.
+pub fn request_limit(disk: &dyn VirtualDisk) -> u64 {
+    disk.virtual_size().div_ceil(512).saturating_mul(512)
+}
+
+/// Whether `offset .. offset + len` lies within the disk as QEMU's block layer checks it.
+pub fn in_range(disk: &dyn VirtualDisk, offset: u64, len: u64) -> bool {
+    let size = request_limit(disk);
+    offset <= size && size - offset >= len
+}
+
+/// A compressed write of `buf` at `offset` with QEMU's rules (`blk_pwrite_compressed` on qcow2): the range
+/// must lie within the disk, start on a cluster boundary and cover whole clusters (or end at the end of the
+/// disk); each cluster is written compressed, or plain if it does not compress. An empty write does
+/// nothing.
+pub fn write_compressed_range(
+    disk: &mut dyn VirtualDiskWrite,
+    offset: u64,
+    buf: &[u8],
+) -> Result<(), DiskError> {
+    let len = buf.len() as u64;
+    if !in_range(disk, offset, len) {
+        return Err(DiskError::new(EIO));
+    }
+    // A format without compression refuses even an empty request; qcow2 takes it as a no-op.
+    let cluster = disk.compressed_cluster_size()?;
+    if buf.is_empty() {
+        return Ok(());
+    }
+    if cluster == 0 || !offset.is_multiple_of(cluster) {
+        return Err(DiskError::new(EINVAL));
+    }
+    if !len.is_multiple_of(cluster) && offset + len != request_limit(disk) {
+        return Err(DiskError::new(EINVAL));
+    }
+    let step = usize::try_from(cluster).map_err(|_| DiskError::new(EINVAL))?;
+    for (i, chunk) in buf.chunks(step).enumerate() {
+        disk.write_compressed(offset + i as u64 * cluster, chunk)?;
+    }
+    Ok(())
 }

@@ -268,17 +268,22 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     if cmds.is_empty() {
         return Err(fail("io: no command given (use -c)"));
     }
+    // Like qemu-io, `io` opens images read-write unless -r.
     let mut img = match files.first() {
-        Some(f) => Some(
+        Some(f) if read_only => Some(io::OpenedIo::ReadOnly(
             open::open_disk(f, fmt.as_deref())
                 .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
-        ),
+        )),
+        Some(f) => Some(io::OpenedIo::Writable(
+            open::open_disk_writable(f, fmt.as_deref())
+                .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
+        )),
         None => None,
     };
-    // Like qemu-io, `io` opens images read-write unless -r: an image marked corrupt may only be read.
+    // An image marked corrupt may only be read.
     if let (Some(i), Some(f)) = (&img, files.first())
         && !read_only
-        && i.chain
+        && i.chain()
             .first()
             .and_then(|c| c.qcow2.as_ref())
             .is_some_and(|q| q.corrupt == Some(true))
@@ -289,14 +294,15 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     }
     let mut failed = false;
     for c in &cmds {
-        let disk = img
-            .as_mut()
-            .map(|i| i.disk.as_mut() as &mut dyn disk::VirtualDisk);
+        let disk = img.as_mut().map(|i| i.disk());
         match io::run_command(disk, c, out, err) {
             io::CmdStatus::Ok => {}
             io::CmdStatus::Failed => failed = true,
             io::CmdStatus::Quit => break,
         }
+    }
+    if let Some(i) = img {
+        i.close().map_err(|e| fail(e.0))?;
     }
     Ok(i32::from(failed))
 }

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::Read;
 
-use crate::disk::{DiskError, FileChildInfo, ImageInfo, VirtualDisk};
+use crate::disk::{DiskError, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
 use crate::raw_disk::RawDisk;
 
 /// The first four bytes of every qcow2 image.
@@ -26,14 +26,30 @@ impl std::fmt::Debug for OpenedImage {
     }
 }
 
-/// Opens `path` read-only as `format` ("raw" or "qcow2"), or probes the format when `format` is `None` (qcow2 if
-/// the file starts with the qcow2 magic, raw otherwise). The error is the reason alone, e.g. "Could not open
-/// 'x': No such file or directory" or "Image is not in qcow2 format": qemu-img prefixes it with
-/// "Could not open 'x': ", qemu-io with "can't open device x: ".
-///
-/// ENGINE HOOK: the qcow2 branch below is where `qcow2_disk` plugs in; it must return the disk for the whole
-/// chain and one `ImageInfo` per image of the chain.
-pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskError> {
+/// An image opened for writing: the disk (its backing chain stays read-only) and `qemu-img info`'s view of
+/// every image of the chain, the image itself first.
+pub struct OpenedWritable {
+    /// Reads, maps and writes the guest view.
+    pub disk: Box<dyn VirtualDiskWrite>,
+    /// The chain, top image first; never empty.
+    pub chain: Vec<ImageInfo>,
+}
+
+impl std::fmt::Debug for OpenedWritable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedWritable")
+            .field("chain", &self.chain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens `path` (read-write if `write`) and settles its format: the one given, or qcow2 if the file starts
+/// with the qcow2 magic and raw otherwise.
+fn open_probed(
+    path: &str,
+    format: Option<&str>,
+    write: bool,
+) -> Result<(File, &'static str), DiskError> {
     let fail = DiskError::new;
     match format {
         None | Some("raw") | Some("qcow2") => {}
@@ -50,12 +66,16 @@ pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskEr
             "'file' driver requires '{path}' to be a regular file"
         )));
     }
-    let mut file = File::open(path).map_err(|e| {
-        fail(format!(
-            "Could not open '{path}': {}",
-            DiskError::os_text(&e)
-        ))
-    })?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| {
+            fail(format!(
+                "Could not open '{path}': {}",
+                DiskError::os_text(&e)
+            ))
+        })?;
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -66,26 +86,58 @@ pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskEr
         }
     }
     let is_qcow2 = got == 4 && magic == QCOW2_MAGIC;
-    let format = format.unwrap_or(if is_qcow2 { "qcow2" } else { "raw" });
     match format {
-        "qcow2" => {
-            if !is_qcow2 {
-                return Err(fail("Image is not in qcow2 format".to_string()));
-            }
-            let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open(path, file)?;
-            Ok(OpenedImage {
-                disk: Box::new(disk),
-                chain,
-            })
-        }
-        _ => {
-            let child = FileChildInfo::from_path(path, std::path::Path::new(path))
-                .map_err(|e| fail(e.0))?;
-            let disk = RawDisk::new(file, path)?;
-            Ok(OpenedImage {
-                disk: Box::new(disk),
-                chain: vec![ImageInfo::raw(path, child)],
-            })
-        }
+        Some("qcow2") | None if is_qcow2 => Ok((file, "qcow2")),
+        Some("qcow2") => Err(fail("Image is not in qcow2 format".to_string())),
+        _ => Ok((file, "raw")),
     }
+}
+
+fn raw_chain(path: &str) -> Result<Vec<ImageInfo>, DiskError> {
+    let child = FileChildInfo::from_path(path, std::path::Path::new(path))
+        .map_err(|e| DiskError::new(e.0))?;
+    Ok(vec![ImageInfo::raw(path, child)])
+}
+
+/// Opens `path` read-only as `format` ("raw" or "qcow2"), or probes the format when `format` is `None` (qcow2 if
+/// the file starts with the qcow2 magic, raw otherwise). The error is the reason alone, e.g. "Could not open
+/// 'x': No such file or directory" or "Image is not in qcow2 format": qemu-img prefixes it with
+/// "Could not open 'x': ", qemu-io with "can't open device x: ".
+pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskError> {
+    let (file, format) = open_probed(path, format, false)?;
+    if format == "qcow2" {
+        let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open(path, file)?;
+        return Ok(OpenedImage {
+            disk: Box::new(disk),
+            chain,
+        });
+    }
+    let chain = raw_chain(path)?;
+    Ok(OpenedImage {
+        disk: Box::new(RawDisk::new(file, path)?),
+        chain,
+    })
+}
+
+/// Like [`open_disk`], for writing: the image file is opened read-write (its backing chain read-only).
+///
+/// A raw image whose format was probed (no `format` given) refuses writes that would make its first sector
+/// look like another image format, as QEMU does.
+pub fn open_disk_writable(path: &str, format: Option<&str>) -> Result<OpenedWritable, DiskError> {
+    let probed = format.is_none();
+    let (file, format) = open_probed(path, format, true)?;
+    if format == "qcow2" {
+        let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open_writable(path, file)?;
+        return Ok(OpenedWritable {
+            disk: Box::new(disk),
+            chain,
+        });
+    }
+    let chain = raw_chain(path)?;
+    let mut disk = RawDisk::new_writable(file, path)?;
+    disk.set_probed(probed);
+    Ok(OpenedWritable {
+        disk: Box::new(disk),
+        chain,
+    })
 }

@@ -16,11 +16,14 @@ use std::path::{Path, PathBuf};
 
 use qcow2_alloc::HeapImage;
 use qcow2_core::engine::{FileRequest, Format, Resolver};
-use qcow2_core::format::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
+use qcow2_core::format::{
+    AutoclearFeatures, CompatibleFeatures, CompressionType, IncompatibleFeatures,
+};
 use qcow2_core::{Error, Source};
 
 use crate::disk::{
-    DiskError, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, SnapshotInfo, VirtualDisk,
+    DiskError, ENOTSUP, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, SnapshotInfo,
+    VirtualDisk, VirtualDiskWrite,
 };
 use crate::file::FileDevice;
 
@@ -33,6 +36,8 @@ struct ChainResolver {
     seen: Vec<PathBuf>,
     /// Display names of external data files, by depth.
     data_files: Vec<(usize, String)>,
+    /// The top image is opened for writing: its data file is opened read-write too.
+    writable_top: bool,
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
@@ -59,11 +64,24 @@ fn io_err(msg: String) -> Error<io::Error> {
 }
 
 impl ChainResolver {
+    /// A resolver for the chain under the image `path`.
+    fn for_top(path: &str) -> ChainResolver {
+        let mut resolver = ChainResolver {
+            names: vec![path.to_string()],
+            ..ChainResolver::default()
+        };
+        if let Ok(c) = std::fs::canonicalize(path) {
+            resolver.seen.push(c);
+        }
+        resolver
+    }
+
     fn open_named(
         &mut self,
         depth: usize,
         raw_name: &[u8],
         what: &str,
+        write: bool,
     ) -> Result<(File, String), Error<io::Error>> {
         let name = String::from_utf8_lossy(raw_name).into_owned();
         if name.is_empty() {
@@ -78,12 +96,16 @@ impl ChainResolver {
         }
         let base = self.names.get(depth).cloned().unwrap_or_default();
         let full = combine(&base, &name);
-        let file = File::open(&full).map_err(|e| {
-            io_err(format!(
-                "Could not open {what}: Could not open '{full}': {}",
-                DiskError::os_text(&e)
-            ))
-        })?;
+        let file = File::options()
+            .read(true)
+            .write(write)
+            .open(&full)
+            .map_err(|e| {
+                io_err(format!(
+                    "Could not open {what}: Could not open '{full}': {}",
+                    DiskError::os_text(&e)
+                ))
+            })?;
         let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
         if self.seen.contains(&canon) {
             return Err(io_err(format!(
@@ -106,13 +128,14 @@ impl Resolver<FileDevice> for ChainResolver {
                 String::from_utf8_lossy(fmt)
             )));
         }
-        let (file, full) = self.open_named(request.depth, request.name, "backing file")?;
+        let (file, full) = self.open_named(request.depth, request.name, "backing file", false)?;
         self.names.push(full);
         Ok(FileDevice::new(file))
     }
 
     fn data_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<io::Error>> {
-        let (file, full) = self.open_named(request.depth, request.name, "data file")?;
+        let write = self.writable_top && request.depth == 0;
+        let (file, full) = self.open_named(request.depth, request.name, "data file", write)?;
         // The data file is not part of the chain: forget it for loop detection's sake only when distinct.
         self.data_files.push((request.depth, full));
         Ok(FileDevice::new(file))
@@ -128,7 +151,14 @@ pub struct Qcow2Disk {
     data_files: Vec<Option<String>>,
     /// Per image: whether it looks metadata-preallocated (computed on first use).
     prealloc: Vec<Option<bool>>,
+    /// Opened for writing (else every write fails).
+    writable: bool,
+    /// Compresses one cluster for compressed writes.
+    compressor: Box<ClusterCompressor>,
 }
+
+/// A cluster compressor: one whole cluster in, its compressed form out (`None`: write it uncompressed).
+pub type ClusterCompressor = dyn FnMut(CompressionType, &[u8]) -> Option<Vec<u8>>;
 
 impl std::fmt::Debug for Qcow2Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,17 +177,42 @@ pub fn engine_error(e: Error<io::Error>) -> DiskError {
 }
 
 impl Qcow2Disk {
-    /// Opens `path` (already known to be qcow2) and its chain.
+    /// Opens `path` (already known to be qcow2) and its chain, read-only.
     pub fn open(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
-        let mut resolver = ChainResolver {
-            names: vec![path.to_string()],
-            ..ChainResolver::default()
-        };
-        if let Ok(c) = std::fs::canonicalize(path) {
-            resolver.seen.push(c);
-        }
+        let mut resolver = ChainResolver::for_top(path);
         let image = qcow2_alloc::open(FileDevice::new(file), Format::Qcow2, &mut resolver)
             .map_err(engine_error)?;
+        Qcow2Disk::finish(image, resolver, false)
+    }
+
+    /// Opens `path` (already known to be qcow2) for writing: `file` must be open read-write; the backing
+    /// chain is opened read-only.
+    ///
+    /// When the engine refuses to write this image ([`Error::ReadOnly`]) the image is opened read-only
+    /// instead, so that it can still be read; every write then fails with the engine's message.
+    pub fn open_writable(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
+        let mut resolver = ChainResolver::for_top(path);
+        resolver.writable_top = true;
+        match qcow2_alloc::open_writable(FileDevice::new(file), &mut resolver) {
+            Ok(image) => Qcow2Disk::finish(image, resolver, true),
+            Err(Error::ReadOnly) => {
+                let file = File::open(path).map_err(|e| {
+                    DiskError::new(format!(
+                        "Could not open '{path}': {}",
+                        DiskError::os_text(&e)
+                    ))
+                })?;
+                Qcow2Disk::open(path, file)
+            }
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    fn finish(
+        image: HeapImage<FileDevice>,
+        resolver: ChainResolver,
+        writable: bool,
+    ) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
         let mut data_files = vec![None; image.layers().len()];
         for (depth, name) in resolver.data_files {
             if let Some(slot) = data_files.get_mut(depth) {
@@ -170,9 +225,23 @@ impl Qcow2Disk {
             names: resolver.names,
             data_files,
             prealloc,
+            writable,
+            compressor: Box::new(qcow2_alloc::compress_cluster),
         };
         let infos = disk.chain_info()?;
         Ok((disk, infos))
+    }
+
+    /// Replaces the cluster compressor used by compressed writes (the default is
+    /// [`qcow2_alloc::compress_cluster`], deflate and zstd). It returns `None` for a cluster that does not
+    /// compress into less than a cluster, which is then written uncompressed.
+    pub fn set_compressor(&mut self, compressor: Box<ClusterCompressor>) {
+        self.compressor = compressor;
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     fn stored_name(
@@ -414,5 +483,92 @@ impl VirtualDisk for Qcow2Disk {
             }
         }
         Ok(e)
+    }
+}
+
+impl Qcow2Disk {
+    fn check_writable(&self) -> Result<(), DiskError> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(engine_error(Error::ReadOnly))
+        }
+    }
+
+    /// Cluster size and compression type of the top image.
+    fn top_format(&self) -> Option<(u64, CompressionType, bool)> {
+        let meta = self.image.layers().first()?.qcow2()?;
+        let h = &meta.header;
+        let data_file = h
+            .incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
+        Some((h.cluster_size(), h.compression_type, data_file))
+    }
+}
+
+impl VirtualDiskWrite for Qcow2Disk {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.image.write_at(offset, buf).map_err(engine_error)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.image
+            .write_zeroes(offset, len, unmap)
+            .map_err(engine_error)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.image.discard(offset, len).map_err(engine_error)
+    }
+
+    fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
+        match self.top_format() {
+            // Compressed clusters cannot live in an external data file.
+            Some((_, _, true)) | None => Err(DiskError::new(ENOTSUP)),
+            Some((cluster, _, false)) => Ok(cluster),
+        }
+    }
+
+    fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let Some((cluster, ty, false)) = self.top_format() else {
+            return Err(DiskError::new(ENOTSUP));
+        };
+        let cluster = usize::try_from(cluster).map_err(|_| DiskError::new(ENOTSUP))?;
+        if data.len() > cluster {
+            return Err(DiskError::new(crate::disk::EINVAL));
+        }
+        let compressed = if data.len() == cluster {
+            (self.compressor)(ty, data)
+        } else {
+            // The last cluster of the disk: the rest of it is zeros.
+            let mut whole = vec![0u8; cluster];
+            whole[..data.len()].copy_from_slice(data);
+            (self.compressor)(ty, &whole)
+        };
+        match compressed {
+            Some(c) if c.len() < cluster => self
+                .image
+                .write_compressed(offset, &c)
+                .map_err(engine_error),
+            _ => self.image.write_at(offset, data).map_err(engine_error),
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), DiskError> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.image.flush().map_err(engine_error)
+    }
+
+    fn close(self: Box<Self>) -> Result<(), DiskError> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.image.close().map(drop).map_err(engine_error)
     }
 }
