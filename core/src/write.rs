@@ -1357,50 +1357,97 @@ where
             self.store(offset, Src::Zeros, len)?;
         }
         let size = self.virtual_size();
-        if !g.l2.v3 {
-            // Version 2 has no zero flag: write zeros.
+        let end = offset.saturating_add(len);
+        let backing = self.layers.len() > 1;
+        if !g.l2.v3 && backing {
+            // Version 2 has no zero flag, and a deallocated cluster would show the backing file: write zeros.
             return self.write_range(offset, len, Src::Zeros);
         }
-        let end = offset.saturating_add(len);
+        // Version 2 without a backing file deallocates (unallocated clusters read as zeros there).
+        let piece = g.piece_size();
         let mut pos = offset;
         while pos < end {
             let gc = pos & !g.cs.wrapping_sub(1);
-            let a = pos.saturating_sub(gc);
-            let b = end.saturating_sub(gc).min(g.cs);
-            // The last cluster of an image whose size is not a cluster multiple counts as whole.
-            let b_whole = if gc.saturating_add(b) >= size {
-                g.cs
-            } else {
-                b
-            };
-            if a == 0 && b_whole == g.cs {
-                self.zero_cluster(gc, unmap)?;
-            } else if g.l2.extended {
-                let sub = g.sub_size;
-                let sa = a.div_ceil(sub);
-                let sb = if b_whole == g.cs {
-                    32
+            let ps = pos & !piece.wrapping_sub(1);
+            let pe = ps.saturating_add(piece).min(size);
+            let b = end.min(pe);
+            if pos == gc && (b == gc.saturating_add(g.cs) || b >= size) {
+                // A whole cluster.
+                if g.l2.v3 {
+                    self.zero_cluster(gc, unmap)?;
                 } else {
-                    b.checked_div(sub).unwrap_or(0)
-                };
-                if sa < sb {
-                    if a < sa.saturating_mul(sub) {
-                        self.write_cluster(gc, a, sa.saturating_mul(sub), Src::Zeros)?;
-                    }
-                    self.zero_subclusters(gc, sa, sb)?;
-                    let tail = sb.saturating_mul(sub);
-                    if tail < b {
-                        self.write_cluster(gc, tail, b, Src::Zeros)?;
-                    }
-                } else {
-                    self.write_cluster(gc, a, b, Src::Zeros)?;
+                    self.discard_cluster(gc, false)?;
                 }
-            } else {
-                self.write_cluster(gc, a, b, Src::Zeros)?;
+                pos = b;
+                continue;
             }
-            pos = gc.saturating_add(b);
+            // A whole piece, or a partial one whose rest already reads as zeros and that holds no data in
+            // this image, becomes a zero (sub)cluster as in QEMU; anything else gets written zeros.
+            let whole = pos == ps && b == pe;
+            let promote = whole
+                || (self.holds_no_data(ps)?
+                    && self.reads_as_zero(ps, pos.saturating_sub(ps))?
+                    && self.reads_as_zero(b, pe.saturating_sub(b))?);
+            if promote && !g.l2.v3 {
+                self.discard_cluster(gc, false)?;
+            } else if promote && g.l2.extended {
+                let s = ps.saturating_sub(gc).checked_div(piece).unwrap_or(0);
+                self.zero_subclusters(gc, s, s.saturating_add(1))?;
+            } else if promote {
+                self.zero_cluster(gc, unmap)?;
+            } else {
+                self.write_cluster(gc, pos.saturating_sub(gc), b.saturating_sub(gc), Src::Zeros)?;
+            }
+            pos = b;
         }
         Ok(())
+    }
+
+    /// Whether guest bytes `[offset, offset + len)` are known to read as zeros without reading data (zero or
+    /// unallocated everywhere in the chain).
+    fn reads_as_zero(&mut self, offset: u64, len: u64) -> Result<bool, Error<D::Error>> {
+        let mut pos = offset;
+        let end = offset.saturating_add(len);
+        while pos < end {
+            let m = self.reader().map_from(0, pos, end.saturating_sub(pos))?;
+            match m.source {
+                crate::engine::Source::Zero { .. }
+                | crate::engine::Source::Unallocated { .. }
+                | crate::engine::Source::PastEnd => {}
+                // A raw image's holes read as zeros too (the device says which ranges are holes).
+                crate::engine::Source::Data {
+                    host,
+                    external: false,
+                } if self
+                    .layers
+                    .get(m.depth)
+                    .is_some_and(|l| l.qcow2().is_none()) =>
+                {
+                    let mut at = host;
+                    let stop = host.saturating_add(m.len);
+                    while at < stop {
+                        let e = self.host_status(m.depth, false, at, stop.saturating_sub(at))?;
+                        if e.data || e.len == 0 {
+                            return Ok(false);
+                        }
+                        at = at.saturating_add(e.len);
+                    }
+                }
+                _ => return Ok(false),
+            }
+            pos = pos.saturating_add(m.len.max(1));
+        }
+        Ok(true)
+    }
+
+    /// Whether the (sub)cluster at guest offset `offset` is unallocated or zero in the top image.
+    fn holds_no_data(&mut self, offset: u64) -> Result<bool, Error<D::Error>> {
+        let m = self.reader().map_from(0, offset, 1)?;
+        Ok(m.depth > 0
+            || matches!(
+                m.source,
+                crate::engine::Source::Zero { .. } | crate::engine::Source::Unallocated { .. }
+            ))
     }
 
     fn data_raw(&self) -> bool {

@@ -30,7 +30,14 @@ fn assert_clean(img: &Path, who: &str, cmds: &[String]) {
 }
 
 /// `seeds` random sequences of `count` operations on an image made with `opts`.
-fn sequences(opts: &str, size: u64, cluster: u64, backing: Option<&str>, setup: &[&str], seeds: u64) {
+fn sequences(
+    opts: &str,
+    size: u64,
+    cluster: u64,
+    backing: Option<&str>,
+    setup: &[&str],
+    seeds: u64,
+) {
     let s = Scratch::new();
     let (ours, theirs) = twin_images(&s, opts, size, backing, setup, false);
     for seed in 0..seeds {
@@ -86,7 +93,14 @@ fn compat_010_and_lazy_refcounts() {
 #[test]
 fn extended_l2() {
     sequences("extended_l2=on", 8 << 20, 65536, None, &[], 4);
-    sequences("extended_l2=on,cluster_size=16k", 4 << 20, 16384, Some(""), &[], 3);
+    sequences(
+        "extended_l2=on,cluster_size=16k",
+        4 << 20,
+        16384,
+        Some(""),
+        &[],
+        3,
+    );
 }
 
 #[test]
