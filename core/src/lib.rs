@@ -10,7 +10,9 @@
 //!   memory device and (feature `embedded-io`) an adapter for `Read + Seek` streams.
 //! - [`format`]: on-disk types, parsed once with full validation.
 //! - [`meta`]: a bounded cache of metadata slices.
-//! - [`engine`]: the image and its backing chain: open, map, read.
+//! - [`engine`]: the image and its backing chain: open, map, read; and (for a [`BlockDeviceWrite`]) writes
+//!   with allocation and copy-on-write, zeroes, discard, compressed clusters, flush and close, in QEMU's
+//!   crash-safe order (see [`Image::open_writable`]).
 //! - [`compress`]: streamed inflate into the caller's buffer.
 //!
 //! # Reading an image
@@ -40,8 +42,14 @@
 //!     + metadata.len()                                    (SLICES slots of a power of two ≥ 512 bytes)
 //!     + for compressed images with Inflate: window.len() + input.len()
 //!                                                         (window ≥ 32 KiB, or ≥ one cluster to keep one)
-//!     + stack: bounded, no recursion; open() uses ≈ 2.2 KiB for names
+//!     + stack: bounded, no recursion; open() uses ≈ 2.2 KiB for names, writes ≈ 1 KiB
+//!       (a 512-byte copy buffer when the bounce buffer is a single block)
 //! ```
+//!
+//! Writing uses the same buffers: dirty L2 and refcount slices stay in the metadata cache until they are
+//! written back (so a writer needs at least four slices), copy-on-write goes through the part of the bounce
+//! buffer beyond its first block (or a 512-byte stack buffer), and the image value holds a queue of 32
+//! host offsets waiting for their refcounts to drop.
 //!
 //! None of these terms depends on the image's virtual size, cluster size, L1 size or chain length: a
 //! 2 MiB-cluster, 1 TiB image opens and reads with the same RAM as a 64 KiB-cluster one (a test asserts it by
@@ -73,7 +81,7 @@ pub mod io;
 pub mod meta;
 #[doc(hidden)]
 pub mod testimage;
-mod write;
+pub mod write;
 
 pub use compress::{Decompressor, Inflate, NoDecompressor};
 pub use device::{BlockDevice, BlockDeviceWrite, DeviceExtent};

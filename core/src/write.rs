@@ -923,11 +923,18 @@ where
     B: AsRef<[u8]> + AsMut<[u8]>,
     C: Decompressor,
 {
-    /// Opens the qcow2 image on `dev` for reading and writing (its backing chain stays read-only).
+    /// Opens the qcow2 image on `dev` for reading and writing (its backing chain stays read-only; an
+    /// external data file, which the resolver supplies, is written too).
     ///
-    /// Refuses images with the corrupt bit set. A dirty image (lazy refcounts) has its refcounts rebuilt
-    /// before this returns. Unknown autoclear bits (and the bitmaps bit: the engine does not update bitmaps)
-    /// are cleared before the first write.
+    /// Refuses images with the corrupt bit set, and metadata caches of fewer than [`MIN_WRITE_SLICES`] slices.
+    /// A dirty image (lazy refcounts after a crash) has its refcounts rebuilt before this returns. Before the
+    /// first write, unknown autoclear bits are cleared, and so is the bitmaps bit: the engine does not update
+    /// dirty bitmaps, so it disowns them (frees their clusters) rather than leave them stale.
+    ///
+    /// Writes keep QEMU's crash-safety rules (see [`crate::write`]): after a power loss
+    /// the image may leak clusters but never loses flushed data or references a cluster whose refcount is too
+    /// low. [`Image::flush`] makes everything written before it durable; [`Image::close`] also clears the
+    /// dirty bit of a lazy-refcounts image.
     pub fn open_writable<R: Resolver<D>>(
         dev: D,
         buffers: Buffers<B>,
