@@ -4,9 +4,9 @@
 //! write side ([`BlockDeviceWrite`]) are separate traits so that a read-only bootloader links no write code.
 //!
 //! Devices are addressed in blocks (`lba`, a block index) of [`BlockDevice::block_size`] bytes, a power of two
-//! of at least 512. qcow2 itself addresses bytes; [`crate::io::read_bytes`] and [`crate::io::write_bytes`] turn byte ranges into block I/O, reading whole
-//! aligned blocks straight into the caller's buffer and using one caller-supplied bounce block for the
-//! unaligned head and tail.
+//! of at least 512. qcow2 itself addresses bytes; [`crate::io::read_bytes`] and [`crate::io::write_bytes`]
+//! turn byte ranges into block I/O, moving whole aligned blocks straight between the device and the caller's
+//! buffer and using one caller-supplied bounce block for the unaligned head and tail.
 
 /// Smallest block size a device may report.
 pub const MIN_BLOCK_SIZE: usize = 512;
