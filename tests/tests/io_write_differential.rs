@@ -115,3 +115,86 @@ fn backing_and_compressed() {
         4,
     );
 }
+
+#[test]
+fn preallocated_images() {
+    for opts in [
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "preallocation=full,cluster_size=4096",
+        "preallocation=metadata,extended_l2=on",
+        "preallocation=metadata,compat=0.10",
+    ] {
+        sequences(
+            opts,
+            4 << 20,
+            if opts.contains("4096") { 4096 } else { 65536 },
+            None,
+            &[],
+            3,
+        );
+    }
+}
+
+#[test]
+fn snapshot_shared_clusters() {
+    for opts in ["", "extended_l2=on", "cluster_size=4096,refcount_bits=64"] {
+        let cluster = if opts.contains("4096") { 4096 } else { 65536 };
+        let s = Scratch::new();
+        let (ours, theirs) = twin_images(
+            &s,
+            opts,
+            4 << 20,
+            None,
+            &["write -P 0x55 0 3M", "write -c -P 0x66 3M 512k"],
+            true,
+        );
+        let before = raw(&s, &ours, "before.raw");
+        for seed in 0..3u64 {
+            let seq = ops(seed * 31 + 5, 4 << 20, cluster, 30);
+            let cmds: Vec<String> = seq.iter().map(Op::qemu_io).collect();
+            let mut args: Vec<OsString> = vec!["io".into(), "-f".into(), "qcow2".into()];
+            for c in &cmds {
+                args.push("-c".into());
+                args.push(c.into());
+            }
+            args.push(ours.clone().into());
+            let out = qcow2(&args);
+            assert!(out.success(), "{}", out.describe());
+            qemu_io_cmds(&theirs, "qcow2", &cmds);
+            assert_clean(&ours, "qcow2 io", &cmds);
+            let a = raw(&s, &ours, "ours.raw");
+            let b = raw(&s, &theirs, "theirs.raw");
+            if let Some(diff) = qcow2_tests::bytes_diff(&a, &b) {
+                panic!("{opts}, seed {seed}: contents differ: {diff}\ncommands: {cmds:?}");
+            }
+        }
+        // The snapshot still holds what it held, read through qemu-img.
+        let snap = s.path("snap.raw");
+        qemu_img_ok([
+            "convert".as_ref(),
+            "-l".as_ref(),
+            "snap".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            ours.as_os_str(),
+            snap.as_os_str(),
+        ]);
+        assert!(
+            std::fs::read(&snap).unwrap() == before,
+            "{opts}: snapshot changed"
+        );
+        // And after `snapshot -a` the image reads it back.
+        qemu_img_ok([
+            "snapshot".as_ref(),
+            "-a".as_ref(),
+            "snap".as_ref(),
+            ours.as_os_str(),
+        ]);
+        assert_clean(&ours, "snapshot -a", &[]);
+        assert!(
+            raw(&s, &ours, "applied.raw") == before,
+            "{opts}: snapshot -a"
+        );
+    }
+}
