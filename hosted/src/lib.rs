@@ -17,6 +17,7 @@ pub mod open;
 pub mod progress;
 pub mod qcow2_disk;
 pub mod raw_disk;
+pub mod shared;
 pub mod size;
 
 use std::ffi::OsString;

@@ -30,7 +30,7 @@ impl std::fmt::Debug for OpenedImage {
 /// every image of the chain, the image itself first.
 pub struct OpenedWritable {
     /// Reads, maps and writes the guest view.
-    pub disk: Box<dyn VirtualDiskWrite>,
+    pub disk: Box<dyn VirtualDiskWrite + Send>,
     /// The chain, top image first; never empty.
     pub chain: Vec<ImageInfo>,
 }

@@ -158,7 +158,7 @@ pub struct Qcow2Disk {
 }
 
 /// A cluster compressor: one whole cluster in, its compressed form out (`None`: write it uncompressed).
-pub type ClusterCompressor = dyn FnMut(CompressionType, &[u8]) -> Option<Vec<u8>>;
+pub type ClusterCompressor = dyn FnMut(CompressionType, &[u8]) -> Option<Vec<u8>> + Send;
 
 impl std::fmt::Debug for Qcow2Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
