@@ -106,9 +106,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Inflate<B> {
     }
 }
 
-/// Inflates from `src` into `ring`. Without `dest`, `ring` is one whole cluster (non-wrapping) and must be
-/// filled; with `dest`, `ring` is a power-of-two window used as a ring and the bytes `skip .. skip + want` of
-/// the output are copied into `dest` as they come out (stopping as soon as they are all out).
+/// Inflates `total` bytes (one whole cluster) from `src` into `ring`. Without `dest`, `ring` is the whole
+/// cluster (non-wrapping) and must be filled; with `dest`, `ring` is a power-of-two window used as a ring and
+/// the bytes `skip .. skip + want` of the output are copied into `dest` as they come out. Either way the
+/// stream must yield the whole cluster (as QEMU requires), so a damaged cluster fails every read of it, not
+/// only the reads past the damage.
+#[allow(clippy::too_many_arguments)]
 fn inflate_into(
     state: &mut DecompressorOxide,
     input: &mut [u8],
@@ -117,6 +120,7 @@ fn inflate_into(
     mut dest: Option<&mut [u8]>,
     skip: usize,
     want: usize,
+    total: usize,
 ) -> Result<(), DecompressError> {
     if input.is_empty() {
         return Err(DecompressError::Unsupported(
@@ -169,7 +173,7 @@ fn inflate_into(
             }
         }
         produced = produced.saturating_add(written);
-        if produced >= end {
+        if produced >= total.max(end) {
             return Ok(());
         }
         match status {
@@ -226,20 +230,38 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Decompressor for Inflate<B> {
         } = self;
         let input = input.as_mut();
         if skip == 0 && want == cluster_size {
-            return inflate_into(state, input, src, out, None, 0, want);
+            return inflate_into(state, input, src, out, None, 0, want, want);
         }
         let window = window.as_mut();
         if let Some(whole) = window.get_mut(..cluster_size) {
             if *kept != Some(key) {
                 *kept = None;
-                inflate_into(state, input, src, whole, None, 0, cluster_size)?;
+                inflate_into(
+                    state,
+                    input,
+                    src,
+                    whole,
+                    None,
+                    0,
+                    cluster_size,
+                    cluster_size,
+                )?;
                 *kept = Some(key);
             }
             let from = whole.get(skip..skip.saturating_add(want));
             out.copy_from_slice(from.ok_or(DecompressError::Corrupt("range outside the cluster"))?);
             return Ok(());
         }
-        inflate_into(state, input, src, window, Some(out), skip, want)
+        inflate_into(
+            state,
+            input,
+            src,
+            window,
+            Some(out),
+            skip,
+            want,
+            cluster_size,
+        )
     }
 
     fn invalidate(&mut self) {
