@@ -12,6 +12,7 @@
 //! - [`meta`]: a bounded cache of metadata slices.
 //! - [`engine`]: the image and its backing chain: open, map, read.
 //! - [`compress`]: streamed inflate into the caller's buffer.
+//! - [`check`]: `qemu-img check` and repair, in bounded memory.
 //!
 //! # Reading an image
 //!
@@ -64,6 +65,7 @@
 )]
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod compress;
 pub mod device;
 pub mod engine;
