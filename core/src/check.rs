@@ -17,8 +17,8 @@
 //!
 //! The caller passes `scratch`; the counts take [`COUNT_BYTES`] bytes per host cluster. When `scratch` cannot
 //! hold a count for every host cluster, the check works in passes over ranges of clusters and walks the
-//! metadata again for each range, so the result is the same with any scratch of at least
-//! [`min_scratch_len`] bytes; [`scratch_len_for_one_pass`] says how much makes it one pass. Everything else
+//! metadata again for each range, so the result is the same with any scratch (at least [`COUNT_BYTES`] bytes;
+//! [`min_scratch_len`] for a refcount rebuild); [`scratch_len_for_one_pass`] says how much makes it one pass. Everything else
 //! lives on the stack (a few KiB). The work is bounded by the image's validated sizes: the file's length, the
 //! L1 sizes, the refcount table and the number of snapshots and bitmaps.
 
@@ -273,6 +273,15 @@ pub enum Problem {
         /// Whether it is being repaired.
         repairing: bool,
     },
+    /// QEMU's corruption event for a refcount block offset that is not cluster-aligned (printed once).
+    RefcountBlockOffsetUnaligned {
+        /// The refcount block offset.
+        offset: u64,
+        /// Index of the refcount table entry.
+        index: u64,
+        /// Whether the image is writable, so that it gets marked corrupt.
+        marking: bool,
+    },
     /// The bitmap directory or a bitmap table is unusable (qemu-img counts it without a message).
     BitmapCorrupt {
         /// Host offset of the structure.
@@ -434,6 +443,29 @@ impl fmt::Display for Problem {
                 "{} OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}",
                 verb(repairing)
             ),
+            Problem::RefcountBlockOffsetUnaligned {
+                offset,
+                index,
+                marking,
+            } => {
+                if marking {
+                    f.write_str("qcow2: Marking image as corrupt: ")?;
+                } else {
+                    f.write_str("qcow2: Image is corrupt: ")?;
+                }
+                write!(f, "Refblock offset {offset:#x} unaligned (reftable index: ")?;
+                // C's %#x prints 0 without the prefix.
+                if index == 0 {
+                    f.write_str("0")?;
+                } else {
+                    write!(f, "{index:#x}")?;
+                }
+                if marking {
+                    f.write_str("); further corruption events will be suppressed")
+                } else {
+                    f.write_str("); further non-fatal corruption events will be suppressed")
+                }
+            }
             Problem::BitmapCorrupt { offset } => {
                 write!(f, "ERROR bitmap metadata at {offset:#x} is corrupted")
             }
@@ -508,6 +540,7 @@ trait Access {
     fn read(&mut self, bounce: &mut [u8], at: u64, buf: &mut [u8]) -> Result<(), Error<Self::E>>;
     fn write(&mut self, bounce: &mut [u8], at: u64, buf: &[u8]) -> Result<(), Error<Self::E>>;
     fn flush(&mut self) -> Result<(), Error<Self::E>>;
+    fn writable(&self) -> bool;
 }
 
 struct ReadOnly<'a, D>(&'a mut D);
@@ -526,6 +559,9 @@ impl<D: BlockDevice> Access for ReadOnly<'_, D> {
     fn flush(&mut self) -> Result<(), Error<D::Error>> {
         Err(Error::ReadOnly)
     }
+    fn writable(&self) -> bool {
+        false
+    }
 }
 
 struct Writable<'a, D>(&'a mut D);
@@ -543,6 +579,9 @@ impl<D: BlockDeviceWrite> Access for Writable<'_, D> {
     }
     fn flush(&mut self) -> Result<(), Error<D::Error>> {
         Ok(self.0.flush()?)
+    }
+    fn writable(&self) -> bool {
+        true
     }
 }
 
@@ -945,6 +984,8 @@ struct Ctx<'a, A> {
     bounce: &'a mut [u8],
     geo: Geo,
     sink: &'a mut dyn CheckSink,
+    /// QEMU's corruption event was signalled (it is printed once).
+    signalled: bool,
 }
 
 impl<A: Access> Ctx<'_, A> {
@@ -952,6 +993,28 @@ impl<A: Access> Ctx<'_, A> {
         if !p.quiet {
             self.sink.report(problem);
         }
+    }
+
+    /// A refcount could not be read (unaligned refcount block): QEMU's corruption event, once; a writable image
+    /// gets the corrupt bit, as QEMU sets it.
+    fn signal_unreadable(&mut self, rr: &RefReader) -> Result<(), Error<A::E>> {
+        if self.signalled {
+            return Ok(());
+        }
+        self.signalled = true;
+        let marking = self.io.writable();
+        self.sink.report(Problem::RefcountBlockOffsetUnaligned {
+            offset: rr.block,
+            index: rr.table_index,
+            marking,
+        });
+        if marking && self.geo.h.version >= 3 {
+            let mut f = [0u8; 8];
+            self.io.read(self.bounce, 72, &mut f)?;
+            let bits = u64::from_be_bytes(f) | IncompatibleFeatures::CORRUPT.bits();
+            self.write_word(72, bits)?;
+        }
+        Ok(())
     }
 
     /// QEMU's `qcow2_inc_refcounts_imrt`: one more reference to every cluster of `offset..offset + size`.
@@ -991,6 +1054,22 @@ impl<A: Access> Ctx<'_, A> {
             }
             count_set(p.counts, i, v.saturating_add(1));
         }
+    }
+
+    /// Zeroes a freed cluster's bytes inside the file, as QEMU's discard of a freed cluster punches a hole.
+    fn discard(&mut self, cluster: u64) -> Result<(), Error<A::E>> {
+        let g = self.geo;
+        let start = cluster.saturating_mul(g.cs);
+        let end = start.saturating_add(g.cs).min(g.file_len);
+        let zeros = [0u8; PIECE];
+        let mut at = start;
+        while at < end {
+            let n = end.saturating_sub(at).min(PIECE as u64) as usize;
+            self.io
+                .write(self.bounce, at, zeros.get(..n).unwrap_or(&[]))?;
+            at = at.saturating_add(n as u64);
+        }
+        Ok(())
     }
 
     /// Writes one 8-byte entry word and makes it durable.
@@ -1415,6 +1494,7 @@ impl<A: Access> Ctx<'_, A> {
             let cluster = c;
             c = c.saturating_add(1);
             let Some(r1) = rr.get(&mut self.io, self.bounce, &g, cluster)? else {
+                self.signal_unreadable(&rr)?;
                 self.sink.report(Problem::RefcountUnreadable { cluster });
                 bump(&mut res.check_errors);
                 continue;
@@ -1463,6 +1543,9 @@ impl<A: Access> Ctx<'_, A> {
                 && rr.set(&mut self.io, self.bounce, &g, cluster, r2)?
             {
                 if kind == Fix::Leak {
+                    if r2 == 0 {
+                        self.discard(cluster)?;
+                    }
                     bump(&mut res.leaks_fixed);
                 } else {
                     bump(&mut res.corruptions_fixed);
@@ -1478,11 +1561,16 @@ impl<A: Access> Ctx<'_, A> {
         Ok(())
     }
 
-    /// Clusters a pass covers: a multiple of the refcounts in one [`PIECE`] of a refcount block.
+    /// Clusters a counting pass covers.
     fn pass_len(&self, scratch_len: usize) -> u64 {
+        (scratch_len / COUNT_BYTES) as u64
+    }
+
+    /// Clusters a rebuild pass covers: a multiple of the refcounts in one [`PIECE`] of a refcount block.
+    fn rebuild_pass_len(&self, scratch_len: usize) -> u64 {
         let per_piece = per_piece(self.geo.order);
-        let n = (scratch_len / COUNT_BYTES) as u64;
-        n.checked_div(per_piece)
+        self.pass_len(scratch_len)
+            .checked_div(per_piece)
             .unwrap_or(0)
             .saturating_mul(per_piece)
     }
@@ -1569,7 +1657,14 @@ impl<A: Access> Ctx<'_, A> {
         {
             return Err(corrupt("image too large to rebuild refcounts", end));
         }
-        let len = self.pass_len(scratch.len());
+        let len = self.rebuild_pass_len(scratch.len());
+        if len == 0 {
+            return Err(Error::BufferTooSmall {
+                what: "check scratch (refcount rebuild)",
+                need: per_piece(g.order).saturating_mul(COUNT_BYTES as u64),
+                have: scratch.len() as u64,
+            });
+        }
         let covered = blocks.saturating_mul(per_block);
         let per_piece = per_piece(g.order);
         let mut lo = 0u64;
@@ -1658,7 +1753,14 @@ impl<A: Access> Ctx<'_, A> {
     /// QEMU's `check_oflag_copied`: COPIED flags of the active L1 and L2 tables against the refcounts on disk.
     fn check_copied(&mut self, fix: Option<RepairMode>, res: &mut Res) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        let fix_all = fix == Some(RepairMode::All);
+        // Repairing leaks only, QEMU fixes COPIED flags when the refcounts are now known to be right.
+        let fix_all = match fix {
+            Some(RepairMode::All) => true,
+            Some(RepairMode::Leaks) => {
+                res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0
+            }
+            None => false,
+        };
         let mut rr = RefReader::new();
         let bytes = u64::from(g.h.l1_size).saturating_mul(8);
         let mut l1 = [0u8; CHUNK];
@@ -1681,6 +1783,7 @@ impl<A: Access> Ctx<'_, A> {
                 }
                 let Some(refcount) = rr.get(&mut self.io, self.bounce, &g, l2_offset >> g.cb)?
                 else {
+                    self.signal_unreadable(&rr)?;
                     continue;
                 };
                 if (refcount == 1) != (e & OFLAG_COPIED != 0) {
@@ -1730,7 +1833,10 @@ impl<A: Access> Ctx<'_, A> {
                                 (word & OFFSET_MASK) >> g.cb,
                             )? {
                                 Some(r) => r,
-                                None => continue,
+                                None => {
+                                    self.signal_unreadable(&rr)?;
+                                    continue;
+                                }
                             }
                         };
                         if (refcount == 1) != (word & OFLAG_COPIED != 0) {
@@ -1773,10 +1879,9 @@ impl<A: Access> Ctx<'_, A> {
     ) -> Result<CheckReport, Error<A::E>> {
         let g = self.geo;
         if self.pass_len(scratch.len()) == 0 {
-            let per_piece = per_piece(g.order);
             return Err(Error::BufferTooSmall {
                 what: "check scratch",
-                need: per_piece.saturating_mul(COUNT_BYTES as u64),
+                need: COUNT_BYTES as u64,
                 have: scratch.len() as u64,
             });
         }
@@ -1940,8 +2045,9 @@ impl<A: Access> Ctx<'_, A> {
     }
 }
 
-/// Bytes of scratch below which [`check`] cannot work on the image of `dev` (one piece of a refcount
-/// block's worth of counts: `(4096 >> refcount_order) * 4`, at most 16 KiB).
+/// Bytes of scratch below which [`repair`] cannot rebuild the refcount structure of the image of `dev` (the
+/// counts of one 512-byte piece of a refcount block: `(4096 >> refcount_order) * 4`, at most 16 KiB). [`check`]
+/// and repairs that need no rebuild work with any scratch of at least [`COUNT_BYTES`].
 pub fn min_scratch_len<D: BlockDevice>(
     dev: &mut D,
     bounce: &mut [u8],
@@ -1999,6 +2105,7 @@ pub fn check<D: BlockDevice>(
         bounce,
         geo,
         sink,
+        signalled: false,
     };
     ctx.run(scratch, None)
 }
@@ -2019,6 +2126,7 @@ pub fn repair_once<D: BlockDeviceWrite>(
         bounce,
         geo,
         sink,
+        signalled: false,
     };
     ctx.run(scratch, Some(mode))
 }

@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod damage;
 pub mod images;
 pub mod malformed;
 
