@@ -1926,6 +1926,9 @@ impl<A: Access> Ctx<'_, A> {
             rebuilt = true;
             res.corruptions = 0;
             res.leaks = 0;
+            // Refcounts that could not be read were those of the old structure, which is gone now (QEMU keeps
+            // counting them, and so leaves the dirty and corrupt bits set after a successful rebuild).
+            res.check_errors = res.check_errors.saturating_sub(cmp_res.check_errors);
             let (mut w2, mut c2) = (Res::default(), Res::default());
             let mut rebuild2 = false;
             self.count_and_compare(
