@@ -82,6 +82,15 @@ pub fn cases() -> Vec<Case> {
         case!(dirty_with_leak, true),
         case!(corrupt_bit_clean, true),
         case!(data_past_end, true),
+        case!(lazy_refcounts_crash, false),
+        case!(rebuild_small_clusters, false),
+        case!(bitmaps_clean, true),
+        case!(bitmap_directory_leaked, true),
+        case!(extl2_prealloc_unaligned, true),
+        case!(two_entries_one_cluster, true),
+        case!(overflow_refcount_bits_1, true),
+        case!(snapshot_l1_unaligned, true),
+        case!(leak_refcount_bits_4, true),
     ]
 }
 
@@ -508,6 +517,122 @@ fn data_past_end(s: &Scratch) -> PathBuf {
     })
 }
 
+/// Lazy refcounts and a crash (qemu-io's `abort`) after allocating writes: dirty bit, refcounts 0 on used
+/// clusters (the repair QEMU runs when it next opens the image for writing).
+fn lazy_refcounts_crash(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("lazy.qcow2", "lazy_refcounts=on", SIZE);
+    let out = crate::qemu_io([
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-c".as_ref(),
+        "write -P 0x71 0 256k".as_ref(),
+        "-c".as_ref(),
+        "write -P 0x72 1M 64k".as_ref(),
+        "-c".as_ref(),
+        "abort".as_ref(),
+        img.as_os_str(),
+    ]);
+    assert!(!out.success(), "qemu-io abort should not exit cleanly");
+    assert_ne!(
+        load(&img).incompatible() & INCOMPAT_DIRTY,
+        0,
+        "no dirty bit after the crash"
+    );
+    img
+}
+
+/// 512-byte clusters, hundreds of them, and the first refcount block gone: the rebuild spans several passes
+/// of a small scratch buffer.
+fn rebuild_small_clusters(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("rebuild-512.qcow2", "cluster_size=512", SIZE);
+    io(&img, &["write -P 0x11 0 300k", "write -P 0x12 2M 40k"]);
+    edit(img, |img| {
+        let t = img.u64(REFCOUNT_TABLE_OFFSET) as usize;
+        img.set_u64(t, 0);
+    })
+}
+
+fn with_bitmap(s: &Scratch, name: &str) -> PathBuf {
+    let img = s.qcow2(name, "", SIZE);
+    qemu_img_ok([
+        "bitmap".as_ref(),
+        "--add".as_ref(),
+        img.as_os_str(),
+        "b0".as_ref(),
+    ]);
+    io(&img, &["write -P 0x81 0 64k", "write -P 0x82 2M 64k"]);
+    img
+}
+
+/// A persistent dirty bitmap with allocated bitmap data (its directory, table and data are refcounted).
+fn bitmaps_clean(s: &Scratch) -> PathBuf {
+    with_bitmap(s, "bitmap.qcow2")
+}
+
+/// The bitmap directory's cluster with refcount 2.
+fn bitmap_directory_leaked(s: &Scratch) -> PathBuf {
+    edit(with_bitmap(s, "bitmap-leak.qcow2"), |img| {
+        let mut off = img.header_length();
+        let dir = loop {
+            let ty = img.u32(off);
+            let len = img.u32(off + 4) as usize;
+            assert_ne!(ty, 0, "no bitmaps extension");
+            if ty == 0x2385_2875 {
+                break img.u64(off + 8 + 16);
+            }
+            off += 8 + len.div_ceil(8) * 8;
+        };
+        let c = dir >> img.cluster_bits();
+        let r = refcount(img, c);
+        set_refcount(img, c, r + 1);
+    })
+}
+
+/// Extended L2: an allocated entry with no allocated subcluster at an unaligned offset (repair clears it).
+fn extl2_prealloc_unaligned(s: &Scratch) -> PathBuf {
+    edit(base_extl2(s, "extl2-prealloc.qcow2"), |img| {
+        let e = img.l2_entry(1);
+        img.set_l2_entry(1, e + 0x200);
+        img.set_l2_bitmap(1, 0xffff_ffff_0000_0000);
+    })
+}
+
+/// Two L2 entries (both COPIED) pointing at the same data cluster; the other one's cluster leaks.
+fn two_entries_one_cluster(s: &Scratch) -> PathBuf {
+    edit(base(s, "two-entries.qcow2", ""), |img| {
+        let e = img.l2_entry(0);
+        img.set_l2_entry(16, e);
+    })
+}
+
+/// The same with 1-bit refcounts: the second reference overflows.
+fn overflow_refcount_bits_1(s: &Scratch) -> PathBuf {
+    edit(base(s, "overflow.qcow2", "refcount_bits=1"), |img| {
+        let e = img.l2_entry(0);
+        img.set_l2_entry(16, e);
+    })
+}
+
+/// A snapshot whose L1 table offset is not cluster-aligned.
+fn snapshot_l1_unaligned(s: &Scratch) -> PathBuf {
+    edit(base_snapshot(s, "snap-l1.qcow2"), |img| {
+        let t = img.u64(crate::malformed::SNAPSHOTS_OFFSET) as usize;
+        let l1 = img.u64(t);
+        img.set_u64(t, l1 + 0x200);
+    })
+}
+
+/// 4-bit refcounts (sub-byte packing) and a leak at the end of the file.
+fn leak_refcount_bits_4(s: &Scratch) -> PathBuf {
+    edit(base(s, "leak-rb4.qcow2", "refcount_bits=4"), |img| {
+        let cs = img.cluster_size();
+        let n = img.bytes.len() as u64 / cs;
+        img.bytes.resize(((n + 2) * cs) as usize, 0);
+        set_refcount(img, n, 3);
+        set_refcount(img, n + 1, 1);
+    })
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Running a case
 
@@ -622,7 +747,9 @@ pub fn run_case(name: &str) {
         !rebuild_needed,
         true,
     );
-    if q.code == Some(0) || q.code == Some(3) || q.code == Some(2) {
+    // QEMU rewrites persistent bitmaps whenever it opens an image for writing: no byte comparison then.
+    let bitmaps = load(&img).u64(crate::malformed::AUTOCLEAR_FEATURES) & 1 != 0;
+    if !bitmaps && matches!(q.code, Some(0) | Some(2) | Some(3)) {
         assert_eq!(
             std::fs::read(&o_img).unwrap(),
             std::fs::read(&q_img).unwrap(),
@@ -668,9 +795,8 @@ pub fn run_case(name: &str) {
     }
     if case.same_layout_after_repair {
         assert_same(&format!("{name}: check -r all"), &o, &q, true, true);
-        assert_eq!(
-            std::fs::read(&o_img).unwrap(),
-            std::fs::read(&q_img).unwrap(),
+        assert!(
+            bitmaps || std::fs::read(&o_img).unwrap() == std::fs::read(&q_img).unwrap(),
             "{name}: -r all left different images"
         );
     } else {

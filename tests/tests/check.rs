@@ -63,6 +63,15 @@ damage_tests!(
     dirty_with_leak,
     corrupt_bit_clean,
     data_past_end,
+    lazy_refcounts_crash,
+    rebuild_small_clusters,
+    bitmaps_clean,
+    bitmap_directory_leaked,
+    extl2_prealloc_unaligned,
+    two_entries_one_cluster,
+    overflow_refcount_bits_1,
+    snapshot_l1_unaligned,
+    leak_refcount_bits_4,
 );
 
 #[derive(Default)]
