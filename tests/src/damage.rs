@@ -809,6 +809,21 @@ pub fn run_case(name: &str) {
             q.describe()
         );
     }
+    // The human text of both repair modes, where the repair leaves the same layout.
+    if case.same_layout_after_repair && !case.qemu_all_fails {
+        for mode in ["leaks", "all"] {
+            let (oh, qh) = (copy(&s, &img, "oh"), copy(&s, &img, "qh"));
+            let (o, q) = run_pair(&["-r", mode], &oh, &qh);
+            let need_rebuild = q.stderr_str().contains("need to rebuild");
+            assert_same(
+                &format!("{name}: check -r {mode} (human)"),
+                &o,
+                &q,
+                !need_rebuild,
+                true,
+            );
+        }
+    }
     // After our repair, both tools agree on the state, and it is qemu-img's state after its own repair.
     let (o2, q2) = run_pair(&["--output=json"], &o_img, &o_img);
     assert_same(
