@@ -1157,6 +1157,10 @@ impl<A: Access> Ctx<'_, A> {
         let g = self.geo;
         let bytes = u64::from(l1_size).saturating_mul(8);
         self.inc(p, l1_offset, bytes);
+        if l1_offset >= g.file_len {
+            // Reads as zeros: no entries (QEMU reads them all; the result is the same).
+            return Ok(());
+        }
         let mut buf = [0u8; CHUNK];
         let mut pos = 0u64;
         while pos < bytes {
@@ -1195,6 +1199,10 @@ impl<A: Access> Ctx<'_, A> {
         _active: bool,
     ) -> Result<(), Error<A::E>> {
         let g = self.geo;
+        if l2_offset >= g.file_len {
+            // Reads as zeros: every entry unallocated (QEMU reads them all; the result is the same).
+            return Ok(());
+        }
         let mut next_contiguous = 0u64;
         let mut buf = [0u8; CHUNK];
         let bytes = g.l2_entries.saturating_mul(g.es);
@@ -1806,7 +1814,11 @@ impl<A: Access> Ctx<'_, A> {
                         bump(&mut res.corruptions_fixed);
                     }
                 }
-                let l2_bytes = g.l2_entries.saturating_mul(g.es);
+                let l2_bytes = if l2_offset >= g.file_len {
+                    0
+                } else {
+                    g.l2_entries.saturating_mul(g.es)
+                };
                 let mut lpos = 0u64;
                 let mut j = 0u64;
                 while lpos < l2_bytes {
