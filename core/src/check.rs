@@ -1072,6 +1072,13 @@ impl<A: Access> Ctx<'_, A> {
         Ok(())
     }
 
+    /// The part of a table of `bytes` at `offset` that lies inside the file, in whole entries of `entry` bytes
+    /// (the rest reads as zeros, which is an empty entry in every table the check reads).
+    fn in_file(&self, offset: u64, bytes: u64, entry: u64) -> u64 {
+        let avail = self.geo.file_len.saturating_sub(offset);
+        bytes.min(avail.checked_next_multiple_of(entry).unwrap_or(u64::MAX))
+    }
+
     /// Writes one 8-byte entry word and makes it durable.
     fn write_word(&mut self, at: u64, word: u64) -> Result<(), Error<A::E>> {
         self.io.write(self.bounce, at, &word.to_be_bytes())?;
@@ -1157,10 +1164,8 @@ impl<A: Access> Ctx<'_, A> {
         let g = self.geo;
         let bytes = u64::from(l1_size).saturating_mul(8);
         self.inc(p, l1_offset, bytes);
-        if l1_offset >= g.file_len {
-            // Reads as zeros: no entries (QEMU reads them all; the result is the same).
-            return Ok(());
-        }
+        // Past the end of the file the table reads as zeros: no entries (QEMU reads them; same result).
+        let bytes = self.in_file(l1_offset, bytes, 8);
         let mut buf = [0u8; CHUNK];
         let mut pos = 0u64;
         while pos < bytes {
@@ -1199,13 +1204,10 @@ impl<A: Access> Ctx<'_, A> {
         _active: bool,
     ) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        if l2_offset >= g.file_len {
-            // Reads as zeros: every entry unallocated (QEMU reads them all; the result is the same).
-            return Ok(());
-        }
         let mut next_contiguous = 0u64;
         let mut buf = [0u8; CHUNK];
-        let bytes = g.l2_entries.saturating_mul(g.es);
+        // Past the end of the file entries read as zeros, unallocated (QEMU reads them; same result).
+        let bytes = self.in_file(l2_offset, g.l2_entries.saturating_mul(g.es), g.es);
         let per_chunk = (CHUNK as u64).checked_div(g.es).unwrap_or(0);
         let mut pos = 0u64;
         let mut index = 0u64;
@@ -1416,7 +1418,11 @@ impl<A: Access> Ctx<'_, A> {
     /// QEMU's `check_refblocks`.
     fn check_refblocks(&mut self, p: &mut Pass<'_>) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        let bytes = g.reftable_entries.saturating_mul(8);
+        let bytes = self.in_file(
+            g.h.refcount_table_offset,
+            g.reftable_entries.saturating_mul(8),
+            8,
+        );
         let mut buf = [0u8; CHUNK];
         let mut pos = 0u64;
         let mut index = 0u64;
@@ -1770,7 +1776,11 @@ impl<A: Access> Ctx<'_, A> {
             None => false,
         };
         let mut rr = RefReader::new();
-        let bytes = u64::from(g.h.l1_size).saturating_mul(8);
+        let bytes = self.in_file(
+            g.h.l1_table_offset,
+            u64::from(g.h.l1_size).saturating_mul(8),
+            8,
+        );
         let mut l1 = [0u8; CHUNK];
         let mut l2 = [0u8; CHUNK];
         let mut pos = 0u64;
@@ -1814,11 +1824,7 @@ impl<A: Access> Ctx<'_, A> {
                         bump(&mut res.corruptions_fixed);
                     }
                 }
-                let l2_bytes = if l2_offset >= g.file_len {
-                    0
-                } else {
-                    g.l2_entries.saturating_mul(g.es)
-                };
+                let l2_bytes = self.in_file(l2_offset, g.l2_entries.saturating_mul(g.es), g.es);
                 let mut lpos = 0u64;
                 let mut j = 0u64;
                 while lpos < l2_bytes {
