@@ -2041,6 +2041,7 @@ impl<A: Access> Ctx<'_, A> {
                     };
                     self.walk(&mut probe)?;
                     p.touched_end = probe.touched_end;
+                    highest = 0;
                     self.compare(&mut p, Some(mode), &mut highest, &mut c2)?;
                 } else {
                     let mut w3 = Res::default();
