@@ -91,6 +91,8 @@ pub fn cases() -> Vec<Case> {
         case!(overflow_refcount_bits_1, true),
         case!(snapshot_l1_unaligned, true),
         case!(leak_refcount_bits_4, true),
+        case!(clean_data_file, true),
+        case!(data_file_copied_cleared, true),
     ]
 }
 
@@ -630,6 +632,27 @@ fn leak_refcount_bits_4(s: &Scratch) -> PathBuf {
         img.bytes.resize(((n + 2) * cs) as usize, 0);
         set_refcount(img, n, 3);
         set_refcount(img, n + 1, 1);
+    })
+}
+
+/// An external data file: its clusters are not refcounted.
+fn clean_data_file(s: &Scratch) -> PathBuf {
+    let img = s.qcow2("datafile.qcow2", "data_file=datafile.raw", SIZE);
+    io(&img, &["write -P 0x91 0 128k", "write -P 0x92 1M 64k"]);
+    img
+}
+
+/// An external data file and an L2 entry without COPIED (its refcount counts as 1).
+fn data_file_copied_cleared(s: &Scratch) -> PathBuf {
+    let img = s.qcow2(
+        "datafile-copied.qcow2",
+        "data_file=datafile-copied.raw",
+        SIZE,
+    );
+    io(&img, &["write -P 0x93 0 128k"]);
+    edit(img, |img| {
+        let e = img.l2_entry(1);
+        img.set_l2_entry(1, e & !L2_COPIED);
     })
 }
 

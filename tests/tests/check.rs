@@ -72,6 +72,8 @@ damage_tests!(
     overflow_refcount_bits_1,
     snapshot_l1_unaligned,
     leak_refcount_bits_4,
+    clean_data_file,
+    data_file_copied_cleared,
 );
 
 #[derive(Default)]
