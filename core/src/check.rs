@@ -3,15 +3,29 @@
 //! [`check`] counts every reference to every host cluster of the image file (header, L1 tables, L2 tables,
 //! data clusters, compressed data, refcount table and blocks, snapshot table and snapshot L1 tables, bitmap
 //! directory and tables) and compares the counts with the refcounts on disk. [`repair`] does the same and
-//! fixes what it may: `RepairMode::Leaks` lowers refcounts that are too high; `RepairMode::All` also raises
-//! those that are too low, fixes COPIED flags, clears preallocated entries whose offset is unaligned, and when
-//! the refcount structure itself is broken (a used cluster with refcount 0, a bad refcount table entry, a
-//! refcount block whose own refcount is not 1) writes a new refcount table and blocks past the end of the
-//! image, makes them durable, and only then points the header at them. It then clears the dirty and corrupt
-//! bits.
+//! fixes what it may: `RepairMode::Leaks` lowers refcounts that are too high (zeroing the bytes of clusters
+//! that become free, as QEMU's discard does) and fixes COPIED flags once the refcounts are known to be right;
+//! `RepairMode::All` also raises refcounts that are too low, fixes COPIED flags in any case, clears
+//! preallocated entries whose offset is unaligned, and when the refcount structure itself is broken (a used
+//! cluster with refcount 0, a bad refcount table entry, a refcount block whose own refcount is not 1) writes a
+//! new refcount table and blocks past the end of the image, makes them durable, and only then points the header
+//! at them. A repair that leaves no corruption clears the dirty and corrupt bits.
 //!
 //! The counts follow QEMU's `qcow2_check_refcounts` rule for rule, so the numbers match `qemu-img check`; each
 //! problem goes to the caller's [`CheckSink`] as a [`Problem`], whose `Display` is the line qemu-img prints.
+//!
+//! # Where this differs from QEMU
+//!
+//! - A rebuilt refcount structure goes after the end of the image (QEMU fills the first free clusters), so the
+//!   image end offset after a rebuild can differ; the counts do not. QEMU's rebuild sometimes trips its own
+//!   overlap check and fails (a refcount table entry with reserved bits, an unaligned refcount block); this
+//!   one does not.
+//! - A refcount block past the end of the file is repaired by the rebuild (QEMU grows the file to reach it).
+//! - After a successful rebuild, refcounts of the old structure that could not be read are no longer check
+//!   errors, so the dirty and corrupt bits are cleared (QEMU leaves them set).
+//! - The snapshot table's own repairs (`qcow2_check_fix_snapshot_table`) are not done: a snapshot table that
+//!   cannot be parsed is an error.
+//! - Only the image's own file is read: a missing backing file does not stop the check.
 //!
 //! ```
 //! use qcow2_core::MemDevice;
