@@ -155,6 +155,14 @@ pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) 
             );
         }
     }
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return failed(
+            1,
+            format!(
+                "Could not open '{path}': 'file' driver requires '{path}' to be a regular file"
+            ),
+        );
+    }
     let file = match OpenOptions::new()
         .read(true)
         .write(opts.repair.is_some())
