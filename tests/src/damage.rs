@@ -637,16 +637,23 @@ fn leak_refcount_bits_4(s: &Scratch) -> PathBuf {
 
 /// An external data file: its clusters are not refcounted.
 fn clean_data_file(s: &Scratch) -> PathBuf {
-    let img = s.qcow2("datafile.qcow2", "data_file=datafile.raw", SIZE);
+    // An absolute name: qemu-img and qemu-io resolve a relative one against their working directory.
+    let data = s.path("datafile.raw");
+    let img = s.qcow2(
+        "datafile.qcow2",
+        &format!("data_file={}", data.display()),
+        SIZE,
+    );
     io(&img, &["write -P 0x91 0 128k", "write -P 0x92 1M 64k"]);
     img
 }
 
 /// An external data file and an L2 entry without COPIED (its refcount counts as 1).
 fn data_file_copied_cleared(s: &Scratch) -> PathBuf {
+    let data = s.path("datafile-copied.raw");
     let img = s.qcow2(
         "datafile-copied.qcow2",
-        "data_file=datafile-copied.raw",
+        &format!("data_file={}", data.display()),
         SIZE,
     );
     io(&img, &["write -P 0x93 0 128k"]);
