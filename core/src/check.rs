@@ -26,6 +26,9 @@
 //! - The snapshot table's own repairs (`qcow2_check_fix_snapshot_table`) are not done: a snapshot table that
 //!   cannot be parsed is an error.
 //! - Only the image's own file is read: a missing backing file does not stop the check.
+//! - An L1 table with more entries pointing into the file than the file has clusters (the same L2 table named
+//!   over and over) is an error rather than walked each time, so that the work stays near the file's size per
+//!   L1 table.
 //!
 //! ```
 //! use qcow2_core::MemDevice;
@@ -56,7 +59,9 @@
 //! The caller passes `scratch`; the counts take [`COUNT_BYTES`] bytes per host cluster. When `scratch` cannot
 //! hold a count for every host cluster, the check works in passes over ranges of clusters and walks the
 //! metadata again for each range, so the result is the same with any scratch (at least [`COUNT_BYTES`] bytes;
-//! [`min_scratch_len`] for a refcount rebuild); [`scratch_len_for_one_pass`] says how much makes it one pass. Everything else
+//! [`min_scratch_len`] for a refcount rebuild); [`scratch_len_for_one_pass`] says how much makes it one pass.
+//! Each pass reads the L1 tables, each L2 table once per L1 entry that names it (at most the file's length per
+//! L1 table), the refcount table and the bitmap tables; the comparison reads the refcount blocks once. Everything else
 //! lives on the stack (a few KiB). The work is bounded by the image's validated sizes: the file's length, the
 //! L1 sizes, the refcount table and the number of snapshots and bitmaps.
 
@@ -651,6 +656,16 @@ fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
     Error::Corrupt { what, offset }
 }
 
+/// An L1 table with more entries pointing into the file than the file has clusters: some L2 table is
+/// referenced again and again. QEMU would walk it each time; the check stops instead of spending time
+/// proportional to the L1 size times the cluster size.
+fn too_many_l2<E>(l1_offset: u64) -> Error<E> {
+    corrupt(
+        "L1 table references more L2 tables than the image file holds",
+        l1_offset,
+    )
+}
+
 /// `x` rounded up to a multiple of 8.
 fn align8(x: u64) -> u64 {
     x.checked_next_multiple_of(8).unwrap_or(u64::MAX)
@@ -1204,6 +1219,8 @@ impl<A: Access> Ctx<'_, A> {
         self.inc(p, l1_offset, bytes);
         // Past the end of the file the table reads as zeros: no entries (QEMU reads them; same result).
         let bytes = self.in_file(l1_offset, bytes, 8);
+        // In-file L2 tables walked: more than the file has clusters means entries repeat (bounds the work).
+        let mut walks = 0u64;
         let mut buf = [0u8; CHUNK];
         let mut pos = 0u64;
         while pos < bytes {
@@ -1226,6 +1243,12 @@ impl<A: Access> Ctx<'_, A> {
                     self.sink
                         .report(Problem::L2TableUnaligned { l2_offset: l2 });
                     bump(&mut p.res.corruptions);
+                }
+                if l2 < g.file_len {
+                    walks = walks.saturating_add(1);
+                    if walks > g.nb_file {
+                        return Err(too_many_l2(l1_offset));
+                    }
                 }
                 self.check_l2(p, l2, frag, active)?;
             }
@@ -1823,6 +1846,7 @@ impl<A: Access> Ctx<'_, A> {
         let mut l2 = [0u8; CHUNK];
         let mut pos = 0u64;
         let mut l1_index = 0u64;
+        let mut walks = 0u64;
         let mut wrote = false;
         while pos < bytes {
             let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
@@ -1863,6 +1887,12 @@ impl<A: Access> Ctx<'_, A> {
                     }
                 }
                 let l2_bytes = self.in_file(l2_offset, g.l2_entries.saturating_mul(g.es), g.es);
+                if l2_bytes > 0 {
+                    walks = walks.saturating_add(1);
+                    if walks > g.nb_file {
+                        return Err(too_many_l2(g.h.l1_table_offset));
+                    }
+                }
                 let mut lpos = 0u64;
                 let mut j = 0u64;
                 while lpos < l2_bytes {
@@ -2314,6 +2344,26 @@ mod tests {
         assert_eq!(table, (TINY_LEN + 512) as u64);
         let (again, n) = run(&buf[..len], 4);
         assert_eq!((again.exit_code(), n), (0, 0));
+    }
+
+    #[test]
+    fn repeated_l2_tables_stop_the_check() {
+        // 64 L1 entries (the whole L1 cluster) all naming the one L2 table: more walks than the file has
+        // clusters.
+        let mut img = tiny_qcow2();
+        img[36..40].copy_from_slice(&64u32.to_be_bytes());
+        for i in 0..64 {
+            let at = 3 * 512 + 8 * i;
+            img[at..at + 8].copy_from_slice(&((4u64 * 512) | (1 << 63)).to_be_bytes());
+        }
+        let mut dev = MemDevice::new(&img[..]);
+        let r = check(&mut dev, &mut [0u8; 512], &mut [0u8; 64], &mut NoSink);
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+        // A few repeats are counted, as QEMU counts them.
+        let mut img = tiny_qcow2();
+        img[3 * 512 + 8..3 * 512 + 16].copy_from_slice(&((4u64 * 512) | (1 << 63)).to_be_bytes());
+        let (r, _) = run(&img, 64);
+        assert!(r.corruptions >= 1);
     }
 
     #[test]
