@@ -13,6 +13,8 @@
 
 extern crate alloc;
 
+pub mod check;
+
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;

@@ -14,6 +14,7 @@
 //!   with allocation and copy-on-write, zeroes, discard, compressed clusters, flush and close, in QEMU's
 //!   crash-safe order (see [`Image::open_writable`]).
 //! - [`compress`]: streamed inflate into the caller's buffer.
+//! - [`check`]: `qemu-img check` and repair, in bounded memory.
 //!
 //! # Reading an image
 //!
@@ -72,6 +73,7 @@
 )]
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod compress;
 pub mod device;
 pub mod engine;

@@ -5,6 +5,7 @@
 //! The commands see images only through [`disk::VirtualDisk`] and [`disk::ImageInfo`]; [`open::open_disk`]
 //! picks the implementation (raw files here, qcow2 through the engine).
 
+pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod disk;
@@ -33,6 +34,7 @@ const PROG: &str = "qcow2";
 const USAGE: &str = "usage: qcow2 COMMAND [OPTIONS]
 Commands:
   info [--output=human|json] [--backing-chain] [-f FMT] FILE
+  check [-q] [-f FMT] [--output=human|json] [-r leaks|all] FILE
   map [--output=human|json] [-f FMT] FILE
   convert [-p] [-q] [-f FMT] [-O raw] SRC DST
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
@@ -140,6 +142,59 @@ fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     out.write_all(text.as_bytes())
         .map_err(|e| fail(e.to_string()))?;
     Ok(0)
+}
+
+fn cmd_check(
+    p: &mut lexopt::Parser,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Fail> {
+    let mut opts = check::CheckOptions {
+        file: String::new(),
+        format: None,
+        output: check::CheckOutput::Human,
+        quiet: false,
+        repair: None,
+    };
+    let mut files = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| opt_error("check", e))? {
+        match arg {
+            Arg::Short('f') | Arg::Long("format") => opts.format = Some(value("check", p)?),
+            Arg::Long("output") => {
+                opts.output = match parse_output(&value("check", p)?)? {
+                    OutputFormat::Json => check::CheckOutput::Json,
+                    OutputFormat::Human => check::CheckOutput::Human,
+                }
+            }
+            Arg::Short('q') | Arg::Long("quiet") => opts.quiet = true,
+            Arg::Short('r') | Arg::Long("repair") => {
+                opts.repair = Some(match value("check", p)?.as_str() {
+                    "leaks" => qcow2_core::check::RepairMode::Leaks,
+                    "all" => qcow2_core::check::RepairMode::All,
+                    _ => {
+                        return Err(fail(
+                            "Unknown option value for -r (expecting 'leaks' or 'all')",
+                        ));
+                    }
+                })
+            }
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("check", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    opts.file = file.clone();
+    let end = check::run_check(&opts, out, err);
+    match end.error {
+        Some(msg) => Err(Fail {
+            msg,
+            code: end.code,
+        }),
+        None => Ok(end.code),
+    }
 }
 
 fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
@@ -315,6 +370,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
     let result = match p.next() {
         Ok(Some(Arg::Value(cmd))) => match cmd.to_str() {
             Some("info") => cmd_info(&mut p, out),
+            Some("check") => cmd_check(&mut p, out, err),
             Some("map") => cmd_map(&mut p, out),
             Some("convert") => cmd_convert(&mut p, out),
             Some("compare") => cmd_compare(&mut p, out),

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod crash;
+pub mod damage;
 pub mod images;
 pub mod malformed;
 pub mod ops;
