@@ -988,8 +988,21 @@ where
             ..
         } = self;
         let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
+        // The metadata cache is empty at this point: its buffer is the repair's scratch memory.
         let scratch = cache.scratch()?;
-        rebuild(&mut layer.dev, bounce.as_mut(), scratch)?;
+        let report = crate::check::repair(
+            &mut layer.dev,
+            bounce.as_mut(),
+            scratch,
+            crate::check::RepairMode::All,
+            &mut crate::check::NoSink,
+        )?;
+        if report.corruptions != 0 {
+            return Err(corrupt(
+                "the dirty image's refcounts could not be rebuilt",
+                report.corruptions,
+            ));
+        }
         cache.invalidate(None);
         let size = layer.dev.size()?;
         let meta = open_qcow2(&mut layer.dev, bounce.as_mut(), size)?;
@@ -1733,17 +1746,4 @@ where
         let layer = self.layers.into_iter().next().ok_or(Error::ReadOnly)?;
         Ok(layer.dev)
     }
-}
-
-/// Rebuilds the refcounts of the image on `dev` from its L1/L2 tables.
-fn rebuild<D: BlockDeviceWrite>(
-    dev: &mut D,
-    bounce: &mut [u8],
-    scratch: &mut [u8],
-) -> Result<(), Error<D::Error>> {
-    let _ = (dev, bounce, scratch);
-    Err(Error::Unsupported {
-        what: "opening a dirty image for writing (refcount rebuild)",
-        value: 0,
-    })
 }

@@ -390,3 +390,124 @@ fn write_into_metadata_marks_corrupt() {
     );
     assert!(matches!(reopened, Err(Error::Corrupt { .. })));
 }
+/// Lazy refcounts: a writer that stops without closing (as a killed process does: every completed device
+/// write is in the file, the cache is lost) leaves a dirty image; the next writable open rebuilds the
+/// refcounts, after which `qemu-img check` is clean and every flushed write reads back.
+#[test]
+fn lazy_refcounts_writer_killed() {
+    for small in [false, true] {
+        let s = Scratch::new();
+        let img = s.path("lazy.qcow2");
+        qemu_img_ok([
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-o".as_ref(),
+            "lazy_refcounts=on,cluster_size=4096".as_ref(),
+            img.as_os_str(),
+            "8M".as_ref(),
+        ]);
+        let size = 8u64 << 20;
+        let mut model = vec![0u8; size as usize];
+        let flushed = ops(77, size, 4096, 60);
+        let unflushed = ops(78, size, 4096, 30);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let buffers = qcow2_core::Buffers {
+            bounce: vec![0u8; if small { 512 } else { 65536 }],
+            metadata: vec![0u8; if small { 4 * 512 } else { 4 * 4096 }],
+        };
+        let mut image: Image<FileDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 4> =
+            Image::open_writable(
+                FileDevice::new(file),
+                buffers,
+                qcow2_alloc::AllocDecompressor::default(),
+                &mut DirResolver(s.dir().to_path_buf()),
+            )
+            .unwrap();
+        let apply =
+            |image: &mut Image<FileDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 4>,
+             op: &Op| match op {
+                Op::Write { off, len, byte } => {
+                    image.write_at(*off, &vec![*byte; *len as usize]).unwrap();
+                }
+                Op::Zero { off, len, unmap } => image.write_zeroes(*off, *len, *unmap).unwrap(),
+                Op::Discard { off, len } => image.discard(*off, *len).unwrap(),
+                Op::Flush => image.flush().unwrap(),
+            };
+        for op in &flushed {
+            apply(&mut image, op);
+        }
+        image.flush().unwrap();
+        for op in &unflushed {
+            apply(&mut image, op);
+        }
+        // The first burst ends with a flush; only its writes must survive.
+        for op in &flushed {
+            match op {
+                Op::Write { off, len, byte } => {
+                    model[*off as usize..(*off + *len) as usize].fill(*byte)
+                }
+                Op::Zero { off, len, .. } => model[*off as usize..(*off + *len) as usize].fill(0),
+                _ => {}
+            }
+        }
+        // Discards before the flush make their range unspecified; track them out of the comparison.
+        let discarded: Vec<(u64, u64)> = flushed
+            .iter()
+            .filter_map(|op| match op {
+                Op::Discard { off, len } => Some((*off, *off + *len)),
+                _ => None,
+            })
+            .collect();
+        std::mem::forget(image);
+        // Reopen for writing: the dirty bit makes it rebuild the refcounts.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let image: qcow2_alloc::HeapImage<FileDevice> = Image::open_writable(
+            FileDevice::new(file),
+            qcow2_alloc::buffers(),
+            qcow2_alloc::AllocDecompressor::default(),
+            &mut DirResolver(s.dir().to_path_buf()),
+        )
+        .unwrap_or_else(|e| panic!("reopening the dirty image: {e}"));
+        image.close().unwrap();
+        assert_check_clean(&img);
+        let data = raw(&s, &img, "lazy.raw");
+        // Every range the flushed burst wrote, and the unflushed burst did not touch, reads back.
+        let mut later_cover = vec![false; size as usize / 512];
+        for (a, b) in unflushed.iter().filter_map(|op| match op {
+            Op::Write { off, len, .. } | Op::Zero { off, len, .. } | Op::Discard { off, len } => {
+                Some((*off, *off + *len))
+            }
+            Op::Flush => None,
+        }) {
+            // A write into a cluster can move the whole cluster: widen to clusters.
+            for sector in (a & !4095) / 512..(b.div_ceil(4096) * 4096) / 512 {
+                later_cover[sector as usize] = true;
+            }
+        }
+        for (a, b) in discarded {
+            for sector in (a & !4095) / 512..(b.div_ceil(4096) * 4096).min(size) / 512 {
+                later_cover[sector as usize] = true;
+            }
+        }
+        for sector in 0..size as usize / 512 {
+            if later_cover[sector] {
+                continue;
+            }
+            let r = sector * 512..sector * 512 + 512;
+            assert!(
+                data[r.clone()] == model[r.clone()],
+                "small={small}: flushed data lost at sector {sector}"
+            );
+        }
+    }
+}
