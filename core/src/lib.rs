@@ -65,6 +65,7 @@
 #![warn(missing_docs)]
 
 pub mod compress;
+pub mod create;
 pub mod device;
 pub mod engine;
 mod error;
