@@ -286,6 +286,14 @@ impl Geometry {
     fn refcounts_per_block(&self) -> u64 {
         (self.cluster_size().saturating_mul(8)) >> (self.refcount_order & 63)
     }
+    /// Bytes per subcluster (the cluster size without extended L2 entries).
+    fn subcluster_size(&self) -> u64 {
+        if self.l2_entry_size == 16 {
+            self.cluster_size() >> 5
+        } else {
+            self.cluster_size()
+        }
+    }
     fn refcount_bits(&self) -> u64 {
         1u64 << (self.refcount_order & 63)
     }
@@ -651,9 +659,12 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
                 // Undo what this call did, as QEMU does when it gets -EAGAIN.
                 if c > pos {
                     self.set_range(pos, c.saturating_sub(pos), u64::from(value == 0))?;
-                    if value != 0 {
-                        self.free_index = self.free_index.min(pos);
-                    }
+                }
+                // QEMU searches again from the start of this allocation (observed with qemu-img 10
+                // also when nothing had to be undone: a table allocated right at a refcount block
+                // boundary stays there, the new block goes after it).
+                if value != 0 {
+                    self.free_index = self.free_index.min(pos);
                 }
                 return Ok(Update::Again);
             }
@@ -818,14 +829,19 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
                 self.g.offset(guest)
             } else {
                 let pos = self.alloc_clusters(run)?;
-                last_data_end = pos.saturating_add(run);
+                // The guest bytes this run maps, rounded up to a subcluster.
+                let guest_end = self.g.size.min(self.g.offset(guest.saturating_add(run)));
+                let bytes = guest_end
+                    .saturating_sub(self.g.offset(guest))
+                    .next_multiple_of(self.g.subcluster_size());
+                last_data_end = self.g.offset(pos).saturating_add(bytes);
                 self.g.offset(pos)
             };
             self.write_l2_entries(l2, within, run, host)?;
             guest = guest.saturating_add(run);
         }
-        // QEMU extends the file to the end of the last data cluster.
-        self.file_end = self.file_end.max(self.g.offset(last_data_end));
+        // QEMU extends the file to the end of the last data it allocated (to the subcluster).
+        self.file_end = self.file_end.max(last_data_end);
         Ok(())
     }
 
