@@ -329,24 +329,24 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
             "{file}: Backing file specified without backing format"
         )));
     }
-    // Without a size, the backing file gives it.
+    // Unless -u, the backing file must open (before anything is printed); without a size, it gives it.
+    let mut backing_size = None;
+    if let (Some(b), false) = (&backing, args.unsafe_backing) {
+        let path = relative_to_image(file, b);
+        let img = crate::open::open_disk(&path.to_string_lossy(), backing_fmt.as_deref())
+            .map_err(|e| err(format!("{file}: {e}")))?;
+        backing_size = Some(img.disk.virtual_size());
+    }
     if opts[size_index].num.is_none() {
-        match (&backing, args.unsafe_backing) {
-            (Some(b), false) => {
-                let path = relative_to_image(file, b);
-                let img = crate::open::open_disk(&path.to_string_lossy(), backing_fmt.as_deref())
-                    .map_err(|e| err(format!("{file}: {e}")))?;
-                opts[size_index] = Opt {
-                    text: None,
-                    num: Some(img.disk.virtual_size()),
-                };
-            }
-            _ => {
-                return Err(err(format!(
-                    "{file}: Image creation needs a size parameter"
-                )));
-            }
-        }
+        let Some(n) = backing_size else {
+            return Err(err(format!(
+                "{file}: Image creation needs a size parameter"
+            )));
+        };
+        opts[size_index] = Opt {
+            text: None,
+            num: Some(n),
+        };
     }
     let size = opts[size_index].num.unwrap_or(0);
     if !args.quiet {
@@ -404,12 +404,6 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
     copts
         .validate()
         .map_err(|e| err(format!("{file}: {}", e.message())))?;
-    // qemu-img checks that the backing file opens (unless -u), after printing the line.
-    if let (Some(b), false) = (&backing, args.unsafe_backing) {
-        let path = relative_to_image(file, b);
-        crate::open::open_disk(&path.to_string_lossy(), backing_fmt.as_deref())
-            .map_err(|e| err(format!("{file}: {e}")))?;
-    }
     let f = open_for_create(Path::new(file), file)?;
     let mut dev = FileDevice::new(f);
     let mut bounce = [0u8; 512];
