@@ -362,8 +362,9 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
                 "{file}: Parameter 'preallocation' does not accept value 'metadata'"
             )));
         }
+        // Like QEMU, whole sectors.
         let f = open_for_create(Path::new(file), file)?;
-        return preallocate_file(&f, 0, size, prealloc, file);
+        return preallocate_file(&f, 0, size.next_multiple_of(512), prealloc, file);
     }
     let o = |name| opt(list, &opts, name);
     let text = |name| o(name).text.as_deref();
