@@ -28,10 +28,10 @@
 //! size. Refcounts, L1 and L2 entries are written in small pieces; state that QEMU keeps in memory (which
 //! refcount blocks exist, which clusters are free) is read back from the device.
 //!
-//! Not reproduced: images whose metadata would outgrow a one-cluster refcount table while being created
-//! (only with clusters of 2 KiB or less and very large virtual sizes, or preallocation of many TiB);
-//! [`create`] refuses them with [`Error::Unsupported`] rather than write a different layout. Encryption is
-//! not supported.
+//! When the refcount table runs out of entries (small clusters with large images, or preallocation of
+//! many TiB), QEMU places a table half as large again, with refcount blocks covering it, after the
+//! clusters its refcount blocks could cover so far, and frees the old table; that is replayed too.
+//! Encryption is not supported.
 
 use core::fmt;
 
@@ -244,8 +244,8 @@ const FEATURE_TABLE_LEN: u64 = (FEATURE_NAMES.len() * FEATURE_NAME_ENTRY_LEN) as
 /// Stack buffer for streamed writes.
 const CHUNK: usize = 4096;
 
-/// Retries of one allocation before giving up (QEMU needs at most a handful).
-const MAX_RETRIES: u32 = 64;
+/// Retries of one allocation before giving up, beyond one per refcount block it may have to create.
+const MAX_RETRIES: u64 = 64;
 
 /// `a / b`, 0 when `b` is 0.
 fn div(a: u64, b: u64) -> u64 {
@@ -702,12 +702,6 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
     fn alloc_refcount_block(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
         let per = self.g.refcounts_per_block();
         let index = div(cluster, per);
-        if index >= self.rt_entries {
-            return Err(Error::Unsupported {
-                what: "creating an image that outgrows a one-cluster refcount table",
-                value: index,
-            });
-        }
         let new_block = self.alloc_noref(1)?;
         let offset = self.g.offset(new_block);
         if div(new_block, per) == index {
@@ -720,12 +714,28 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
             }
             self.zero(offset, self.g.cluster_size())?;
         }
-        self.set_refblock(index, offset)
+        if index < self.rt_entries {
+            return self.set_refblock(index, offset);
+        }
+        // The table is full: a new, larger one goes after the clusters the blocks so far can cover,
+        // together with blocks for itself.
+        let blocks_used = cluster.max(new_block).saturating_add(1).div_ceil(per);
+        let meta_start = blocks_used.checked_mul(per).ok_or(overflow())?;
+        self.refcount_area(meta_start, 0, false, Some((index, offset)))?;
+        Ok(())
+    }
+
+    /// How often an allocation of `n` clusters may have to start over: once per refcount block it makes.
+    fn retries(&self, n: u64) -> u64 {
+        let per = self.g.refcounts_per_block();
+        div(self.end.saturating_add(n), per)
+            .saturating_mul(2)
+            .saturating_add(MAX_RETRIES)
     }
 
     /// QEMU's `qcow2_alloc_clusters`: `n` clusters with refcount 1; returns the first.
     fn alloc_clusters(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
-        for _ in 0..MAX_RETRIES {
+        for _ in 0..self.retries(n) {
             let pos = self.alloc_noref(n)?;
             if self.update_refcount(pos, n, 1)? == Update::Done {
                 return Ok(pos);
@@ -739,7 +749,7 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
 
     /// QEMU's `qcow2_alloc_clusters_at` for clusters known to be free.
     fn alloc_clusters_at(&mut self, pos: u64, n: u64) -> Result<(), Error<D::Error>> {
-        for _ in 0..MAX_RETRIES {
+        for _ in 0..self.retries(n) {
             if self.update_refcount(pos, n, 1)? == Update::Done {
                 self.end = self.end.max(pos.saturating_add(n));
                 return Ok(());
@@ -845,12 +855,13 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         Ok(())
     }
 
-    /// QEMU's `qcow2_refcount_metadata_size` without the generous increase: refcount blocks needed for
-    /// `clusters` clusters plus the refcount structures themselves.
-    fn refblocks_needed(&self, clusters: u64) -> u64 {
+    /// QEMU's `qcow2_refcount_metadata_size`: refcount blocks needed for `clusters` clusters plus the
+    /// refcount structures themselves (with `generous`, room for a table half as large again).
+    fn refblocks_needed(&self, clusters: u64, generous: bool) -> u64 {
         let per_block = self.g.refcounts_per_block().max(1);
         let per_table_cluster = (self.g.cluster_size() / 8).max(1);
         let (mut blocks, mut table, mut n) = (0u64, 0u64, 0u64);
+        let (mut clusters, mut generous) = (clusters, generous);
         loop {
             let last = n;
             blocks = clusters
@@ -859,31 +870,36 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
                 .div_ceil(per_block);
             table = blocks.div_ceil(per_table_cluster);
             n = clusters.saturating_add(blocks).saturating_add(table);
-            if n == last {
+            if n == last && generous {
+                clusters = clusters.saturating_add(table.div_ceil(2));
+                n = 0;
+                generous = false;
+            } else if n == last {
                 return blocks;
             }
         }
     }
 
-    /// `preallocation=falloc|full` without a data file.
-    fn preallocate_full(
+    /// QEMU's `qcow2_refcount_area`: from cluster `start` (past everything in use), new refcount blocks and a
+    /// new refcount table that cover themselves and `additional` clusters after them; `new_block` is a
+    /// refcount block already written that the new table takes at its index. The old table is freed.
+    /// Returns the first cluster after the new structures.
+    fn refcount_area(
         &mut self,
-        l1_offset: u64,
-        write_zeros: bool,
-    ) -> Result<(), Error<D::Error>> {
+        start: u64,
+        additional: u64,
+        exact: bool,
+        new_block: Option<(u64, u64)>,
+    ) -> Result<u64, Error<D::Error>> {
         let cs = self.g.cluster_size();
         let per = self.g.refcounts_per_block();
-        let data = self.g.guest_clusters;
-        let l2_tables = data.div_ceil(self.g.l2_entries);
-        // Everything below `end` is in use: the new structures start there.
-        let start = self.end;
-        let total_blocks = self.refblocks_needed(
-            start
-                .checked_add(data)
-                .and_then(|c| c.checked_add(l2_tables))
-                .ok_or(overflow())?,
-        );
-        let table_entries = total_blocks.next_multiple_of(cs / 8);
+        let total_blocks =
+            self.refblocks_needed(start.checked_add(additional).ok_or(overflow())?, !exact);
+        let mut table_entries = total_blocks;
+        if !exact {
+            table_entries = table_entries.saturating_add(total_blocks.div_ceil(2));
+        }
+        let table_entries = table_entries.next_multiple_of(cs / 8);
         if table_entries.saturating_mul(8) > MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported {
                 what: "refcount table larger than 8 MiB",
@@ -894,14 +910,15 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         let area_index = div(start, per);
         let mut new_blocks = 0u64;
         for i in area_index..total_blocks {
-            if self.refblock(i)? == 0 {
+            let taken = matches!(new_block, Some((index, _)) if index == i);
+            if !taken && self.refblock(i)? == 0 {
                 new_blocks = new_blocks.saturating_add(1);
             }
         }
         let table_cluster = start.saturating_add(new_blocks);
         let area_end = table_cluster.saturating_add(table_clusters);
         let table_offset = self.g.offset(table_cluster);
-        // The new table: a copy of the old one, then the new blocks.
+        // The new table: a copy of the old one, the block the caller made, then the new blocks.
         self.zero(table_offset, table_entries.saturating_mul(8))?;
         let copy = self.rt_entries.min(table_entries).saturating_mul(8);
         let mut buf = [0u8; CHUNK];
@@ -917,6 +934,9 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         let (old_offset, old_entries) = (self.rt_offset, self.rt_entries);
         self.rt_offset = table_offset;
         self.rt_entries = table_entries;
+        if let Some((index, offset)) = new_block {
+            self.set_refblock(index, offset)?;
+        }
         let mut block = start;
         for i in area_index..total_blocks {
             if self.refblock(i)? == 0 {
@@ -932,6 +952,20 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         let old_cluster = div(old_offset, cs);
         let old_clusters = old_entries.saturating_mul(8).div_ceil(cs);
         self.update_refcount(old_cluster, old_clusters, 0)?;
+        Ok(area_end)
+    }
+
+    /// `preallocation=falloc|full` without a data file.
+    fn preallocate_full(
+        &mut self,
+        l1_offset: u64,
+        write_zeros: bool,
+    ) -> Result<(), Error<D::Error>> {
+        let data = self.g.guest_clusters;
+        let l2_tables = data.div_ceil(self.g.l2_entries);
+        // Everything below `end` is in use: the new structures start there.
+        let start = self.end;
+        let area_end = self.refcount_area(start, data.saturating_add(l2_tables), true, None)?;
         // The data area.
         let data_offset = self.g.offset(area_end);
         let data_end = area_end.checked_add(data).ok_or(overflow())?;
@@ -940,7 +974,7 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         }
         self.file_end = self.file_end.max(self.g.offset(data_end));
         self.alloc_clusters_at(area_end, data)?;
-        self.known_used = (old_cluster.saturating_add(old_clusters), data_end);
+        self.known_used = (area_end, data_end);
         // L2 tables, allocated as they are linked.
         let per_l2 = self.g.l2_entries;
         let mut guest = 0u64;

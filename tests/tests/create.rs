@@ -216,6 +216,13 @@ fn preallocation_corners() {
     compare("preallocation=full,cluster_size=1k,refcount_bits=2", "5M");
     compare("preallocation=metadata,compat=0.10", "1049088");
     compare("preallocation=falloc", "0");
+    // The refcount table outgrows its cluster while metadata is allocated.
+    compare(
+        "preallocation=metadata,cluster_size=512,refcount_bits=64",
+        "5M",
+    );
+    compare("preallocation=metadata,cluster_size=512", "20M");
+    compare("cluster_size=512,refcount_bits=1", "120G");
     compare("", "1000");
 }
 
