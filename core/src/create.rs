@@ -155,6 +155,8 @@ pub enum OptionError {
     BackingWithDataFileRaw,
     /// Backing format without a backing file.
     BackingFmtWithoutBackingFile,
+    /// Preallocation with a backing file needs extended L2 entries.
+    BackingWithPreallocation,
     /// The L1 table for this virtual size would exceed QEMU's 32 MiB limit.
     SizeTooLarge,
     /// The backing file name is longer than 1023 bytes.
@@ -197,6 +199,9 @@ impl OptionError {
             }
             OptionError::BackingFmtWithoutBackingFile => {
                 "Backing format cannot be used without backing file"
+            }
+            OptionError::BackingWithPreallocation => {
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on"
             }
             OptionError::SizeTooLarge => {
                 "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
@@ -241,7 +246,7 @@ const FEATURE_NAMES: [(u8, u8, &str); 8] = [
 /// Length of the data of the feature name table extension.
 const FEATURE_TABLE_LEN: u64 = (FEATURE_NAMES.len() * FEATURE_NAME_ENTRY_LEN) as u64;
 
-/// Stack buffer for streamed writes.
+/// Stack buffer for streamed writes (the largest buffer `create` holds besides the caller's bounce block).
 const CHUNK: usize = 4096;
 
 /// Retries of one allocation before giving up, beyond one per refcount block it may have to create.
@@ -359,6 +364,12 @@ impl CreateOptions<'_> {
         }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err(OptionError::BackingFmtWithoutBackingFile);
+        }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            return Err(OptionError::BackingWithPreallocation);
         }
         if self
             .backing_file
@@ -921,10 +932,10 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         // The new table: a copy of the old one, the block the caller made, then the new blocks.
         self.zero(table_offset, table_entries.saturating_mul(8))?;
         let copy = self.rt_entries.min(table_entries).saturating_mul(8);
-        let mut buf = [0u8; CHUNK];
+        let mut buf = [0u8; 512];
         let mut done = 0u64;
         while done < copy {
-            let n = copy.saturating_sub(done).min(CHUNK as u64) as usize;
+            let n = copy.saturating_sub(done).min(buf.len() as u64) as usize;
             let piece = buf.get_mut(..n).ok_or(overflow())?;
             self.read(self.rt_offset.saturating_add(done), piece)?;
             let piece = buf.get(..n).ok_or(overflow())?;

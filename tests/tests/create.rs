@@ -258,6 +258,14 @@ fn backing_qcow2_size_from_backing() {
     );
     compare_with(
         &s,
+        "ovl-prealloc",
+        "extended_l2=on,preallocation=metadata",
+        Some("5M"),
+        &["-b", &b, "-F", "qcow2"],
+        None,
+    );
+    compare_with(
+        &s,
         "ovl-unsafe",
         "",
         Some("5M"),
@@ -399,6 +407,11 @@ fn errors_match_qemu_img() {
         ("cluster_size=abc", Some("1M"), &[]),
         ("refcount_bits=abc", Some("1M"), &[]),
         ("backing_fmt=qcow2", Some("1M"), &[]),
+        (
+            "preallocation=metadata",
+            Some("1M"),
+            &["-u", "-b", "base", "-F", "qcow2"],
+        ),
         ("size=2M", Some("3M"), &[]),
         ("", None, &[]),
         ("cluster_size=512", Some("1T"), &[]),
