@@ -269,8 +269,8 @@ fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> 
         .next()
         .ok_or_else(|| fail("Expecting image file name"))?;
     args.size = files.next();
-    if files.next().is_some() {
-        return Err(fail("Unexpected argument"));
+    if let Some(extra) = files.next() {
+        return Err(fail(format!("Unexpected argument: {extra}")));
     }
     create::run_create(&args, out).map_err(|e| fail(e.0))?;
     Ok(0)
