@@ -312,7 +312,7 @@ impl Geometry {
 }
 
 impl CreateOptions<'_> {
-    /// Checks the options the way `qemu-img create` does, in its order.
+    /// Checks the options the way `qemu-img create` does, in its order (the first problem wins).
     pub fn validate(&self) -> Result<(), OptionError> {
         self.geometry().map(|_| ())
     }
@@ -322,6 +322,11 @@ impl CreateOptions<'_> {
     }
 
     fn geometry(&self) -> Result<Geometry, OptionError> {
+        // In qemu-img's order (it matters when several options are wrong).
+        let v2 = !self.v3();
+        if self.extended_l2 && v2 {
+            return Err(OptionError::ExtendedL2NeedsV3);
+        }
         let cs = self.cluster_size;
         if !cs.is_power_of_two()
             || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
@@ -332,22 +337,17 @@ impl CreateOptions<'_> {
         if self.extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
             return Err(OptionError::ExtendedL2ClusterSize);
         }
-        if !self.v3() {
-            if self.lazy_refcounts {
-                return Err(OptionError::LazyRefcountsNeedV3);
-            }
-            if self.refcount_bits != 16 {
-                return Err(OptionError::RefcountBitsNeedV3);
-            }
-            if self.extended_l2 {
-                return Err(OptionError::ExtendedL2NeedsV3);
-            }
-            if self.compression_type != CompressionType::Deflate {
-                return Err(OptionError::CompressionTypeNeedsV3);
-            }
-            if self.data_file.is_some() {
-                return Err(OptionError::DataFileNeedsV3);
-            }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            return Err(OptionError::BackingWithPreallocation);
+        }
+        if self.backing_fmt.is_some() && self.backing_file.is_none() {
+            return Err(OptionError::BackingFmtWithoutBackingFile);
+        }
+        if self.lazy_refcounts && v2 {
+            return Err(OptionError::LazyRefcountsNeedV3);
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
             return Err(OptionError::RefcountBits);
@@ -356,20 +356,20 @@ impl CreateOptions<'_> {
         if refcount_order > MAX_REFCOUNT_ORDER {
             return Err(OptionError::RefcountBits);
         }
-        if self.data_file_raw && self.data_file.is_none() {
-            return Err(OptionError::DataFileRawNeedsDataFile);
+        if self.refcount_bits != 16 && v2 {
+            return Err(OptionError::RefcountBitsNeedV3);
         }
         if self.data_file_raw && self.backing_file.is_some() {
             return Err(OptionError::BackingWithDataFileRaw);
         }
-        if self.backing_fmt.is_some() && self.backing_file.is_none() {
-            return Err(OptionError::BackingFmtWithoutBackingFile);
+        if self.data_file.is_some() && v2 {
+            return Err(OptionError::DataFileNeedsV3);
         }
-        if self.backing_file.is_some()
-            && self.preallocation != Preallocation::Off
-            && !self.extended_l2
-        {
-            return Err(OptionError::BackingWithPreallocation);
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(OptionError::DataFileRawNeedsDataFile);
+        }
+        if self.compression_type != CompressionType::Deflate && v2 {
+            return Err(OptionError::CompressionTypeNeedsV3);
         }
         if self
             .backing_file

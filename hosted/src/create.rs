@@ -354,9 +354,9 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
             .map_err(|e| err(e.to_string()))?;
         let _ = out.flush();
     }
-    let prealloc = parse_prealloc(opt(list, &opts, "preallocation").text.as_deref())
-        .map_err(|m| err(format!("{file}: {m}")))?;
     if fmt == "raw" {
+        let prealloc = parse_prealloc(opt(list, &opts, "preallocation").text.as_deref())
+            .map_err(|m| err(format!("{file}: {m}")))?;
         if prealloc == Preallocation::Metadata {
             return Err(err(format!(
                 "{file}: Parameter 'preallocation' does not accept value 'metadata'"
@@ -378,6 +378,8 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
             )));
         }
     };
+    let prealloc =
+        parse_prealloc(text("preallocation")).map_err(|m| err(format!("{file}: {m}")))?;
     let compression_type = match text("compression_type") {
         None | Some("zlib") => CompressionType::Deflate,
         Some("zstd") => CompressionType::Zstd,

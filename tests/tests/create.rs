@@ -413,6 +413,36 @@ fn errors_match_qemu_img() {
             &["-u", "-b", "base", "-F", "qcow2"],
         ),
         ("size=2M", Some("3M"), &[]),
+        // Several problems at once: qemu-img's order decides which one is reported.
+        ("refcount_bits=3,compat=0.10", Some("1M"), &[]),
+        (
+            "extended_l2=on,cluster_size=8k,compat=0.10",
+            Some("1M"),
+            &[],
+        ),
+        (
+            "refcount_bits=8,extended_l2=on,compat=0.10",
+            Some("1M"),
+            &[],
+        ),
+        ("data_file_raw=on,backing_fmt=raw", Some("1M"), &[]),
+        ("preallocation=foo,compat=2.0", Some("1M"), &[]),
+        ("preallocation=foo,compression_type=lz4", Some("1M"), &[]),
+        (
+            "backing_fmt=raw,compat=0.10,lazy_refcounts=on",
+            Some("1M"),
+            &[],
+        ),
+        (
+            "data_file=x,compression_type=zstd,compat=0.10",
+            Some("1M"),
+            &[],
+        ),
+        (
+            "cluster_size=1000,extended_l2=on,compat=0.10",
+            Some("1M"),
+            &[],
+        ),
         ("", None, &[]),
         ("cluster_size=512", Some("1T"), &[]),
         ("", Some("64P"), &[]),
