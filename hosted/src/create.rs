@@ -415,8 +415,9 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
     let io = |e: std::io::Error| err(format!("{file}: {}", crate::disk::DiskError::os_text(&e)));
     f.set_len(len).map_err(io)?;
     if let Some(data) = copts.data_file {
-        let path = relative_to_image(file, data);
-        let df = open_for_create(&path, file)?;
+        // Like qemu-img, the data file is created where its name points from the current directory (the
+        // image will look for it relative to its own directory when opened).
+        let df = open_for_create(Path::new(data), file)?;
         let data_len = size.next_multiple_of(512);
         preallocate_file(&df, 0, data_len, prealloc, file)?;
     } else if prealloc == Preallocation::Falloc {
