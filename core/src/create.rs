@@ -22,10 +22,12 @@
 //!
 //! Refcount blocks appear where QEMU's allocator puts them: a cluster allocation whose refcounts need a
 //! missing block places the block at the first free cluster (described by itself if it falls in its own
-//! range, else by another block allocated the same way), then retries the allocation, as QEMU does.
+//! range, else by another block allocated the same way), undoes the refcounts it had set, and searches
+//! again from the start of the allocation, as QEMU does.
 //!
-//! Memory: a few hundred bytes of stack plus the caller's bounce block, whatever the cluster or virtual
-//! size. Refcounts, L1 and L2 entries are written in small pieces; state that QEMU keeps in memory (which
+//! Memory: about 5 KiB of stack (one 4 KiB write buffer, a 512-byte copy buffer, the builder's state)
+//! plus the caller's bounce block, whatever the cluster or virtual size. Zeroed clusters, refcounts, L1
+//! and L2 entries are written in pieces of at most 4 KiB; the state that QEMU keeps in memory (which
 //! refcount blocks exist, which clusters are free) is read back from the device.
 //!
 //! When the refcount table runs out of entries (small clusters with large images, or preallocation of
