@@ -359,7 +359,7 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
             .map_err(|m| err(format!("{file}: {m}")))?;
         if prealloc == Preallocation::Metadata {
             return Err(err(format!(
-                "{file}: Parameter 'preallocation' does not accept value 'metadata'"
+                "{file}: Unsupported preallocation mode: metadata"
             )));
         }
         // Like QEMU, whole sectors.
