@@ -34,6 +34,20 @@
 //! many TiB), QEMU places a table half as large again, with refcount blocks covering it, after the
 //! clusters its refcount blocks could cover so far, and frees the old table; that is replayed too.
 //! Encryption is not supported.
+//!
+//! ```
+//! use qcow2_core::MemDevice;
+//! use qcow2_core::create::{CreateOptions, create};
+//!
+//! let mut disk = [0u8; 4 * 65536];
+//! let mut dev = MemDevice::with_len(&mut disk[..], 0, 512);
+//! let mut bounce = [0u8; 512];
+//! let opts = CreateOptions { size: 1 << 20, ..CreateOptions::default() };
+//! let len = create(&mut dev, &mut bounce, &opts)?;
+//! // Header, refcount table, refcount block, and the one L1 entry: what qemu-img writes.
+//! assert_eq!(len, 3 * 65536 + 8);
+//! # Ok::<(), qcow2_core::Error<qcow2_core::io::MemDeviceFull>>(())
+//! ```
 
 use core::fmt;
 
