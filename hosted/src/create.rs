@@ -426,3 +426,35 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
     f.sync_all().map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_on_single_commas() {
+        assert_eq!(split_options("a=1,b=x,,y,c"), vec!["a=1", "b=x,y", "c"]);
+    }
+
+    #[test]
+    fn formatting_line_prints_defaults_and_given_options_in_order() {
+        let given = vec![
+            "refcount_bits=0x8,backing_fmt=raw".to_string(),
+            "cluster_size=4k".to_string(),
+        ];
+        let opts = parse_options("f", QCOW2_OPTS, &given).unwrap();
+        assert_eq!(
+            formatting_line("f", "qcow2", QCOW2_OPTS, &opts),
+            "Formatting 'f', fmt=qcow2 cluster_size=4096 extended_l2=off compression_type=zlib \
+             backing_fmt=raw lazy_refcounts=off refcount_bits=8"
+        );
+        assert_eq!(
+            parse_options("f", QCOW2_OPTS, &["lazy_refcounts=maybe".to_string()]).unwrap_err(),
+            err("f: Parameter 'lazy_refcounts' expects 'on' or 'off'")
+        );
+        assert_eq!(
+            parse_options("f", RAW_OPTS, &["cluster_size=4k".to_string()]).unwrap_err(),
+            err("f: Invalid parameter 'cluster_size'")
+        );
+    }
+}
