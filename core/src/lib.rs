@@ -75,6 +75,7 @@
 
 pub mod check;
 pub mod compress;
+pub mod create;
 pub mod device;
 pub mod engine;
 mod error;

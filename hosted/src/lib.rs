@@ -8,6 +8,7 @@
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod create;
 pub mod disk;
 pub mod file;
 pub mod info;
@@ -38,6 +39,7 @@ Commands:
   map [--output=human|json] [-f FMT] FILE
   convert [-p] [-q] [-f FMT] [-O raw] SRC DST
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
+  create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
   io [-f FMT] [-r] -c CMD [-c CMD ...] FILE
 ";
 
@@ -303,6 +305,33 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     }
 }
 
+fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut args = create::CreateArgs::default();
+    let mut files = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| opt_error("create", e))? {
+        match arg {
+            Arg::Short('q') => args.quiet = true,
+            Arg::Short('f') => args.format = Some(value("create", p)?),
+            Arg::Short('o') => args.options.push(value("create", p)?),
+            Arg::Short('b') => args.backing = Some(value("create", p)?),
+            Arg::Short('F') => args.backing_fmt = Some(value("create", p)?),
+            Arg::Short('u') => args.unsafe_backing = true,
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("create", other)),
+        }
+    }
+    let mut files = files.into_iter();
+    args.file = files
+        .next()
+        .ok_or_else(|| fail("Expecting image file name"))?;
+    args.size = files.next();
+    if let Some(extra) = files.next() {
+        return Err(fail(format!("Unexpected argument: {extra}")));
+    }
+    create::run_create(&args, out).map_err(|e| fail(e.0))?;
+    Ok(0)
+}
+
 fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt, mut cmds, mut files) = (None, Vec::new(), Vec::new());
     let mut read_only = false;
@@ -375,6 +404,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("convert") => cmd_convert(&mut p, out),
             Some("compare") => cmd_compare(&mut p, out),
             Some("io") => cmd_io(&mut p, out, err),
+            Some("create") => cmd_create(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),
             None => Err(fail(format!(
                 "Command not found: {}",
