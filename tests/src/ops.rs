@@ -144,7 +144,7 @@ pub fn twin_images(
     create.push(top.display().to_string());
     create.push(size.to_string());
     // Relative data file names are created relative to the working directory.
-    let made = std::process::Command::new("qemu-img")
+    let made = crate::qemu_command("qemu-img")
         .args(&create)
         .current_dir(s.dir())
         .status()

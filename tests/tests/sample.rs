@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use qcow2_tests::{Scratch, check_image, qemu_img};
+use qcow2_tests::{Scratch, check_image, qemu_env, qemu_img};
 
 fn samples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -25,7 +25,9 @@ fn sample_converts_like_qemu() {
 fn sample_script_recreates_sample() {
     let s = Scratch::new();
     let out = s.path("sample.qcow2");
-    let status = Command::new("sh")
+    let mut sh = Command::new("sh");
+    qemu_env(&mut sh); // the script runs qemu-img and qemu-io by name
+    let status = sh
         .arg(samples().join("make-sample.sh"))
         .arg(&out)
         .status()
