@@ -167,6 +167,41 @@ pub fn convert_to_raw(
         .map_err(|e| ConvertError(format!("{dst}: {e}")))
 }
 
+/// Converts `disk` into a new qcow2 image `dst`, created as `qemu-img create -f qcow2 -o OPTIONS` would (the
+/// virtual size is the source's), then filled with the source's data runs; with `compress`, every cluster
+/// that holds data is written compressed (clusters that do not compress are written as they are).
+pub fn convert_to_qcow2(
+    disk: &mut dyn VirtualDisk,
+    dst: &str,
+    options: &[String],
+    compress: bool,
+    progress: bool,
+    out: &mut dyn Write,
+) -> Result<(), ConvertError> {
+    let args = crate::create::CreateArgs {
+        quiet: true,
+        format: Some("qcow2".to_string()),
+        options: options.to_vec(),
+        file: dst.to_string(),
+        size: Some(disk.virtual_size().to_string()),
+        ..Default::default()
+    };
+    crate::create::run_create(&args, &mut std::io::sink()).map_err(|e| ConvertError(e.0))?;
+    let mut target =
+        crate::open::open_disk_writable(dst, Some("qcow2")).map_err(|e| ConvertError(e.0))?;
+    copy_guest_data(
+        disk,
+        target.disk.as_mut(),
+        dst,
+        CopyOptions { progress, compress },
+        out,
+    )?;
+    target
+        .disk
+        .close()
+        .map_err(|e| ConvertError(format!("{dst}: {e}")))
+}
+
 /// Copies the guest view of `src` into `dst` (a new, empty disk of at least the same size, so that what
 /// is not written reads as zeros): data runs are written, zero runs skipped, with qemu-img's progress on
 /// `out` when asked. `dst_name` names the output in messages.

@@ -37,7 +37,7 @@ Commands:
   info [--output=human|json] [--backing-chain] [-f FMT] FILE
   check [-q] [-f FMT] [--output=human|json] [-r leaks|all] FILE
   map [--output=human|json] [-f FMT] FILE
-  convert [-p] [-q] [-f FMT] [-O raw] SRC DST
+  convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-c] [-o OPTIONS] SRC DST
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
   create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
   io [-f FMT] [-r] -c CMD [-c CMD ...] FILE
@@ -227,10 +227,13 @@ fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
 fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt, mut out_fmt, mut progress, mut quiet, mut files) =
         (None, None, false, false, Vec::new());
+    let (mut compress, mut options) = (false, Vec::new());
     while let Some(arg) = p.next().map_err(|e| opt_error("convert", e))? {
         match arg {
             Arg::Short('f') => fmt = Some(value("convert", p)?),
             Arg::Short('O') => out_fmt = Some(value("convert", p)?),
+            Arg::Short('o') => options.push(value("convert", p)?),
+            Arg::Short('c') => compress = true,
             Arg::Short('p') => progress = true,
             Arg::Short('q') => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
@@ -238,25 +241,34 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
             other => return Err(unknown_option("convert", other)),
         }
     }
-    match out_fmt.as_deref() {
-        None | Some("raw") => {}
-        Some("qcow2") => {
-            return Err(fail(
-                "Output format 'qcow2' is not supported by this tool (use -O raw)",
-            ));
-        }
+    let qcow2 = match out_fmt.as_deref() {
+        None | Some("raw") => false,
+        Some("qcow2") => true,
         Some(other) => return Err(fail(format!("Unknown file format '{other}'"))),
-    }
+    };
     if files.len() < 2 {
         return Err(fail("Must specify image file name"));
     }
     if files.len() > 2 {
         return Err(fail("Only one source image is supported"));
     }
+    if compress && !qcow2 {
+        return Err(fail("Compression not supported for this file format"));
+    }
+    if !qcow2 && !options.is_empty() {
+        return Err(fail(
+            "Invalid option for raw output: this tool takes -o for qcow2 output only",
+        ));
+    }
     let (src, dst) = (&files[0], &files[1]);
     let mut img = open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?;
-    convert::convert_to_raw(img.disk.as_mut(), dst, progress && !quiet, out)
-        .map_err(|e| fail(e.0))?;
+    let progress = progress && !quiet;
+    if qcow2 {
+        convert::convert_to_qcow2(img.disk.as_mut(), dst, &options, compress, progress, out)
+    } else {
+        convert::convert_to_raw(img.disk.as_mut(), dst, progress, out)
+    }
+    .map_err(|e| fail(e.0))?;
     Ok(0)
 }
 

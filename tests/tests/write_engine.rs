@@ -499,8 +499,8 @@ fn lazy_refcounts_writer_killed() {
                 later_cover[sector as usize] = true;
             }
         }
-        for sector in 0..size as usize / 512 {
-            if later_cover[sector] {
+        for (sector, later) in later_cover.iter().enumerate() {
+            if *later {
                 continue;
             }
             let r = sector * 512..sector * 512 + 512;
