@@ -1142,6 +1142,7 @@ where
     /// Copies the guest bytes `[guest, guest + len)` as they read now into host bytes at `host` of the top
     /// image (the copy-on-write part of an allocating write).
     fn copy_guest(&mut self, guest: u64, host: u64, len: u64) -> Result<(), Error<D::Error>> {
+        let size = self.virtual_size();
         let bs = self
             .layers
             .first()
@@ -1161,13 +1162,21 @@ where
         while done < len {
             let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
             let part = chunk.get_mut(..n).unwrap_or(&mut []);
+            // The last cluster of a disk whose size is not a cluster multiple reaches past the disk: that part
+            // is copied as zeros.
+            let at = guest.saturating_add(done);
+            let inside = usize::try_from(size.saturating_sub(at))
+                .unwrap_or(usize::MAX)
+                .min(n);
+            let (readable, past) = part.split_at_mut(inside);
+            past.fill(0);
             Reader {
                 layers: layers.as_mut_slice(),
                 bounce: &mut *b,
                 cache: &mut *cache,
                 decompressor: &mut *decompressor,
             }
-            .read(guest.saturating_add(done), part)?;
+            .read(at, readable)?;
             let top = layers.first_mut().ok_or(Error::ReadOnly)?;
             let dev = match top.data.as_mut() {
                 Some(data) => data,

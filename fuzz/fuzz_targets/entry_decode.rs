@@ -50,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
     let mut block: Vec<u8> = data.get(20..).unwrap_or(&[]).to_vec();
     let before = block.clone();
     let bits = 1u32 << order;
-    let value = if bits == 64 { w } else { w & ((1u64 << bits) - 1) };
+    let value = if bits == 64 {
+        w
+    } else {
+        w & ((1u64 << bits) - 1)
+    };
     if refcount_set(&mut block, order, index, value).is_some() {
         assert_eq!(refcount_get(&block, order, index), Some(value));
         for i in 0..64usize {

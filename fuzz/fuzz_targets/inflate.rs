@@ -27,7 +27,14 @@ fn run(window: usize, cs: usize, skip: usize, len: usize, src: &[u8]) -> Option<
     let mut inflate = Inflate::new(vec![0u8; window], vec![0u8; 512]);
     let mut out = vec![0u8; len];
     inflate
-        .decompress(CompressionType::Deflate, (0, 0), &mut Slice(src), cs, skip, &mut out)
+        .decompress(
+            CompressionType::Deflate,
+            (0, 0),
+            &mut Slice(src),
+            cs,
+            skip,
+            &mut out,
+        )
         .ok()
         .map(|()| out)
 }
@@ -37,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     // 64 KiB clusters: the 32 KiB ring has to stream; 512 B .. 32 KiB otherwise.
-    let cs = if data[0] & 1 == 0 { 65536 } else { 512usize << (data[0] >> 1) % 7 };
+    let cs = if data[0] & 1 == 0 {
+        65536
+    } else {
+        512usize << (data[0] >> 1) % 7
+    };
     let skip = usize::from(u16::from_le_bytes([data[1], data[2]])) % cs;
     let len = 1 + usize::from(data[3]) * 97 % (cs - skip);
     let src = &data[4..];

@@ -511,3 +511,18 @@ fn lazy_refcounts_writer_killed() {
         }
     }
 }
+
+/// A disk whose size is not a multiple of the cluster size: writes into the last, partial cluster copy only
+/// what lies inside the disk (found by the create_options fuzz target).
+#[test]
+fn size_not_a_cluster_multiple() {
+    case("unaligned size", "", (4 << 20) + 5120, 65536, None, &[]);
+    case(
+        "unaligned size, backing",
+        "extended_l2=on",
+        (2 << 20) + 1536,
+        65536,
+        Some(""),
+        &[],
+    );
+}
