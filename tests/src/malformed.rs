@@ -8,6 +8,7 @@
 //! or may do either ([`Expect::Either`], where refusing early is as good as QEMU's lazier behaviour).
 //! Whatever the expectation, where QEMU refuses our tool must refuse too.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use crate::{Scratch, qemu_img_ok, qemu_io_cmds, text, write_at};
@@ -1159,6 +1160,57 @@ pub fn run_case(name: &str) {
             }
         }
     }
+    // Ours only: check, then a write on the image (what a unikernel would do with it). A clean error, or a
+    // write that reads back; never a panic or a hang.
+    let check = crate::qcow2([OsStr::new("check"), img.as_os_str()]);
+    if !matches!(check.code, Some(0..=3) | Some(63)) {
+        failures.push(format!(
+            "case {}: check ended with {:?}:\n{}",
+            case.name,
+            check.code,
+            check.describe()
+        ));
+    }
+    let write = crate::qcow2([
+        OsStr::new("io"),
+        OsStr::new("-c"),
+        OsStr::new("write -P 0x5a 0 512"),
+        img.as_os_str(),
+    ]);
+    if write.success() {
+        let read = crate::qcow2([
+            OsStr::new("io"),
+            OsStr::new("-r"),
+            OsStr::new("-c"),
+            OsStr::new("read -P 0x5a 0 512"),
+            img.as_os_str(),
+        ]);
+        let text = read.stdout_str() + &read.stderr_str();
+        if !read.success() || text.contains("Pattern verification failed") {
+            failures.push(format!(
+                "case {}: the write was accepted but does not read back:\n{}",
+                case.name,
+                read.describe()
+            ));
+        }
+    } else if let Err(e) = crate::check_one_line_stderr(&write) {
+        failures.push(format!("case {}, write: {e}", case.name));
+    }
+    let slowest = [check.elapsed, write.elapsed]
+        .into_iter()
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "case {}: check exit {:?}, write {}, slowest of the two {:.0?}",
+        case.name,
+        check.code,
+        if write.success() {
+            "accepted"
+        } else {
+            "refused"
+        },
+        slowest
+    );
     assert!(
         failures.is_empty(),
         "{} violation(s):\n\n{}",

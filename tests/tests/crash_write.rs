@@ -67,6 +67,8 @@ struct Workload {
     seed: u64,
     count: usize,
     small: bool,
+    /// The workload must grow the refcount table.
+    grows_table: bool,
 }
 
 /// A 256-bit set of byte values.
@@ -196,7 +198,15 @@ fn run(w: &Workload, seeds: u64) -> usize {
         log.borrow_mut().push(Event::OpEnd(j));
     }
     log.borrow_mut().push(Event::OpStart(seq.len()));
-    image.close().unwrap();
+    let done = image.close().unwrap();
+    if w.grows_table {
+        let clusters = |b: &[u8]| u32::from_be_bytes(b[56..60].try_into().unwrap());
+        assert!(
+            clusters(&done.data) > clusters(&initial),
+            "{}: the refcount table did not grow",
+            w.name
+        );
+    }
     let events = log.borrow().clone();
 
     // Model snapshots: the guest content after each operation.
@@ -367,97 +377,127 @@ const fn wl(
         seed,
         count: 40,
         small: false,
+        grows_table: false,
     }
 }
 
-fn total(workloads: &[Workload]) {
+fn total(test: &str, workloads: &[Workload]) {
     let seeds = seeds();
     let n: usize = workloads.iter().map(|w| run(w, seeds)).sum();
-    eprintln!("crash states checked: {n}");
+    qcow2_tests::record_evidence(
+        &format!("crash_write-{test}"),
+        &format!(
+            "crash_write {test}: {n} crash states checked over {} workloads, 0 violations",
+            workloads.len()
+        ),
+    );
     assert!(n > 0);
 }
 
 #[test]
 fn crash_allocation_paths() {
-    total(&[
-        // First writes into an empty image: new L2 tables and data clusters.
-        wl("empty image", "", 4 << 20, 65536, 1),
-        // 512-byte clusters, 64-bit refcounts: new refcount blocks and refcount table growth.
-        Workload {
-            count: 60,
-            ..wl(
-                "refcount growth",
-                "cluster_size=512,refcount_bits=64",
-                4 << 20,
-                512,
-                2,
-            )
-        },
-        wl(
-            "1-bit refcounts",
-            "cluster_size=1024,refcount_bits=1",
-            2 << 20,
-            1024,
-            3,
-        ),
-        Workload {
-            small: true,
-            ..wl("small buffers", "cluster_size=4096", 2 << 20, 4096, 4)
-        },
-    ]);
+    total(
+        "allocation",
+        &[
+            // First writes into an empty image: new L2 tables and data clusters.
+            wl("empty image", "", 4 << 20, 65536, 1),
+            // 512-byte clusters, 64-bit refcounts: new refcount blocks and refcount table growth.
+            Workload {
+                count: 60,
+                ..wl(
+                    "refcount growth",
+                    "cluster_size=512,refcount_bits=64",
+                    4 << 20,
+                    512,
+                    2,
+                )
+            },
+            wl(
+                "1-bit refcounts",
+                "cluster_size=1024,refcount_bits=1",
+                2 << 20,
+                1024,
+                3,
+            ),
+            // Close to the end of what one refcount table cluster covers (64 blocks of 64 clusters): the
+            // workload's allocations grow the table.
+            Workload {
+                setup: &["write -P 0x5b 0 1975k"],
+                count: 60,
+                grows_table: true,
+                ..wl(
+                    "refcount table growth",
+                    "cluster_size=512,refcount_bits=64",
+                    4 << 20,
+                    512,
+                    12,
+                )
+            },
+            Workload {
+                small: true,
+                ..wl("small buffers", "cluster_size=4096", 2 << 20, 4096, 4)
+            },
+        ],
+    );
 }
 
 #[test]
 fn crash_cow_paths() {
-    total(&[
-        Workload {
-            backing: true,
-            ..wl("backing", "", 4 << 20, 65536, 5)
-        },
-        Workload {
-            setup: &["write -c -P 0x33 0 1M", "write -c -P 0x44 2M 512k"],
-            ..wl("compressed", "", 4 << 20, 65536, 6)
-        },
-        Workload {
-            setup: &["write -P 0x55 0 3M"],
-            snapshot: true,
-            ..wl("snapshot", "", 4 << 20, 65536, 7)
-        },
-        Workload {
-            backing: true,
-            ..wl(
-                "extended L2",
-                "extended_l2=on,cluster_size=16k",
-                2 << 20,
-                16384,
-                8,
-            )
-        },
-        wl("compat 0.10", "compat=0.10", 2 << 20, 65536, 9),
-    ]);
+    total(
+        "cow",
+        &[
+            Workload {
+                backing: true,
+                ..wl("backing", "", 4 << 20, 65536, 5)
+            },
+            Workload {
+                setup: &["write -c -P 0x33 0 1M", "write -c -P 0x44 2M 512k"],
+                ..wl("compressed", "", 4 << 20, 65536, 6)
+            },
+            Workload {
+                setup: &["write -P 0x55 0 3M"],
+                snapshot: true,
+                ..wl("snapshot", "", 4 << 20, 65536, 7)
+            },
+            Workload {
+                backing: true,
+                ..wl(
+                    "extended L2",
+                    "extended_l2=on,cluster_size=16k",
+                    2 << 20,
+                    16384,
+                    8,
+                )
+            },
+            wl("compat 0.10", "compat=0.10", 2 << 20, 65536, 9),
+        ],
+    );
 }
 
 #[test]
 fn crash_lazy_refcounts() {
     // Refcounts may lag behind the L2 tables; the dirty bit makes the next writable open rebuild them.
-    total(&[
-        wl(
-            "lazy refcounts",
-            "lazy_refcounts=on,cluster_size=4096",
-            2 << 20,
-            4096,
-            10,
-        ),
-        Workload {
-            small: true,
-            backing: true,
-            ..wl(
-                "lazy refcounts, small buffers",
-                "lazy_refcounts=on,cluster_size=8192",
-                1 << 20,
-                8192,
-                11,
-            )
-        },
-    ]);
+    total(
+        "lazy",
+        &[
+            wl(
+                "lazy refcounts",
+                "lazy_refcounts=on,cluster_size=4096",
+                2 << 20,
+                4096,
+                10,
+            ),
+            Workload {
+                small: true,
+                backing: true,
+                ..wl(
+                    "lazy refcounts, small buffers",
+                    "lazy_refcounts=on,cluster_size=8192",
+                    1 << 20,
+                    8192,
+                    11,
+                )
+            },
+        ],
+    );
 }

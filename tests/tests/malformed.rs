@@ -1,6 +1,7 @@
 //! Malformed images (iotests 080/060 in spirit): for every case of `qcow2_tests::malformed`, run `info`,
 //! `map`, `convert -O raw` and `io -c 'read 0 64k'`: no panic, within the time limit, and either a clean
-//! one-line error or output equal to QEMU's, as each case expects.
+//! one-line error or output equal to QEMU's, as each case expects. Then `check`, and a write that must
+//! either be refused cleanly or read back.
 
 use qcow2_tests::malformed::{cases, run_case};
 
@@ -28,7 +29,11 @@ macro_rules! malformed_tests {
             sorted.sort_unstable();
             sorted.dedup();
             assert_eq!(sorted.len(), all.len(), "duplicate case names");
-            assert!(all.len() >= 35, "only {} malformed cases", all.len());
+            qcow2_tests::record_evidence(
+                "malformed",
+                &format!("hostile-image corpus: {} images (info, map, convert, io read, check, write each)", all.len()),
+            );
+            assert!(all.len() >= 60, "only {} malformed cases", all.len());
         }
     };
 }

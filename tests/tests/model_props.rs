@@ -302,3 +302,17 @@ config_test!(extended_l2_backing, 3);
 config_test!(compat_010_backing, 4);
 config_test!(lazy_refcounts_64k, 5);
 config_test!(size_not_a_cluster_multiple, 6);
+
+/// Records how many cases the property tests above run.
+#[test]
+fn case_count() {
+    qcow2_tests::record_evidence(
+        "model_props",
+        &format!(
+            "model_props: {} random sequences ({} per configuration x {})",
+            cases() as usize * CONFIGS.len(),
+            cases(),
+            CONFIGS.len()
+        ),
+    );
+}
