@@ -1075,7 +1075,9 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         };
         let mut buf = [0u8; V3_HEADER_LEN];
         let n = header.emit(&mut buf).ok_or(overflow())?;
-        self.write(0, buf.get(..n).ok_or(overflow())?)?;
+        // The magic goes last, after a flush: until it is durable the device is not a qcow2 image at all,
+        // so a power loss during create never leaves a half-made image that looks valid.
+        self.write(4, buf.get(4..n).ok_or(overflow())?)?;
         if let (Some(at), Some(fmt)) = (layout.backing_fmt, opts.backing_fmt) {
             self.write_ext(at, extension::BACKING_FORMAT, fmt.as_bytes())?;
         }
@@ -1097,7 +1099,8 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         if let (Some(at), Some(name)) = (layout.backing_file, opts.backing_file) {
             self.write(at, name.as_bytes())?;
         }
-        Ok(())
+        self.dev.flush()?;
+        self.write(0, buf.get(..4).ok_or(overflow())?)
     }
 }
 
