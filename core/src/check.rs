@@ -892,6 +892,9 @@ struct Pass<'s> {
     skip_refcount_structure: bool,
     /// A reference reached host cluster `nb_file` (QEMU then grows its count array by one).
     touched_end: bool,
+    /// One past the highest host cluster any reference names, even one too far past the end of the file to
+    /// be counted (a rebuilt refcount structure must not land there).
+    max_end: u64,
     rebuild: bool,
     res: Res,
 }
@@ -1077,6 +1080,12 @@ impl<A: Access> Ctx<'_, A> {
         }
         let g = self.geo;
         let end = offset.saturating_add(size);
+        p.max_end = p.max_end.max(
+            end.saturating_sub(1)
+                .checked_shr(g.cb)
+                .unwrap_or(0)
+                .saturating_add(1),
+        );
         if end.saturating_sub(g.file_len) >= g.cs {
             if p.reports() {
                 self.sink.report(Problem::PastEndOfFile { offset, size });
@@ -1682,6 +1691,7 @@ impl<A: Access> Ctx<'_, A> {
                 fix_entries,
                 skip_refcount_structure: false,
                 touched_end: false,
+                max_end: 0,
                 rebuild: false,
                 res: Res::default(),
             };
@@ -1703,9 +1713,20 @@ impl<A: Access> Ctx<'_, A> {
 
     /// Writes a new refcount table and blocks after the last used cluster, from counts taken without the old
     /// refcount structure, makes them durable, then points the header at them.
-    fn rebuild(&mut self, scratch: &mut [u8], touched_end: bool) -> Result<(), Error<A::E>> {
+    ///
+    /// `max_end` is one past the highest cluster any reference names: the new structure goes after it too,
+    /// so that a reference that points past the end of the file never lands on a new refcount block.
+    fn rebuild(
+        &mut self,
+        scratch: &mut [u8],
+        touched_end: bool,
+        max_end: u64,
+    ) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        let start = g.nb_file.saturating_add(u64::from(touched_end));
+        let start = g
+            .nb_file
+            .saturating_add(u64::from(touched_end))
+            .max(max_end);
         let per_block = 1u64 << g.block_bits;
         // Refcount blocks covering everything, themselves and the table included.
         let (mut blocks, mut table) = (1u64, 1u64);
@@ -1756,6 +1777,7 @@ impl<A: Access> Ctx<'_, A> {
                 fix_entries: false,
                 skip_refcount_structure: true,
                 touched_end: false,
+                max_end: 0,
                 rebuild: false,
                 res: Res::default(),
             };
@@ -1992,7 +2014,7 @@ impl<A: Access> Ctx<'_, A> {
             self.sink.report(Problem::Rebuilding);
             let old = res;
             // Whether a reference reached the cluster past the file's end: cheap to find again.
-            let touched_end = {
+            let (touched_end, max_end) = {
                 let mut p = Pass {
                     counts: &mut [],
                     lo: 0,
@@ -2002,13 +2024,14 @@ impl<A: Access> Ctx<'_, A> {
                     fix_entries: false,
                     skip_refcount_structure: true,
                     touched_end: false,
+                    max_end: 0,
                     rebuild: false,
                     res: Res::default(),
                 };
                 self.walk(&mut p)?;
-                p.touched_end
+                (p.touched_end, p.max_end)
             };
-            self.rebuild(scratch, touched_end)?;
+            self.rebuild(scratch, touched_end, max_end)?;
             rebuilt = true;
             res.corruptions = 0;
             res.leaks = 0;
@@ -2067,6 +2090,7 @@ impl<A: Access> Ctx<'_, A> {
                         fix_entries: false,
                         skip_refcount_structure: false,
                         touched_end: false,
+                        max_end: 0,
                         rebuild: false,
                         res: Res::default(),
                     };
@@ -2080,6 +2104,7 @@ impl<A: Access> Ctx<'_, A> {
                         fix_entries: false,
                         skip_refcount_structure: false,
                         touched_end: false,
+                        max_end: 0,
                         rebuild: false,
                         res: Res::default(),
                     };
