@@ -7,7 +7,8 @@
 # - `write` jobs: after the program's writes (src/main.rs WRITES), `qemu-img check` must find the image
 #   clean, `qemu-io -c 'read -P ...'` must read every pattern back, and the whole disk must equal a raw copy
 #   to which qemu-io made the same writes.
-# Prints the program's RAM figures and its peak stack; writes the peak to $1 when given (for the budgets).
+# Prints the program's RAM figures and its peak stack per job; writes "read BYTES write BYTES" (the largest
+# peak of each kind of job) to $1 when given, for targets/budget.sh.
 # Fails (never skips) when qemu-system-arm, qemu-img or qemu-io is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -111,6 +112,6 @@ done
 
 peak=$(sed -n 's/^stack-peak //p' out.txt)
 [[ -n $peak ]] || { echo "FAIL: no stack-peak line" >&2; fail=1; }
-[[ -n $stack_out && -n $peak ]] && echo "$peak" >"$stack_out"
+if [[ -n $stack_out && -n $peak ]]; then echo "$peak" >"$stack_out"; fi
 [[ $fail -eq 0 ]] || exit 1
-echo "cortex-m: all hashes match, writes check clean; peak stack $peak bytes"
+echo "cortex-m: all hashes match, writes check clean; peak stack: $peak (bytes)"

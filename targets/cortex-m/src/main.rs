@@ -9,8 +9,10 @@
 //! - `write NAME`: opens `NAME` with `Image::open_writable`, writes the fixed pattern [`WRITES`], closes it,
 //!   prints `wrote NAME`.
 //!
-//! Every buffer the engine uses is a static; the stack is painted after set-up, and the peak use of the
-//! rest of the run (all opens, reads, writes, hashing and printing) is printed as `stack-peak <bytes>`.
+//! Every buffer the engine uses is a static. The stack is painted before each job and its peak use during
+//! the job (open, reads or writes, close, hashing; measured from the top of the stack, so `main`'s frame is
+//! included) is printed as `stack read|write NAME BYTES`; the last line is
+//! `stack-peak read BYTES write BYTES`, the largest of each kind.
 //! The program exits through semihosting: status 0 when every job succeeded.
 
 #![no_std]
@@ -257,9 +259,28 @@ fn write_image(ctx: &mut Ctx, chunk: &mut [u8], name: &[u8]) -> Result<(), Error
     let dev = SemiFile::open(name, true).map_err(Error::Io)?;
     let (buffers, inflate) = ctx.lend();
     // Used in place, inside the `Result`: moving it out would put a second copy in this frame.
-    let mut opened: Result<Qcow2<'_>, _> =
-        Image::open_writable(dev, buffers, inflate, &mut SemiFiles);
+    let mut opened = open_writable(dev, buffers, inflate);
     let image = opened.as_mut().map_err(|e| e.clone())?;
+    write_patterns(image, chunk)?;
+    match opened {
+        Ok(image) => image.close().map(drop),
+        Err(e) => Err(e),
+    }
+}
+
+/// `Image::open_writable`, in a frame of its own (so that the stack it needs shows apart from the caller's).
+#[inline(never)]
+fn open_writable<'a>(
+    dev: SemiFile,
+    buffers: Buffers<&'a mut [u8]>,
+    inflate: LentInflate<'a>,
+) -> Result<Qcow2<'a>, Error<SemiError>> {
+    Image::open_writable(dev, buffers, inflate, &mut SemiFiles)
+}
+
+/// The writes of [`WRITES`], on an open image.
+#[inline(never)]
+fn write_patterns(image: &mut Qcow2<'_>, chunk: &mut [u8]) -> Result<(), Error<SemiError>> {
     let size = image.virtual_size();
     for (offset, len, byte) in WRITES {
         let start = if offset == u64::MAX {
@@ -275,10 +296,7 @@ fn write_image(ctx: &mut Ctx, chunk: &mut [u8], name: &[u8]) -> Result<(), Error
             done += n;
         }
     }
-    match opened {
-        Ok(image) => image.close().map(drop),
-        Err(e) => Err(e),
-    }
+    Ok(())
 }
 
 const PAINT: u32 = 0x5afe_c0de;
@@ -355,9 +373,8 @@ fn main() -> ! {
         32 * 1024,
         BLOCK
     );
-    paint_stack();
-
     let mut failed = false;
+    let (mut peak_read, mut peak_write) = (0usize, 0usize);
     let len = match SemiFile::open(b"jobs.txt", false) {
         Ok(mut f) => f.read(jobs).unwrap_or(0),
         Err(_) => {
@@ -374,8 +391,13 @@ fn main() -> ! {
         if line.is_empty() || line.starts_with(b"#") {
             continue;
         }
+        paint_stack();
         if let Some(name) = line.strip_prefix(b"read ") {
-            match hash_image(&mut ctx, chunk, name) {
+            let result = hash_image(&mut ctx, chunk, name);
+            let peak = stack_peak();
+            peak_read = peak_read.max(peak);
+            hprintln!("stack read {} {}", text(name), peak);
+            match result {
                 Ok(d) => hprintln!("sha256 {} {}", text(name), text(&hex(&d))),
                 Err(e) => {
                     hprintln!("error: read {}: {:?}", text(name), e);
@@ -383,7 +405,11 @@ fn main() -> ! {
                 }
             }
         } else if let Some(name) = line.strip_prefix(b"write ") {
-            match write_image(&mut ctx, chunk, name) {
+            let result = write_image(&mut ctx, chunk, name);
+            let peak = stack_peak();
+            peak_write = peak_write.max(peak);
+            hprintln!("stack write {} {}", text(name), peak);
+            match result {
                 Ok(()) => hprintln!("wrote {}", text(name)),
                 Err(e) => {
                     hprintln!("error: write {}: {:?}", text(name), e);
@@ -396,7 +422,7 @@ fn main() -> ! {
         }
     }
 
-    hprintln!("stack-peak {}", stack_peak());
+    hprintln!("stack-peak read {} write {}", peak_read, peak_write);
     debug::exit(if failed {
         debug::EXIT_FAILURE
     } else {
