@@ -168,7 +168,7 @@ fn inflate_into(
                 );
                 let to = dest.get_mut(lo.saturating_sub(skip)..hi.saturating_sub(skip));
                 if let (Some(from), Some(to)) = (from, to) {
-                    to.copy_from_slice(from);
+                    crate::io::copy_exact(to, from);
                 }
             }
         }
@@ -249,7 +249,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Decompressor for Inflate<B> {
                 *kept = Some(key);
             }
             let from = whole.get(skip..skip.saturating_add(want));
-            out.copy_from_slice(from.ok_or(DecompressError::Corrupt("range outside the cluster"))?);
+            crate::io::copy_exact(
+                out,
+                from.ok_or(DecompressError::Corrupt("range outside the cluster"))?,
+            )
+            .ok_or(DecompressError::Corrupt("range outside the cluster"))?;
             return Ok(());
         }
         inflate_into(
