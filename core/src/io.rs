@@ -82,6 +82,17 @@ pub(crate) fn copy_exact(dst: &mut [u8], src: &[u8]) -> Option<()> {
     Some(())
 }
 
+/// `a / b` rounded up, and 0 when `b` is 0 (callers divide by validated, non-zero sizes): unlike
+/// `u64::div_ceil`, which at opt-level "z" stays an outlined call with a division-by-zero panic in it, this
+/// has no panic path.
+#[inline]
+pub(crate) fn ceil_div(a: u64, b: u64) -> u64 {
+    match (a.checked_div(b), a.checked_rem(b)) {
+        (Some(q), Some(r)) => q.saturating_add(u64::from(r != 0)),
+        _ => 0,
+    }
+}
+
 /// Writes `buf` at byte `offset` of `dev`, reading and rewriting the blocks that an unaligned head or tail
 /// only partly covers through `bounce`.
 pub fn write_bytes<D: BlockDeviceWrite>(
