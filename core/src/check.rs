@@ -75,7 +75,7 @@ use crate::format::{
     OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK, be32, be64, extension, refcount_get,
     refcount_set,
 };
-use crate::io::{read_bytes, write_bytes};
+use crate::io::{ceil_div, read_bytes, write_bytes};
 
 /// Bytes of `scratch` per host cluster (one saturating `u32` count).
 pub const COUNT_BYTES: usize = 4;
@@ -700,7 +700,7 @@ fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Error<A::E>> {
         cs,
         cb,
         file_len,
-        nb_file: file_len.div_ceil(cs),
+        nb_file: ceil_div(file_len, cs),
         l2_entries: h.l2_entries(),
         es: h.l2_entry_size(),
         extended: h.extended_l2(),
@@ -1732,8 +1732,8 @@ impl<A: Access> Ctx<'_, A> {
         let (mut blocks, mut table) = (1u64, 1u64);
         for _ in 0..64 {
             let total = start.saturating_add(blocks).saturating_add(table);
-            let b = total.div_ceil(per_block);
-            let t = b.saturating_mul(8).div_ceil(g.cs);
+            let b = ceil_div(total, per_block);
+            let t = ceil_div(b.saturating_mul(8), g.cs);
             if (b, t) == (blocks, table) {
                 break;
             }
@@ -2150,7 +2150,7 @@ impl<A: Access> Ctx<'_, A> {
             corruptions_fixed: res.corruptions_fixed,
             leaks_fixed: res.leaks_fixed,
             image_end_offset: highest.saturating_add(1).saturating_mul(g.cs),
-            total_clusters: g.h.size.div_ceil(g.cs),
+            total_clusters: ceil_div(g.h.size, g.cs),
             allocated_clusters: res.allocated,
             fragmented_clusters: res.fragmented,
             compressed_clusters: res.compressed,
@@ -2184,11 +2184,11 @@ pub fn scratch_len_for_one_pass<D: BlockDevice>(
     let start = g.nb_file.saturating_add(1);
     let mut blocks = 1u64;
     for _ in 0..64 {
-        let table = blocks.saturating_mul(8).div_ceil(g.cs);
-        let b = start
-            .saturating_add(blocks)
-            .saturating_add(table)
-            .div_ceil(per_block);
+        let table = ceil_div(blocks.saturating_mul(8), g.cs);
+        let b = ceil_div(
+            start.saturating_add(blocks).saturating_add(table),
+            per_block,
+        );
         if b == blocks {
             break;
         }

@@ -168,7 +168,7 @@ fn inflate_into(
                 );
                 let to = dest.get_mut(lo.saturating_sub(skip)..hi.saturating_sub(skip));
                 if let (Some(from), Some(to)) = (from, to) {
-                    to.copy_from_slice(from);
+                    crate::io::copy_exact(to, from);
                 }
             }
         }
@@ -214,6 +214,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Decompressor for Inflate<B> {
         out: &mut [u8],
     ) -> Result<(), DecompressError> {
         if ty != CompressionType::Deflate {
+            crate::logging::log_at!(
+                warn,
+                "qcow2: compressed cluster at host offset {}: zstd needs the qcow2-alloc adapter",
+                key.1
+            );
             return Err(DecompressError::Unsupported(
                 "zstd compression (needs the qcow2-alloc adapter)",
             ));
@@ -235,6 +240,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Decompressor for Inflate<B> {
         let window = window.as_mut();
         if let Some(whole) = window.get_mut(..cluster_size) {
             if *kept != Some(key) {
+                crate::logging::log_at!(
+                    trace,
+                    "qcow2: inflating compressed cluster at host offset {} (layer {})",
+                    key.1,
+                    key.0
+                );
                 *kept = None;
                 inflate_into(
                     state,
@@ -249,7 +260,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Decompressor for Inflate<B> {
                 *kept = Some(key);
             }
             let from = whole.get(skip..skip.saturating_add(want));
-            out.copy_from_slice(from.ok_or(DecompressError::Corrupt("range outside the cluster"))?);
+            crate::io::copy_exact(
+                out,
+                from.ok_or(DecompressError::Corrupt("range outside the cluster"))?,
+            )
+            .ok_or(DecompressError::Corrupt("range outside the cluster"))?;
             return Ok(());
         }
         inflate_into(

@@ -50,11 +50,13 @@ pub fn read_bytes<D: BlockDevice>(
             dev.read_blocks(lba, block)?;
             let n = bs.saturating_sub(within).min(rest.len());
             let (head, tail) = rest.split_at_mut(n);
-            head.copy_from_slice(
+            copy_exact(
+                head,
                 block
                     .get(within..within.saturating_add(n))
                     .ok_or(Error::BadBlockSize(bs))?,
-            );
+            )
+            .ok_or(Error::BadBlockSize(bs))?;
             pos = pos.checked_add(n as u64).ok_or(Error::OutOfRange {
                 offset,
                 len: 0,
@@ -64,6 +66,31 @@ pub fn read_bytes<D: BlockDevice>(
         }
     }
     Ok(())
+}
+
+/// Copies `src` into `dst` when their lengths agree (callers make them agree), `None` otherwise. Unlike
+/// `copy_from_slice`, which at opt-level "z" stays an outlined call with a panic in it, this leaves no panic
+/// path (the zip becomes a `memcpy`).
+#[inline]
+pub(crate) fn copy_exact(dst: &mut [u8], src: &[u8]) -> Option<()> {
+    if dst.len() != src.len() {
+        return None;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s;
+    }
+    Some(())
+}
+
+/// `a / b` rounded up, and 0 when `b` is 0 (callers divide by validated, non-zero sizes): unlike
+/// `u64::div_ceil`, which at opt-level "z" stays an outlined call with a division-by-zero panic in it, this
+/// has no panic path.
+#[inline]
+pub(crate) fn ceil_div(a: u64, b: u64) -> u64 {
+    match (a.checked_div(b), a.checked_rem(b)) {
+        (Some(q), Some(r)) => q.saturating_add(u64::from(r != 0)),
+        _ => 0,
+    }
 }
 
 /// Writes `buf` at byte `offset` of `dev`, reading and rewriting the blocks that an unaligned head or tail
@@ -98,10 +125,13 @@ pub fn write_bytes<D: BlockDeviceWrite>(
             dev.read_blocks(lba, block)?;
             let n = bs.saturating_sub(within).min(rest.len());
             let (head, tail) = rest.split_at(n);
-            block
-                .get_mut(within..within.saturating_add(n))
-                .ok_or(Error::BadBlockSize(bs))?
-                .copy_from_slice(head);
+            copy_exact(
+                block
+                    .get_mut(within..within.saturating_add(n))
+                    .ok_or(Error::BadBlockSize(bs))?,
+                head,
+            )
+            .ok_or(Error::BadBlockSize(bs))?;
             dev.write_blocks(lba, block)?;
             pos = pos.checked_add(n as u64).ok_or(Error::OutOfRange {
                 offset,
@@ -186,7 +216,7 @@ impl<B: AsRef<[u8]>> BlockDevice for MemDevice<B> {
             .unwrap_or(&[]);
         let n = avail.len().min(buf.len());
         let (head, tail) = buf.split_at_mut(n);
-        head.copy_from_slice(avail.get(..n).unwrap_or(&[]));
+        copy_exact(head, avail.get(..n).unwrap_or(&[])).ok_or(MemDeviceFull)?;
         tail.fill(0);
         Ok(())
     }
@@ -206,7 +236,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> BlockDeviceWrite for MemDevice<B> {
                     ..usize::try_from(end).map_err(|_| MemDeviceFull)?,
             )
             .ok_or(MemDeviceFull)?;
-        dst.copy_from_slice(buf);
+        copy_exact(dst, buf).ok_or(MemDeviceFull)?;
         self.len = self.len.max(end);
         Ok(())
     }

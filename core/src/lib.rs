@@ -81,6 +81,7 @@ pub mod engine;
 mod error;
 pub mod format;
 pub mod io;
+mod logging;
 pub mod meta;
 #[doc(hidden)]
 pub mod testimage;
