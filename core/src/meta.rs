@@ -7,7 +7,7 @@
 
 use crate::Error;
 use crate::device::BlockDevice;
-use crate::io::read_bytes;
+use crate::io::{copy_exact, read_bytes};
 
 /// Smallest slice the cache uses.
 pub const MIN_SLICE: usize = 512;
@@ -194,7 +194,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
                 .as_mut()
                 .get_mut(start..start.saturating_add(bytes.len()))
             {
-                dst.copy_from_slice(bytes);
+                let _ = copy_exact(dst, bytes);
             }
         }
     }

@@ -28,7 +28,7 @@ use crate::format::{
     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFTABLE_OFFSET_MASK,
     REFTABLE_RESERVED_MASK, be32, be64, refcount_get, refcount_set,
 };
-use crate::io::{read_bytes, write_bytes};
+use crate::io::{ceil_div, copy_exact, read_bytes, write_bytes};
 use crate::meta::{SliceCache, SliceKind};
 
 /// How many freed host clusters wait for their referencing entries to become durable before the engine
@@ -533,7 +533,7 @@ where
         let mut t;
         loop {
             let need = want.max(r0.saturating_add(k).saturating_add(1));
-            t = need.div_ceil(per_cluster.max(1));
+            t = ceil_div(need, per_cluster);
             let last = c.saturating_add(k).saturating_add(t).saturating_sub(1);
             let regions = (last >> g.block_bits).saturating_sub(r0).saturating_add(1);
             if regions <= k {
@@ -610,7 +610,7 @@ where
                         let at = byte.saturating_sub(done) as usize;
                         let host = c.saturating_add(i) << g.cluster_bits;
                         if let Some(dst) = part.get_mut(at..at.saturating_add(8)) {
-                            dst.copy_from_slice(&host.to_be_bytes());
+                            let _ = copy_exact(dst, &host.to_be_bytes());
                         }
                     }
                 }
@@ -621,14 +621,9 @@ where
         self.flush_dev()?;
         // Point the header at it.
         let mut field = [0u8; 12];
-        field
-            .get_mut(..8)
-            .unwrap_or(&mut [])
-            .copy_from_slice(&table.to_be_bytes());
-        field
-            .get_mut(8..)
-            .unwrap_or(&mut [])
-            .copy_from_slice(&(t as u32).to_be_bytes());
+        let (offset, clusters) = field.split_at_mut_checked(8).unwrap_or_default();
+        let _ = copy_exact(offset, &table.to_be_bytes());
+        let _ = copy_exact(clusters, &(t as u32).to_be_bytes());
         self.write_header(HDR_REFTABLE, &field)?;
         let old_off = g.rt_off;
         let old_clusters = old_entries.checked_div(per_cluster).unwrap_or(0);
@@ -687,13 +682,15 @@ where
             slice,
             SliceKind::L2,
         )?;
-        s.get_mut(at..at.saturating_add(8))
-            .ok_or(corrupt("L2 slice", host))?
-            .copy_from_slice(&e.word.to_be_bytes());
+        let word = s
+            .get_mut(at..at.saturating_add(8))
+            .ok_or(corrupt("L2 slice", host))?;
+        copy_exact(word, &e.word.to_be_bytes()).ok_or(corrupt("L2 slice", host))?;
         if extended {
-            s.get_mut(at.saturating_add(8)..at.saturating_add(16))
-                .ok_or(corrupt("L2 slice", host))?
-                .copy_from_slice(&e.bitmap.to_be_bytes());
+            let bitmap = s
+                .get_mut(at.saturating_add(8)..at.saturating_add(16))
+                .ok_or(corrupt("L2 slice", host))?;
+            copy_exact(bitmap, &e.bitmap.to_be_bytes()).ok_or(corrupt("L2 slice", host))?;
         }
         Ok(())
     }
@@ -793,13 +790,13 @@ where
                 let host = u64::from_be_bytes(w) & OFFSET_MASK;
                 self.free_owned(host)?;
             }
-            let clusters = entries.saturating_mul(8).div_ceil(cs);
+            let clusters = ceil_div(entries.saturating_mul(8), cs);
             for c in 0..clusters {
                 self.free_owned(table.saturating_add(c.saturating_mul(cs)))?;
             }
             pos = next;
         }
-        let clusters = b.directory_size.div_ceil(cs);
+        let clusters = ceil_div(b.directory_size, cs);
         for c in 0..clusters {
             self.free_owned(b.directory_offset.saturating_add(c.saturating_mul(cs)))?;
         }
@@ -885,7 +882,7 @@ fn bounce_of(bounce: &mut [u8], bs: usize) -> &mut [u8] {
 /// Splits the bounce buffer into the device-block bounce and the rest (a copy buffer, maybe empty).
 fn split_bounce(bounce: &mut [u8], bs: usize) -> (&mut [u8], &mut [u8]) {
     let n = bs.min(bounce.len());
-    bounce.split_at_mut(n)
+    bounce.split_at_mut_checked(n).unwrap_or_default()
 }
 
 /// The copy buffer: the largest power of two of `rest` (at least 512 bytes), else `stack`.
@@ -1168,7 +1165,7 @@ where
             let inside = usize::try_from(size.saturating_sub(at))
                 .unwrap_or(usize::MAX)
                 .min(n);
-            let (readable, past) = part.split_at_mut(inside);
+            let (readable, past) = part.split_at_mut_checked(inside).unwrap_or_default();
             past.fill(0);
             Reader {
                 layers: layers.as_mut_slice(),
@@ -1569,7 +1566,7 @@ where
         let g = self.geo()?;
         let size = self.virtual_size();
         let end_req = offset.saturating_add(len);
-        let start = offset.div_ceil(g.cs).saturating_mul(g.cs);
+        let start = ceil_div(offset, g.cs).saturating_mul(g.cs);
         let end = if end_req == size {
             end_req
         } else {
