@@ -15,6 +15,7 @@ extern crate alloc;
 
 pub mod check;
 
+#[cfg(not(feature = "zstd-c"))]
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -25,8 +26,10 @@ use qcow2_core::format::CompressionType;
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, Format, Image, Inflate, Resolver,
 };
+#[cfg(not(feature = "zstd-c"))]
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use ruzstd::encoding::{CompressionLevel, compress_to_vec};
+#[cfg(not(feature = "zstd-c"))]
 use ruzstd::io::Read;
 
 pub mod deflate;
@@ -91,14 +94,18 @@ pub fn compress_cluster(ty: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Deflate with whole-cluster buffers, and zstd. Keeps the last decompressed cluster of each kind.
+/// Deflate with whole-cluster buffers, and zstd (ruzstd, or libzstd with the `zstd-c` feature). Keeps the last
+/// decompressed cluster of each kind; a whole-cluster zstd read with libzstd goes straight into the caller's buffer.
 #[derive(Default)]
 pub struct AllocDecompressor {
     inflate: Option<(usize, Inflate<Vec<u8>>)>,
+    #[cfg(not(feature = "zstd-c"))]
     zstd: Option<Box<FrameDecoder>>,
     zstd_in: Vec<u8>,
     zstd_out: Vec<u8>,
     zstd_kept: Option<(u8, u64)>,
+    #[cfg(feature = "zstd-c")]
+    zstd_c: Option<zstd_safe::DCtx<'static>>,
 }
 
 impl core::fmt::Debug for AllocDecompressor {
@@ -108,11 +115,8 @@ impl core::fmt::Debug for AllocDecompressor {
 }
 
 impl AllocDecompressor {
-    fn zstd_cluster(
-        &mut self,
-        src: &mut dyn CompressedSource,
-        cluster_size: usize,
-    ) -> Result<(), DecompressError> {
+    /// Reads the whole compressed cluster into `zstd_in`.
+    fn zstd_input(&mut self, src: &mut dyn CompressedSource) -> Result<(), DecompressError> {
         let len = usize::try_from(src.remaining())
             .map_err(|_| DecompressError::Corrupt("compressed size"))?;
         self.zstd_in.clear();
@@ -126,8 +130,55 @@ impl AllocDecompressor {
             got = got.saturating_add(n);
         }
         self.zstd_in.truncate(got);
+        Ok(())
+    }
+
+    /// Decompresses the cluster in `zstd_in` into `out` (one whole cluster) with libzstd, the way QEMU does:
+    /// streamed until the cluster is full (frames may follow one another; bytes after them are ignored).
+    #[cfg(feature = "zstd-c")]
+    fn zstd_c_into(&mut self, out: &mut [u8]) -> Result<(), DecompressError> {
+        use zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
+        let dctx = self.zstd_c.get_or_insert_with(DCtx::create);
+        dctx.reset(ResetDirective::SessionOnly)
+            .map_err(|_| DecompressError::Corrupt("invalid zstd frame"))?;
+        let total = out.len();
+        let mut output = OutBuffer::around(out);
+        let mut input = InBuffer::around(&self.zstd_in);
+        while output.pos() < total {
+            let (in_pos, out_pos) = (input.pos(), output.pos());
+            dctx.decompress_stream(&mut output, &mut input)
+                .map_err(|_| DecompressError::Corrupt("invalid zstd data"))?;
+            if input.pos() <= in_pos && output.pos() <= out_pos {
+                return Err(DecompressError::Corrupt(
+                    "zstd data ends before a whole cluster",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn zstd_cluster(
+        &mut self,
+        src: &mut dyn CompressedSource,
+        cluster_size: usize,
+    ) -> Result<(), DecompressError> {
+        self.zstd_input(src)?;
         self.zstd_out.clear();
         self.zstd_out.resize(cluster_size, 0);
+        #[cfg(feature = "zstd-c")]
+        {
+            let mut out = core::mem::take(&mut self.zstd_out);
+            let r = self.zstd_c_into(&mut out);
+            self.zstd_out = out;
+            r
+        }
+        #[cfg(not(feature = "zstd-c"))]
+        self.zstd_rust(cluster_size)
+    }
+
+    /// Decompresses the cluster in `zstd_in` into `zstd_out` (one cluster long) with ruzstd.
+    #[cfg(not(feature = "zstd-c"))]
+    fn zstd_rust(&mut self, cluster_size: usize) -> Result<(), DecompressError> {
         let frame = self
             .zstd
             .get_or_insert_with(|| Box::new(FrameDecoder::new()));
@@ -186,6 +237,13 @@ impl Decompressor for AllocDecompressor {
                 inflate.decompress(ty, key, src, cluster_size, skip, out)
             }
             CompressionType::Zstd => {
+                // A whole cluster goes straight into the caller's buffer.
+                #[cfg(feature = "zstd-c")]
+                if skip == 0 && out.len() == cluster_size {
+                    self.zstd_kept = None;
+                    self.zstd_input(src)?;
+                    return self.zstd_c_into(out);
+                }
                 if self.zstd_kept != Some(key) || self.zstd_out.len() != cluster_size {
                     self.zstd_kept = None;
                     self.zstd_cluster(src, cluster_size)?;
