@@ -106,6 +106,33 @@ pub struct AllocDecompressor {
     zstd_kept: Option<(u8, u64)>,
     #[cfg(feature = "zstd-c")]
     zstd_c: Option<zstd_safe::DCtx<'static>>,
+    #[cfg(feature = "deflate-c")]
+    deflate_c: Option<libdeflater::Decompressor>,
+    /// The last cluster inflated by libdeflate for a partial read, and its key.
+    #[cfg(feature = "deflate-c")]
+    deflate_kept: Option<(u8, u64)>,
+    #[cfg(feature = "deflate-c")]
+    deflate_out: Vec<u8>,
+}
+
+/// Compressed bytes already in memory, as a [`CompressedSource`].
+#[cfg(feature = "deflate-c")]
+struct InMemory<'a>(&'a [u8]);
+
+#[cfg(feature = "deflate-c")]
+impl CompressedSource for InMemory<'_> {
+    fn remaining(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, DecompressError> {
+        let n = buf.len().min(self.0.len());
+        let (head, tail) = self.0.split_at(n);
+        buf.get_mut(..n)
+            .ok_or(DecompressError::Source)?
+            .copy_from_slice(head);
+        self.0 = tail;
+        Ok(n)
+    }
 }
 
 impl core::fmt::Debug for AllocDecompressor {
@@ -155,6 +182,38 @@ impl AllocDecompressor {
             }
         }
         Ok(())
+    }
+
+    /// Inflates the cluster in `zstd_in` into `out` (one whole cluster) with libdeflate. A stream that holds
+    /// more than a cluster (QEMU takes its first cluster) goes through miniz_oxide instead, which stops there.
+    #[cfg(feature = "deflate-c")]
+    fn deflate_c_into(&mut self, key: (u8, u64), out: &mut [u8]) -> Result<(), DecompressError> {
+        let dec = self
+            .deflate_c
+            .get_or_insert_with(libdeflater::Decompressor::new);
+        match dec.deflate_decompress(&self.zstd_in, out) {
+            Ok(n) if n == out.len() => Ok(()),
+            Ok(_) => Err(DecompressError::Corrupt(
+                "stream ends before a whole cluster",
+            )),
+            Err(libdeflater::DecompressionError::BadData) => {
+                Err(DecompressError::Corrupt("invalid deflate stream"))
+            }
+            Err(libdeflater::DecompressionError::InsufficientSpace) => {
+                let cluster_size = out.len();
+                let window = cluster_size.max(DEFLATE_WINDOW).next_power_of_two();
+                let mut inflate = Inflate::new(vec![0u8; window], vec![0u8; 64 * 1024]);
+                let mut src = InMemory(&self.zstd_in);
+                inflate.decompress(
+                    CompressionType::Deflate,
+                    key,
+                    &mut src,
+                    cluster_size,
+                    0,
+                    out,
+                )
+            }
+        }
     }
 
     fn zstd_cluster(
@@ -222,6 +281,31 @@ impl Decompressor for AllocDecompressor {
         out: &mut [u8],
     ) -> Result<(), DecompressError> {
         match ty {
+            #[cfg(feature = "deflate-c")]
+            CompressionType::Deflate => {
+                if skip == 0 && out.len() == cluster_size {
+                    self.deflate_kept = None;
+                    self.zstd_input(src)?;
+                    return self.deflate_c_into(key, out);
+                }
+                if self.deflate_kept != Some(key) || self.deflate_out.len() != cluster_size {
+                    self.deflate_kept = None;
+                    self.zstd_input(src)?;
+                    let mut whole = core::mem::take(&mut self.deflate_out);
+                    whole.clear();
+                    whole.resize(cluster_size, 0);
+                    let r = self.deflate_c_into(key, &mut whole);
+                    self.deflate_out = whole;
+                    r?;
+                    self.deflate_kept = Some(key);
+                }
+                let from = self.deflate_out.get(skip..skip.saturating_add(out.len()));
+                out.copy_from_slice(
+                    from.ok_or(DecompressError::Corrupt("range outside the cluster"))?,
+                );
+                Ok(())
+            }
+            #[cfg(not(feature = "deflate-c"))]
             CompressionType::Deflate => {
                 let window = cluster_size.max(DEFLATE_WINDOW).next_power_of_two();
                 let inflate = match &mut self.inflate {
@@ -263,6 +347,10 @@ impl Decompressor for AllocDecompressor {
             i.invalidate();
         }
         self.zstd_kept = None;
+        #[cfg(feature = "deflate-c")]
+        {
+            self.deflate_kept = None;
+        }
     }
 }
 
@@ -311,6 +399,27 @@ mod tests {
                     .unwrap();
                 assert!(out == data, "{ty:?} {size}");
             }
+        }
+    }
+
+    #[test]
+    fn a_deflate_stream_longer_than_a_cluster_yields_its_first_cluster() {
+        // QEMU takes the first cluster of such a stream; libdeflate alone would refuse it.
+        let data = cluster(8192);
+        let c = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        for (skip, len) in [(0usize, 4096usize), (1000, 100)] {
+            let mut out = vec![0u8; len];
+            AllocDecompressor::default()
+                .decompress(
+                    CompressionType::Deflate,
+                    (0, 1),
+                    &mut Bytes(&c),
+                    4096,
+                    skip,
+                    &mut out,
+                )
+                .unwrap();
+            assert!(out == data[skip..skip + len]);
         }
     }
 
