@@ -128,10 +128,10 @@ pub fn run_bench(path: &str, o: &BenchOptions, out: &mut dyn Write) -> Result<()
             .map_err(|e| DiskError::new(format!("Could not open '{path}': {e}")))?;
         let mut disk = opened.disk;
         text(out, &header(o));
-        let buf = vec![o.pattern; buf_len];
+        let buf = AlignedBuf::new(buf_len, o.pattern);
         let size = disk.virtual_size();
         let start = Instant::now();
-        let result = write_requests(disk.as_mut(), o, size, &buf);
+        let result = write_requests(disk.as_mut(), o, size, buf.get());
         let elapsed = start.elapsed();
         result?;
         text(
@@ -187,6 +187,36 @@ pub fn run_bench(path: &str, o: &BenchOptions, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
+/// A buffer of `len` bytes of `pattern` starting on a 4 KiB boundary (as qemu-img's `qemu_blockalign`): the
+/// kernel copies page-aligned buffers to and from the page cache faster than malloc's 16-byte-aligned ones.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize, pattern: u8) -> AlignedBuf {
+        let storage = vec![pattern; len + Self::ALIGN];
+        let start = storage.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
 fn check_range(size: u64, offset: u64, len: u64) -> Result<(), DiskError> {
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(failed(DiskError::new("Input/output error")));
@@ -201,7 +231,8 @@ fn read_requests(
     buf_len: usize,
     next: &AtomicU64,
 ) -> Result<(), DiskError> {
-    let mut buf = vec![o.pattern; buf_len];
+    let mut aligned = AlignedBuf::new(buf_len, o.pattern);
+    let buf = aligned.get_mut();
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= o.count {
@@ -209,7 +240,7 @@ fn read_requests(
         }
         let offset = request_offset(o, size, i);
         check_range(size, offset, o.buffer_size)?;
-        disk.read_at(offset, &mut buf).map_err(failed)?;
+        disk.read_at(offset, buf).map_err(failed)?;
     }
 }
 
