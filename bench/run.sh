@@ -7,7 +7,7 @@
 #
 #   --quick        smaller images and counts, one depth (for development; about a minute)
 #   --smoke        tiny images, one run per case (seconds; what CI runs)
-#   --runs N       runs per tool per case (default 3; the median is reported)
+#   --runs N       runs per tool per case (default 5; the median is reported)
 #   --dir DIR      where the images go (default: a directory under ${TMPDIR:-/tmp}); needs ~11 GiB free
 #   --drop-caches  drop the page cache before every run (needs root and /proc/sys/vm writable); by default the
 #                  images are read from a warm page cache, so both tools measure the format's cost, not the disk
@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-mode=full runs=3 dir="" drop=0 keep=0
+mode=full runs=5 dir="" drop=0 keep=0
 while (($#)); do
     case $1 in
     --quick) mode=quick ;;
@@ -120,6 +120,9 @@ max() { sort -g | tail -n 1; }
 run_case() {
     local image=$1 fmt=$2 opts=$3 depth=$4
     local ot=() qt=() orss=() qrss=() r img
+    # Read the image once so that both tools start from the same warm page cache (the big images can push
+    # each other out of it).
+    if [[ $image != fresh:* ]] && ((drop == 0)); then cat "$dir/$image" >/dev/null; fi
     for ((r = 0; r < runs; r++)); do
         for tool in ours qemu; do
             if [[ $image == fresh:* ]]; then
