@@ -7,9 +7,10 @@
 //! the first request to the last completion; opening and closing the image are outside it, as in qemu-img.
 //!
 //! Queue depth: the engine serves one request at a time per opened image. For reads with a depth above 1,
-//! `min(depth, available cores)` worker threads each open their own read-only handle of the image (each with
+//! `min(depth, max(cores, 4))` worker threads each open their own read-only handle of the image (each with
 //! its own bounded metadata cache) and take the next request from a shared counter, so that up to that many
-//! requests are served in parallel. Writes go through the one writable handle, one request at a time, in
+//! requests are in flight at once, as in qemu-img's thread pool: requests that wait for the disk overlap, and
+//! CPU work (decompression) spreads over the cores. Writes go through the one writable handle, one request at a time, in
 //! qemu-img's order: the engine has a single writer, and its write ordering depends on that.
 //!
 //! `-t` and `-i`/`-n` are accepted with qemu-img's values; the engine always does buffered positional I/O
@@ -21,6 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::disk::{DiskError, VirtualDisk, VirtualDiskWrite};
+
+/// Read workers (each with its own handle) a read benchmark at a queue depth of at least this uses even on a
+/// machine with fewer cores (requests waiting for the disk overlap; more would cost a metadata cache each).
+pub const MIN_READERS: u64 = 4;
 
 /// What `qcow2 bench` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +150,7 @@ pub fn run_bench(path: &str, o: &BenchOptions, out: &mut dyn Write) -> Result<()
     let first = opened.disk;
     let size = first.virtual_size();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    let workers = o.depth.min(cores).min(o.count).max(1);
+    let workers = o.depth.min(cores.max(MIN_READERS)).min(o.count).max(1);
     // The other workers' handles are opened before the clock starts, as qemu-img opens its image first.
     let mut disks = vec![first];
     for _ in 1..workers {
