@@ -100,7 +100,9 @@ one_run() {
     local tool=$1 img=$2 fmt=$3
     shift 3
     local out="$dir/out.txt" tv="$dir/time.txt"
-    if ((drop)); then sync; echo 3 >/proc/sys/vm/drop_caches; fi
+    # Start every run with no dirty pages left by the one before (its writeback would land in this run).
+    sync
+    if ((drop)); then echo 3 >/proc/sys/vm/drop_caches; fi
     if [[ $tool == ours ]]; then
         /usr/bin/time -v -o "$tv" "$OURS" bench -f "$fmt" "$@" "$img" >"$out" 2>&1 || { cat "$out" >&2; return 1; }
     else
