@@ -15,6 +15,7 @@ extern crate alloc;
 
 pub mod check;
 
+#[cfg(not(feature = "zstd-c"))]
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -25,8 +26,10 @@ use qcow2_core::format::CompressionType;
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, Format, Image, Inflate, Resolver,
 };
+#[cfg(not(feature = "zstd-c"))]
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use ruzstd::encoding::{CompressionLevel, compress_to_vec};
+#[cfg(not(feature = "zstd-c"))]
 use ruzstd::io::Read;
 
 pub mod deflate;
@@ -91,14 +94,45 @@ pub fn compress_cluster(ty: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Deflate with whole-cluster buffers, and zstd. Keeps the last decompressed cluster of each kind.
+/// Deflate with whole-cluster buffers, and zstd (ruzstd, or libzstd with the `zstd-c` feature). Keeps the last
+/// decompressed cluster of each kind; a whole-cluster zstd read with libzstd goes straight into the caller's buffer.
 #[derive(Default)]
 pub struct AllocDecompressor {
     inflate: Option<(usize, Inflate<Vec<u8>>)>,
+    #[cfg(not(feature = "zstd-c"))]
     zstd: Option<Box<FrameDecoder>>,
     zstd_in: Vec<u8>,
     zstd_out: Vec<u8>,
     zstd_kept: Option<(u8, u64)>,
+    #[cfg(feature = "zstd-c")]
+    zstd_c: Option<zstd_safe::DCtx<'static>>,
+    #[cfg(feature = "deflate-c")]
+    deflate_c: Option<libdeflater::Decompressor>,
+    /// The last cluster inflated by libdeflate for a partial read, and its key.
+    #[cfg(feature = "deflate-c")]
+    deflate_kept: Option<(u8, u64)>,
+    #[cfg(feature = "deflate-c")]
+    deflate_out: Vec<u8>,
+}
+
+/// Compressed bytes already in memory, as a [`CompressedSource`].
+#[cfg(feature = "deflate-c")]
+struct InMemory<'a>(&'a [u8]);
+
+#[cfg(feature = "deflate-c")]
+impl CompressedSource for InMemory<'_> {
+    fn remaining(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, DecompressError> {
+        let n = buf.len().min(self.0.len());
+        let (head, tail) = self.0.split_at(n);
+        buf.get_mut(..n)
+            .ok_or(DecompressError::Source)?
+            .copy_from_slice(head);
+        self.0 = tail;
+        Ok(n)
+    }
 }
 
 impl core::fmt::Debug for AllocDecompressor {
@@ -108,11 +142,8 @@ impl core::fmt::Debug for AllocDecompressor {
 }
 
 impl AllocDecompressor {
-    fn zstd_cluster(
-        &mut self,
-        src: &mut dyn CompressedSource,
-        cluster_size: usize,
-    ) -> Result<(), DecompressError> {
+    /// Reads the whole compressed cluster into `zstd_in`.
+    fn zstd_input(&mut self, src: &mut dyn CompressedSource) -> Result<(), DecompressError> {
         let len = usize::try_from(src.remaining())
             .map_err(|_| DecompressError::Corrupt("compressed size"))?;
         self.zstd_in.clear();
@@ -126,8 +157,87 @@ impl AllocDecompressor {
             got = got.saturating_add(n);
         }
         self.zstd_in.truncate(got);
+        Ok(())
+    }
+
+    /// Decompresses the cluster in `zstd_in` into `out` (one whole cluster) with libzstd, the way QEMU does:
+    /// streamed until the cluster is full (frames may follow one another; bytes after them are ignored).
+    #[cfg(feature = "zstd-c")]
+    fn zstd_c_into(&mut self, out: &mut [u8]) -> Result<(), DecompressError> {
+        use zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
+        let dctx = self.zstd_c.get_or_insert_with(DCtx::create);
+        dctx.reset(ResetDirective::SessionOnly)
+            .map_err(|_| DecompressError::Corrupt("invalid zstd frame"))?;
+        let total = out.len();
+        let mut output = OutBuffer::around(out);
+        let mut input = InBuffer::around(&self.zstd_in);
+        while output.pos() < total {
+            let (in_pos, out_pos) = (input.pos(), output.pos());
+            dctx.decompress_stream(&mut output, &mut input)
+                .map_err(|_| DecompressError::Corrupt("invalid zstd data"))?;
+            if input.pos() <= in_pos && output.pos() <= out_pos {
+                return Err(DecompressError::Corrupt(
+                    "zstd data ends before a whole cluster",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Inflates the cluster in `zstd_in` into `out` (one whole cluster) with libdeflate. A stream that holds
+    /// more than a cluster (QEMU takes its first cluster) goes through miniz_oxide instead, which stops there.
+    #[cfg(feature = "deflate-c")]
+    fn deflate_c_into(&mut self, key: (u8, u64), out: &mut [u8]) -> Result<(), DecompressError> {
+        let dec = self
+            .deflate_c
+            .get_or_insert_with(libdeflater::Decompressor::new);
+        match dec.deflate_decompress(&self.zstd_in, out) {
+            Ok(n) if n == out.len() => Ok(()),
+            Ok(_) => Err(DecompressError::Corrupt(
+                "stream ends before a whole cluster",
+            )),
+            Err(libdeflater::DecompressionError::BadData) => {
+                Err(DecompressError::Corrupt("invalid deflate stream"))
+            }
+            Err(libdeflater::DecompressionError::InsufficientSpace) => {
+                let cluster_size = out.len();
+                let window = cluster_size.max(DEFLATE_WINDOW).next_power_of_two();
+                let mut inflate = Inflate::new(vec![0u8; window], vec![0u8; 64 * 1024]);
+                let mut src = InMemory(&self.zstd_in);
+                inflate.decompress(
+                    CompressionType::Deflate,
+                    key,
+                    &mut src,
+                    cluster_size,
+                    0,
+                    out,
+                )
+            }
+        }
+    }
+
+    fn zstd_cluster(
+        &mut self,
+        src: &mut dyn CompressedSource,
+        cluster_size: usize,
+    ) -> Result<(), DecompressError> {
+        self.zstd_input(src)?;
         self.zstd_out.clear();
         self.zstd_out.resize(cluster_size, 0);
+        #[cfg(feature = "zstd-c")]
+        {
+            let mut out = core::mem::take(&mut self.zstd_out);
+            let r = self.zstd_c_into(&mut out);
+            self.zstd_out = out;
+            r
+        }
+        #[cfg(not(feature = "zstd-c"))]
+        self.zstd_rust(cluster_size)
+    }
+
+    /// Decompresses the cluster in `zstd_in` into `zstd_out` (one cluster long) with ruzstd.
+    #[cfg(not(feature = "zstd-c"))]
+    fn zstd_rust(&mut self, cluster_size: usize) -> Result<(), DecompressError> {
         let frame = self
             .zstd
             .get_or_insert_with(|| Box::new(FrameDecoder::new()));
@@ -171,6 +281,31 @@ impl Decompressor for AllocDecompressor {
         out: &mut [u8],
     ) -> Result<(), DecompressError> {
         match ty {
+            #[cfg(feature = "deflate-c")]
+            CompressionType::Deflate => {
+                if skip == 0 && out.len() == cluster_size {
+                    self.deflate_kept = None;
+                    self.zstd_input(src)?;
+                    return self.deflate_c_into(key, out);
+                }
+                if self.deflate_kept != Some(key) || self.deflate_out.len() != cluster_size {
+                    self.deflate_kept = None;
+                    self.zstd_input(src)?;
+                    let mut whole = core::mem::take(&mut self.deflate_out);
+                    whole.clear();
+                    whole.resize(cluster_size, 0);
+                    let r = self.deflate_c_into(key, &mut whole);
+                    self.deflate_out = whole;
+                    r?;
+                    self.deflate_kept = Some(key);
+                }
+                let from = self.deflate_out.get(skip..skip.saturating_add(out.len()));
+                out.copy_from_slice(
+                    from.ok_or(DecompressError::Corrupt("range outside the cluster"))?,
+                );
+                Ok(())
+            }
+            #[cfg(not(feature = "deflate-c"))]
             CompressionType::Deflate => {
                 let window = cluster_size.max(DEFLATE_WINDOW).next_power_of_two();
                 let inflate = match &mut self.inflate {
@@ -186,6 +321,13 @@ impl Decompressor for AllocDecompressor {
                 inflate.decompress(ty, key, src, cluster_size, skip, out)
             }
             CompressionType::Zstd => {
+                // A whole cluster goes straight into the caller's buffer.
+                #[cfg(feature = "zstd-c")]
+                if skip == 0 && out.len() == cluster_size {
+                    self.zstd_kept = None;
+                    self.zstd_input(src)?;
+                    return self.zstd_c_into(out);
+                }
                 if self.zstd_kept != Some(key) || self.zstd_out.len() != cluster_size {
                     self.zstd_kept = None;
                     self.zstd_cluster(src, cluster_size)?;
@@ -205,6 +347,10 @@ impl Decompressor for AllocDecompressor {
             i.invalidate();
         }
         self.zstd_kept = None;
+        #[cfg(feature = "deflate-c")]
+        {
+            self.deflate_kept = None;
+        }
     }
 }
 
@@ -253,6 +399,27 @@ mod tests {
                     .unwrap();
                 assert!(out == data, "{ty:?} {size}");
             }
+        }
+    }
+
+    #[test]
+    fn a_deflate_stream_longer_than_a_cluster_yields_its_first_cluster() {
+        // QEMU takes the first cluster of such a stream; libdeflate alone would refuse it.
+        let data = cluster(8192);
+        let c = miniz_oxide::deflate::compress_to_vec(&data, 6);
+        for (skip, len) in [(0usize, 4096usize), (1000, 100)] {
+            let mut out = vec![0u8; len];
+            AllocDecompressor::default()
+                .decompress(
+                    CompressionType::Deflate,
+                    (0, 1),
+                    &mut Bytes(&c),
+                    4096,
+                    skip,
+                    &mut out,
+                )
+                .unwrap();
+            assert!(out == data[skip..skip + len]);
         }
     }
 

@@ -5,6 +5,7 @@
 //! The commands see images only through [`disk::VirtualDisk`] and [`disk::ImageInfo`]; [`open::open_disk`]
 //! picks the implementation (raw files here, qcow2 through the engine).
 
+pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -41,6 +42,8 @@ Commands:
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
   create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
   io [-f FMT] [-r] -c CMD [-c CMD ...] FILE
+  bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N] [-i AIO] [-n] [--no-drain] [-o OFFSET]
+        [--pattern=PATTERN] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE
 ";
 
 /// A command-line problem: the one-line message (without the program name) and the exit code.
@@ -272,6 +275,93 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     Ok(0)
 }
 
+/// A qemu-img bench number (`qemu_strtoul` base 0, at most INT_MAX; 0 only where `zero_ok`).
+fn bench_int(v: &str, zero_ok: bool) -> Option<u64> {
+    let t = v.trim();
+    let n = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()?
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8).ok()?
+    } else {
+        t.parse().ok()?
+    };
+    (n <= i32::MAX as u64 && (zero_ok || n > 0)).then_some(n)
+}
+
+fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut o = bench::BenchOptions::default();
+    let mut files = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| opt_error("bench", e))? {
+        match arg {
+            Arg::Short('c') => {
+                o.count = bench_int(&value("bench", p)?, true)
+                    .ok_or_else(|| fail("Invalid request count specified"))?
+            }
+            Arg::Short('d') => {
+                o.depth = bench_int(&value("bench", p)?, false)
+                    .ok_or_else(|| fail("Invalid queue depth specified"))?
+            }
+            Arg::Short('f') => o.format = Some(value("bench", p)?),
+            Arg::Short('n') => {}
+            Arg::Short('i') => {
+                let v = value("bench", p)?;
+                if !matches!(v.as_str(), "threads" | "native" | "io_uring") {
+                    return Err(fail(format!("Invalid aio option: {v}")));
+                }
+            }
+            Arg::Short('o') => {
+                o.offset = size::parse_size(&value("bench", p)?)
+                    .map_err(|_| fail("Invalid offset specified"))?
+            }
+            Arg::Short('q') => o.quiet = true,
+            Arg::Short('s') => {
+                o.buffer_size = size::parse_size(&value("bench", p)?)
+                    .ok()
+                    .filter(|&n| n > 0 && n <= i32::MAX as u64)
+                    .ok_or_else(|| fail("Invalid buffer size specified"))?
+            }
+            Arg::Short('S') => {
+                o.step_size = size::parse_size(&value("bench", p)?)
+                    .ok()
+                    .filter(|&n| n <= i32::MAX as u64)
+                    .ok_or_else(|| fail("Invalid step size specified"))?
+            }
+            Arg::Short('t') => {
+                let v = value("bench", p)?;
+                o.write_through = match v.as_str() {
+                    "writeback" | "unsafe" | "none" => false,
+                    "writethrough" | "directsync" => true,
+                    _ => return Err(fail("Invalid cache mode")),
+                };
+            }
+            Arg::Short('w') => o.write = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("pattern") => {
+                o.pattern = size::parse_pattern(&value("bench", p)?)
+                    .ok_or_else(|| fail("Invalid pattern byte specified"))?
+            }
+            Arg::Long("flush-interval") => {
+                o.flush_interval = bench_int(&value("bench", p)?, true)
+                    .ok_or_else(|| fail("Invalid flush interval specified"))?
+            }
+            Arg::Long("no-drain") => o.no_drain = true,
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("bench", other)),
+        }
+    }
+    if o.flush_interval > 0 && !o.write {
+        return Err(fail("--flush-interval is only available in write tests"));
+    }
+    if o.no_drain && o.flush_interval == 0 {
+        return Err(fail("--no-drain requires --flush-interval"));
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    bench::run_bench(file, &o, out).map_err(|e| fail(e.0))?;
+    Ok(0)
+}
+
 fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt1, mut fmt2, mut files) = (None, None, Vec::new());
     let mut opts = compare::CompareOptions::default();
@@ -417,6 +507,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("compare") => cmd_compare(&mut p, out),
             Some("io") => cmd_io(&mut p, out, err),
             Some("create") => cmd_create(&mut p, out),
+            Some("bench") => cmd_bench(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),
             None => Err(fail(format!(
                 "Command not found: {}",

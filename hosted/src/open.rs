@@ -13,7 +13,7 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// of every image of the chain, the image itself first.
 pub struct OpenedImage {
     /// Reads and maps the guest view.
-    pub disk: Box<dyn VirtualDisk>,
+    pub disk: Box<dyn VirtualDisk + Send>,
     /// The chain, top image first; never empty.
     pub chain: Vec<ImageInfo>,
 }
