@@ -190,22 +190,7 @@ where
 
     /// Writes `len` zero bytes at `host`.
     fn write_zeros(&mut self, host: u64, len: u64) -> Result<(), Error<D::Error>> {
-        let bs = self.dev.block_size();
-        let (bounce, rest) = split_bounce(self.bounce, bs);
-        let mut stack = [0u8; STACK_CHUNK];
-        let chunk = chunk_of(rest, &mut stack);
-        chunk.fill(0);
-        let mut done = 0u64;
-        while done < len {
-            let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
-            write_bytes(
-                self.dev,
-                bounce,
-                host.saturating_add(done),
-                chunk.get(..n).unwrap_or(&[]),
-            )?;
-            done = done.saturating_add(n as u64);
-        }
+        write_zero_run(self.dev, self.bounce, host, len)?;
         self.w.needs_flush = true;
         Ok(())
     }
@@ -695,6 +680,38 @@ where
         Ok(())
     }
 
+    /// The L2 table that the L1 entry for guest offset `guest` names, if any (and the entry itself, for its
+    /// COPIED flag). An invalid entry marks the image corrupt.
+    fn l2_table(&mut self, guest: u64) -> Result<(L1Entry, Option<u64>), Error<D::Error>> {
+        let g = self.g;
+        let l1_index = guest >> g.coverage_bits;
+        let entry = self.l1_entry(l1_index)?;
+        let l2 = entry.l2_offset(g.cs).map_err(|e| {
+            self.mark_corrupt(
+                e.describe("L1"),
+                g.l1_off.saturating_add(l1_index.saturating_mul(8)),
+            )
+        })?;
+        Ok((entry, l2))
+    }
+
+    /// The index, entry and kind of guest cluster `gc` in the L2 table at `l2`. An invalid entry marks the
+    /// image corrupt.
+    fn cluster_entry(
+        &mut self,
+        l2: u64,
+        gc: u64,
+    ) -> Result<(u64, L2Entry, ClusterKind), Error<D::Error>> {
+        let g = self.g;
+        let index = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
+        let old = self.l2_get(l2, index)?;
+        let (entry_host, _) = self.l2_loc(l2, index);
+        let kind = old
+            .classify(g.l2)
+            .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
+        Ok((index, old, kind))
+    }
+
     /// Queues the host clusters an entry held for freeing (data, preallocated zero, compressed).
     fn free_entry(&mut self, kind: ClusterKind) -> Result<(), Error<D::Error>> {
         match kind {
@@ -870,6 +887,32 @@ struct BitmapEntry {
     table: u64,
     entries: u64,
     next: u64,
+}
+
+/// Writes `len` zero bytes at `host` of `dev`, from the part of `bounce` past its first block (or a stack
+/// buffer).
+fn write_zero_run<D: BlockDeviceWrite>(
+    dev: &mut D,
+    bounce: &mut [u8],
+    host: u64,
+    len: u64,
+) -> Result<(), Error<D::Error>> {
+    let (bounce, rest) = split_bounce(bounce, dev.block_size());
+    let mut stack = [0u8; STACK_CHUNK];
+    let chunk = chunk_of(rest, &mut stack);
+    chunk.fill(0);
+    let mut done = 0u64;
+    while done < len {
+        let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
+        write_bytes(
+            dev,
+            bounce,
+            host.saturating_add(done),
+            chunk.get(..n).unwrap_or(&[]),
+        )?;
+        done = done.saturating_add(n as u64);
+    }
+    Ok(())
 }
 
 /// The first `bs` bytes of the bounce buffer (the device-block bounce).
@@ -1092,13 +1135,7 @@ where
         let mut m = self.meta()?;
         let g = m.g;
         let l1_index = guest >> g.coverage_bits;
-        let entry = m.l1_entry(l1_index)?;
-        let old = entry.l2_offset(g.cs).map_err(|e| {
-            m.mark_corrupt(
-                e.describe("L1"),
-                g.l1_off.saturating_add(l1_index.saturating_mul(8)),
-            )
-        })?;
+        let (entry, old) = m.l2_table(guest)?;
         if let Some(old) = old
             && entry.copied()
         {
@@ -1192,30 +1229,16 @@ where
             layers, bounce, w, ..
         } = self;
         let top = layers.first_mut().ok_or(Error::ReadOnly)?;
-        let bs = top.dev.block_size();
         let dev = match top.data.as_mut() {
             Some(data) => data,
             None => &mut top.dev,
         };
-        let (b, rest) = split_bounce(bounce.as_mut(), bs);
         match src {
-            Src::Bytes(bytes) => write_bytes(dev, b, host, bytes)?,
-            Src::Zeros => {
-                let mut stack = [0u8; STACK_CHUNK];
-                let chunk = chunk_of(rest, &mut stack);
-                chunk.fill(0);
-                let mut done = 0u64;
-                while done < len {
-                    let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
-                    write_bytes(
-                        dev,
-                        b,
-                        host.saturating_add(done),
-                        chunk.get(..n).unwrap_or(&[]),
-                    )?;
-                    done = done.saturating_add(n as u64);
-                }
+            Src::Bytes(bytes) => {
+                let bs = dev.block_size();
+                write_bytes(dev, bounce_of(bounce.as_mut(), bs), host, bytes)?;
             }
+            Src::Zeros => write_zero_run(dev, bounce.as_mut(), host, len)?,
         }
         w.needs_flush = true;
         Ok(())
@@ -1233,12 +1256,7 @@ where
         let mut m = self.meta()?;
         m.make_room(3)?;
         let g = m.g;
-        let index = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
-        let old = m.l2_get(l2, index)?;
-        let (entry_host, _) = m.l2_loc(l2, index);
-        let kind = old
-            .classify(g.l2)
-            .map_err(|e| m.mark_corrupt(e.describe("L2"), entry_host))?;
+        let (index, old, kind) = m.cluster_entry(l2, gc)?;
         let piece = g.piece_size();
         let pieces = g.pieces();
         // Which pieces hold data now, and which does this write touch.
@@ -1489,12 +1507,7 @@ where
         let mut m = self.meta()?;
         m.make_room(3)?;
         let g = m.g;
-        let index = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
-        let old = m.l2_get(l2, index)?;
-        let (entry_host, _) = m.l2_loc(l2, index);
-        let kind = old
-            .classify(g.l2)
-            .map_err(|e| m.mark_corrupt(e.describe("L2"), entry_host))?;
+        let (index, old, kind) = m.cluster_entry(l2, gc)?;
         let allocated = matches!(
             kind,
             ClusterKind::Data { .. } | ClusterKind::Zero { host: Some(_) }
@@ -1528,12 +1541,7 @@ where
         let mut m = self.meta()?;
         m.make_room(3)?;
         let g = m.g;
-        let index = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
-        let old = m.l2_get(l2, index)?;
-        let (entry_host, _) = m.l2_loc(l2, index);
-        let kind = old
-            .classify(g.l2)
-            .map_err(|e| m.mark_corrupt(e.describe("L2"), entry_host))?;
+        let (index, old, kind) = m.cluster_entry(l2, gc)?;
         if matches!(kind, ClusterKind::Compressed(_)) {
             return self.write_cluster(
                 gc,
@@ -1596,25 +1604,14 @@ where
     fn discard_cluster(&mut self, gc: u64, backing: bool) -> Result<(), Error<D::Error>> {
         let mut m = self.meta()?;
         let g = m.g;
-        let l1_index = gc >> g.coverage_bits;
-        let entry = m.l1_entry(l1_index)?;
-        let l2 = entry.l2_offset(g.cs).map_err(|e| {
-            m.mark_corrupt(
-                e.describe("L1"),
-                g.l1_off.saturating_add(l1_index.saturating_mul(8)),
-            )
-        })?;
-        let index = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
-        let (old, kind) = match l2 {
-            None => (L2Entry { word: 0, bitmap: 0 }, ClusterKind::Unallocated),
-            Some(l2) => {
-                let old = m.l2_get(l2, index)?;
-                let (entry_host, _) = m.l2_loc(l2, index);
-                let kind = old
-                    .classify(g.l2)
-                    .map_err(|e| m.mark_corrupt(e.describe("L2"), entry_host))?;
-                (old, kind)
-            }
+        let (_, l2) = m.l2_table(gc)?;
+        let (index, old, kind) = match l2 {
+            None => (
+                (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1),
+                L2Entry { word: 0, bitmap: 0 },
+                ClusterKind::Unallocated,
+            ),
+            Some(l2) => m.cluster_entry(l2, gc)?,
         };
         let allocated = !matches!(
             kind,
