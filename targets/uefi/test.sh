@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot and waits for the payload's line.
+# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, then read-write four times.
 #
 # The disk: GPT, one EFI system partition (FAT) holding \EFI\BOOT\ (empty) in the base image and
 # \EFI\BOOT\BOOTX64.EFI (the payload) in the overlay only. The base is converted to a deflate-compressed
 # qcow2 (base.qcow2); the overlay (overlay.qcow2, backing file base.qcow2) holds only the clusters that
 # differ. Both are attached to QEMU as raw virtio disks (format=raw: QEMU does not interpret them), so only
 # qcow2-core understands qcow2. qcow2-boot.efi is started by OVMF from a small read-only FAT drive (QEMU's
-# vvfat) as \EFI\BOOT\BOOTX64.EFI. The test passes when the payload's line appears on the serial output
-# within the time limit (QCOW2_UEFI_TIMEOUT seconds, 180 by default). Fails (never skips) when a tool is
-# missing.
+# vvfat) as \EFI\BOOT\BOOTX64.EFI.
+#
+# Read-only run (qcow2-boot's default; both disks attached read-only): passes when the payload's line
+# appears on the serial output within the time limit (QCOW2_UEFI_TIMEOUT seconds per run, 180 by default).
+#
+# Read-write runs: qcow2-boot.cfg next to qcow2-boot.efi says mode=rw; each run has a fresh overlay (with
+# 8 MiB of room after its data: a firmware disk cannot grow) attached writable, the base stays read-only.
+# The payload writes \qcow2-rw.txt (5000 lines, 320000 bytes) into the FAT file system through the
+# firmware, flushes and closes it, writes the file's first 4 KiB into the last 8 blocks of the ESP through
+# Block I/O with no FlushBlocks after (qcow2-boot reports no write caching: the write must be durable when
+# it returns), prints its line, and leaves as \payload.cfg on the overlay says:
+#   reset       ResetSystem(shutdown): qcow2-boot's reset notification closes the image (lazy refcounts)
+#   exitbs      ExitBootServices, then ResetSystem: the before-ExitBootServices event closes it (lazy refcounts)
+#   return      returns: qcow2-boot removes the virtual disk and closes the image (lazy refcounts)
+#   cut         hangs, and QEMU is killed (SIGKILL) as soon as the line shows: nothing closes the image or
+#               flushes; the data and the metadata must already be on the disk (qcow2-boot writes through)
+# After each: `qemu-img check` of the overlay exits 0 with no leak and no corruption, qemu-img info says it
+# is not dirty, the base is byte for byte what it was, and in `qemu-img convert -O raw` of the overlay the
+# ESP passes `fsck.fat -n` and holds the payload and \qcow2-rw.txt with exactly the payload's content,
+# and the ESP's last 8 blocks hold the 4 KiB written through Block I/O.
+# Fails (never skips) when a tool is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 LINE="qcow2-payload: booted from inside the qcow2 image"
 limit=${QCOW2_UEFI_TIMEOUT:-180}
 
-for tool in qemu-system-x86_64 qemu-img sgdisk mkfs.fat mmd mcopy; do
+for tool in qemu-system-x86_64 qemu-img sgdisk mkfs.fat fsck.fat mmd mcopy cmp seq; do
     command -v "$tool" >/dev/null || { echo "uefi test: $tool is missing" >&2; exit 1; }
 done
 code=
@@ -33,18 +51,22 @@ work=$(mktemp -d)
 cd "$work"
 
 # The ESP: 32 MiB FAT at LBA 2048 of a 40 MiB GPT disk.
+esp_start=2048
 esp_sectors=$((32 * 2048))
 mkfs.fat -C -F 16 -n QCOW2ESP esp-base.img $((esp_sectors / 2)) >/dev/null
 mmd -i esp-base.img ::/EFI ::/EFI/BOOT
 cp esp-base.img esp-top.img
 mcopy -i esp-top.img "$out/payload.efi" ::/EFI/BOOT/BOOTX64.EFI
-for v in base top; do
-    truncate -s 40M disk-$v.raw
-    sgdisk -o -n 1:2048:+$esp_sectors -t 1:ef00 -c 1:ESP -U 11111111-2222-3333-4444-555555555555 \
-        -u 1:66666666-7777-8888-9999-000000000000 disk-$v.raw >/dev/null
-    [[ $(dd if=disk-$v.raw bs=1 skip=512 count=8 status=none) == "EFI PART" ]] || { echo "no GPT made" >&2; exit 1; }
-    dd if=esp-$v.img of=disk-$v.raw bs=512 seek=2048 conv=notrunc status=none
-done
+# make_disk NAME ESP: disk-NAME.raw, a GPT disk whose partition 1 is the FAT image ESP.
+make_disk() {
+    truncate -s 40M "disk-$1.raw"
+    sgdisk -o -n 1:$esp_start:+$esp_sectors -t 1:ef00 -c 1:ESP -U 11111111-2222-3333-4444-555555555555 \
+        -u 1:66666666-7777-8888-9999-000000000000 "disk-$1.raw" >/dev/null
+    [[ $(dd if="disk-$1.raw" bs=1 skip=512 count=8 status=none) == "EFI PART" ]] || { echo "no GPT made" >&2; exit 1; }
+    dd if="$2" of="disk-$1.raw" bs=512 seek=$esp_start conv=notrunc status=none
+}
+make_disk base esp-base.img
+make_disk top esp-top.img
 qemu-img convert -c -O qcow2 disk-base.raw base.qcow2
 qemu-img convert -O qcow2 -B base.qcow2 -F qcow2 disk-top.raw overlay.qcow2
 qemu-img convert -O raw overlay.qcow2 check.raw && cmp check.raw disk-top.raw && rm check.raw
@@ -54,31 +76,167 @@ ls -l base.qcow2 overlay.qcow2
 
 mkdir -p boot/EFI/BOOT
 cp "$out/qcow2-boot.efi" boot/EFI/BOOT/BOOTX64.EFI
-cp "$vars" vars.fd
 
-qemu-system-x86_64 -machine q35 -m 256 -nographic -no-reboot -net none \
-    -drive if=pflash,format=raw,readonly=on,file="$code" -drive if=pflash,format=raw,file=vars.fd \
-    -drive if=virtio,format=raw,readonly=on,file=fat:boot \
-    -drive if=virtio,format=raw,readonly=on,file=overlay.qcow2 \
-    -drive if=virtio,format=raw,readonly=on,file=base.qcow2 \
-    -serial mon:stdio </dev/null >serial.txt 2>&1 &
-qemu=$!
-start=$SECONDS
-# Until the line shows, QEMU ends (the payload powers off), qcow2-boot reports a failure, or time runs out.
-while kill -0 "$qemu" 2>/dev/null && ((SECONDS - start < limit)); do
-    grep -aq -e "$LINE" -e "qcow2-boot: failed" serial.txt 2>/dev/null && break
-    sleep 1
-done
-sleep 1
-kill "$qemu" 2>/dev/null || true
-wait "$qemu" 2>/dev/null
-rc=$?
-echo "(qemu-system-x86_64 ran $((SECONDS - start))s); what it printed about booting:"
-tr -d '\r' <serial.txt | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -a -E 'qcow2|BdsDxe' | head -40 || true
-if tr -d '\r' <serial.txt | grep -aq "$LINE"; then
+# boot NAME BOOT_DIR OVERLAY OVERLAY_READONLY(on|off) STOP SIGNAL: runs QEMU (serial output in
+# serial-NAME.txt) until it ends by itself, the fixed string STOP shows (empty: never; QEMU is then sent
+# SIGNAL: TERM a second later, or KILL at once), qcow2-boot reports a failure, or time runs out. Sets rc
+# to QEMU's exit status and prints what was printed about booting.
+boot() {
+    local name=$1 dir=$2 overlay=$3 ro=$4 stop=$5 signal=$6 serial=serial-$1.txt
+    cp "$vars" vars.fd
+    qemu-system-x86_64 -machine q35 -m 256 -nographic -no-reboot -net none \
+        -drive if=pflash,format=raw,readonly=on,file="$code" -drive if=pflash,format=raw,file=vars.fd \
+        -drive if=virtio,format=raw,readonly=on,file=fat:"$dir" \
+        -drive if=virtio,format=raw,readonly="$ro",file="$overlay" \
+        -drive if=virtio,format=raw,readonly=on,file=base.qcow2 \
+        -serial mon:stdio </dev/null >"$serial" 2>&1 &
+    local qemu=$! start=$SECONDS
+    while kill -0 "$qemu" 2>/dev/null && ((SECONDS - start < limit)); do
+        [[ -n $stop ]] && grep -aqF -e "$stop" "$serial" 2>/dev/null && break
+        grep -aq "qcow2-boot: failed" "$serial" 2>/dev/null && break
+        sleep 0.2
+    done
+    if kill -0 "$qemu" 2>/dev/null; then
+        if [[ $signal == TERM ]]; then
+            sleep 1
+            kill "$qemu" 2>/dev/null || true
+        else
+            kill -KILL "$qemu" 2>/dev/null || true
+        fi
+    fi
+    rc=0
+    wait "$qemu" 2>/dev/null || rc=$?
+    echo "(qemu-system-x86_64 ran $((SECONDS - start))s); what it printed about booting:"
+    tr -d '\r' <"$serial" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -a -E 'qcow2|BdsDxe' | head -40 || true
+}
+
+# Fails with the serial output's tail.
+fail() {
+    echo "FAIL ($1): $2" >&2
+    tail -c 3000 "serial-$1.txt" | tr -d '\r' >&2
+    exit 1
+}
+
+# Whether the serial output of run NAME has the line LINE.
+printed() {
+    tr -d '\r' <"serial-$1.txt" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -aqxF -e "$2"
+}
+
+echo
+echo "=== read-only (the default)"
+boot ro boot overlay.qcow2 on "$LINE" TERM
+if tr -d '\r' <serial-ro.txt | grep -aq "$LINE"; then
     echo "uefi: the payload ran from inside the qcow2 disk (qemu exit status $rc)"
 else
-    echo "FAIL: no '$LINE' on the serial output within ${limit}s (qemu exit status $rc); its tail:" >&2
-    tail -c 3000 serial.txt | tr -d '\r' >&2
-    exit 1
+    fail ro "no '$LINE' on the serial output within ${limit}s (qemu exit status $rc)"
 fi
+
+# The read-write runs.
+mkdir -p boot-rw/EFI/BOOT
+cp "$out/qcow2-boot.efi" boot-rw/EFI/BOOT/BOOTX64.EFI
+printf '# qcow2-boot settings\nmode=rw\n' >boot-rw/EFI/BOOT/qcow2-boot.cfg
+cp base.qcow2 base.orig
+seq -f 'qcow2-payload wrote line %06g of a file on the qcow2 overlay.' 0 4999 >expected.txt
+[[ $(stat -c %s expected.txt) == 320000 ]] || { echo "expected.txt is not 320000 bytes" >&2; exit 1; }
+
+# new_overlay NAME ESP [LAZY]: NAME.qcow2, an overlay of base.qcow2 for a GPT disk around the FAT image
+# ESP (lazy_refcounts=LAZY, off by default), with 8 MiB of room after it.
+new_overlay() {
+    make_disk "$1" "$2"
+    qemu-img convert -O qcow2 -o lazy_refcounts="${3:-off}" -B base.qcow2 -F qcow2 "disk-$1.raw" "$1.qcow2"
+    truncate -s %512 "$1.qcow2"
+    truncate -s +8M "$1.qcow2"
+    rm "disk-$1.raw"
+}
+
+# rw NAME BOOT_DIR EXIT LAZY STOP HOOK: a read-write run (see the top of this file). BOOT_DIR is what OVMF
+# boots from; EXIT the payload's \payload.cfg (empty: none, the payload resets); LAZY the overlay's
+# lazy_refcounts; STOP as for boot (empty: QEMU must power off by itself); HOOK the line of qcow2-boot that
+# says how the image was closed (empty: none expected).
+rw() {
+    local name=$1 dir=$2 exit=$3 lazy=$4 stop=$5 hook=$6 settings=
+    echo
+    echo "=== read-write, $name: the payload writes a file and then: ${exit:-reset} (lazy_refcounts=$lazy)"
+    cp esp-top.img "esp-$name.img"
+    if [[ -n $exit ]]; then
+        echo "$exit" >"payload-$name.cfg"
+        mcopy -i "esp-$name.img" "payload-$name.cfg" ::/payload.cfg
+    fi
+    new_overlay "$name" "esp-$name.img" "$lazy"
+    if [[ -n $stop ]]; then
+        boot "$name" "$dir" "$name.qcow2" off "$stop" KILL
+        ((rc == 137)) || fail "$name" "QEMU ended before '$stop' (exit status $rc)"
+    else
+        boot "$name" "$dir" "$name.qcow2" off "" KILL
+        ((rc == 0)) || fail "$name" "QEMU did not power off within ${limit}s (exit status $rc)"
+    fi
+    [[ $dir == boot-rw ]] && settings="qcow2-boot: settings read from \\EFI\\BOOT\\qcow2-boot.cfg"
+    for l in ${settings:+"$settings"} "qcow2-boot: read-write" \
+        "qcow2-payload: wrote \\qcow2-rw.txt (320000 bytes), flushed and closed it" \
+        "qcow2-payload: wrote 4096 bytes at block $((esp_sectors - 8)) of its partition through Block I/O, no flush" \
+        "$LINE" ${hook:+"$hook"}; do
+        printed "$name" "$l" || fail "$name" "no line '$l'"
+    done
+    if grep -aq -e "qcow2-boot: failed" -e "qcow2-boot: writing" -e "closing the image failed" "serial-$name.txt"; then
+        fail "$name" "qcow2-boot reported an error"
+    fi
+
+    # The overlay: clean and not dirty; the base: untouched.
+    local check st=0
+    check=$(qemu-img check "$name.qcow2" 2>&1) || st=$?
+    echo "$check" | sed 's/^/  qemu-img check: /'
+    ((st == 0)) || fail "$name" "qemu-img check exit status $st"
+    grep -q "^No errors were found on the image.$" <<<"$check" || fail "$name" "qemu-img check found errors"
+    ! grep -qi -e leak -e corrupt <<<"$check" || fail "$name" "qemu-img check found leaks or corruptions"
+    # (The top-level key: the protocol layer under "children" has one too.)
+    qemu-img info --output=json "$name.qcow2" | grep -qx '    "dirty-flag": false' ||
+        fail "$name" "the overlay is dirty (or qemu-img info has no top-level dirty-flag)"
+    cmp base.qcow2 base.orig || fail "$name" "the base image changed"
+
+    # The guest disk: the file system is sound and holds the payload and the file written.
+    qemu-img convert -O raw "$name.qcow2" "$name.raw"
+    dd if="$name.raw" of="esp-$name.out" bs=512 skip=$esp_start count=$esp_sectors status=none
+    fsck.fat -n "esp-$name.out" >"fsck-$name.txt" 2>&1 || { cat "fsck-$name.txt" >&2; fail "$name" "fsck.fat -n failed"; }
+    mcopy -n -i "esp-$name.out" ::/qcow2-rw.txt "got-$name.txt"
+    cmp "got-$name.txt" expected.txt || fail "$name" "\\qcow2-rw.txt differs from what the payload wrote"
+    mcopy -n -i "esp-$name.out" ::/EFI/BOOT/BOOTX64.EFI "payload-$name.efi"
+    cmp "payload-$name.efi" "$out/payload.efi" || fail "$name" "\\EFI\\BOOT\\BOOTX64.EFI changed"
+    cmp <(dd if="esp-$name.out" bs=512 skip=$((esp_sectors - 8)) status=none) <(head -c 4096 expected.txt) ||
+        fail "$name" "the ESP's last 8 blocks do not hold what the payload wrote through Block I/O"
+    echo "uefi: $name: the overlay is clean and not dirty, the base unchanged, \\qcow2-rw.txt (320000 bytes)" \
+        "and the 4 KiB written through Block I/O read back exactly, fsck.fat is content (qemu exit status $rc)"
+    rm -f "$name.raw" "esp-$name.img" "esp-$name.out"
+}
+
+rw reset boot-rw reset on "" "qcow2-boot: ResetSystem: the image is flushed and closed"
+rw exitbs boot-rw exit-boot-services on "" "qcow2-boot: ExitBootServices: the image is flushed and closed"
+rw return boot-rw return on "qcow2-boot: the virtual disk is removed" \
+    "qcow2-boot: the program returned: the image is flushed and closed"
+rw cut boot-rw hang off "$LINE" ""
+
+# mode=rw in the load options instead of the file: qcow2-boot.efi started by the UEFI shell's startup.nsh
+# (OVMF boots the shell when the drive has no \EFI\BOOT\BOOTX64.EFI); the payload has no \payload.cfg.
+mkdir -p boot-shell
+cp "$out/qcow2-boot.efi" boot-shell/qcow2-boot.efi
+printf 'fs0:\r\nqcow2-boot.efi mode=rw\r\n' >boot-shell/startup.nsh
+rw shell boot-shell "" on "" "qcow2-boot: ResetSystem: the image is flushed and closed"
+
+# A settings file with a mistake: qcow2-boot refuses to start (it does not fall back to read-only), and
+# the writable overlay is left as it was.
+echo
+echo "=== a settings file with a mistake"
+mkdir -p boot-bad/EFI/BOOT
+cp "$out/qcow2-boot.efi" boot-bad/EFI/BOOT/BOOTX64.EFI
+echo "mode=wr" >boot-bad/EFI/BOOT/qcow2-boot.cfg
+new_overlay bad esp-top.img
+cp bad.qcow2 bad.orig
+boot bad boot-bad bad.qcow2 off "qcow2-boot: failed" KILL
+for l in "qcow2-boot: \\EFI\\BOOT\\qcow2-boot.cfg: mode must be ro or rw" "qcow2-boot: failed: INVALID_PARAMETER"; do
+    printed bad "$l" || fail bad "no line '$l'"
+done
+! grep -aq "qcow2-payload" serial-bad.txt || fail bad "the payload ran"
+cmp bad.qcow2 bad.orig || fail bad "the overlay changed"
+echo "uefi: bad: qcow2-boot refused the settings file and left the overlay alone"
+
+echo
+echo "uefi: all runs passed"

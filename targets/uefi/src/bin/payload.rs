@@ -1,21 +1,244 @@
 //! The EFI program inside the qcow2 disk: prints a known line on the console (which OVMF mirrors to the
 //! serial port) and powers the machine off.
+//!
+//! When the disk it was loaded from is writable (qcow2-boot in read-write mode), it first writes
+//! [`FILE_NAME`] ([`LINES`] lines of [`line`]) into that disk's FAT file system through the firmware's
+//! Simple File System, flushes and closes it; then it writes the first [`RAW_LINES`] lines straight into
+//! the last 8 blocks of its partition (outside the file system's data) through Block I/O, without
+//! FlushBlocks: qcow2-boot's Block I/O reports no write caching, so that write must be durable when it
+//! returns. `\payload.cfg` on the file system then says how it leaves (one word; `reset` when the file is
+//! missing):
+//! - `reset`: ResetSystem(shutdown), as on a read-only disk;
+//! - `exit-boot-services`: ExitBootServices, then ResetSystem(shutdown) (an OS loader's way out);
+//! - `return`: returns to qcow2-boot, which removes the virtual disk and closes the image;
+//! - `hang`: waits forever (the test cuts the power: the written data must already be durable).
 
 #![no_std]
 #![no_main]
 
+use core::fmt::Write as _;
+
+use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams};
 use uefi::prelude::*;
+use uefi::proto::loaded_image::LoadedImage;
+use uefi::proto::media::block::BlockIO;
+use uefi::proto::media::file::{Directory, File, FileAttribute, FileMode};
 use uefi::runtime::ResetType;
 
 /// What the test waits for on the serial output.
 const LINE: &str = "qcow2-payload: booted from inside the qcow2 image";
+/// The file written on a writable disk.
+const FILE_NAME: &uefi::CStr16 = cstr16!("\\qcow2-rw.txt");
+/// Lines in it.
+const LINES: u32 = 5000;
+/// Bytes per line.
+const LINE_LEN: usize = 64;
+/// Lines written through Block I/O: 4 KiB, 8 blocks.
+const RAW_LINES: usize = 64;
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        uefi::system::with_stdout(|out| {
+            let _ = writeln!(out, "qcow2-payload: {}", format_args!($($arg)*));
+        })
+    };
+}
+
+/// How the program leaves after writing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    Reset,
+    ExitBootServices,
+    Return,
+    Hang,
+}
+
+/// Line `i` of the file: `qcow2-payload wrote line NNNNNN of a file on the qcow2 overlay.\n` (64 bytes;
+/// the test makes the same with `seq -f`).
+fn line(i: u32, out: &mut [u8; LINE_LEN]) {
+    const HEAD: &[u8; 25] = b"qcow2-payload wrote line ";
+    const TAIL: &[u8; 33] = b" of a file on the qcow2 overlay.\n";
+    let (head, rest) = out.split_at_mut(HEAD.len());
+    head.copy_from_slice(HEAD);
+    let (digits, tail) = rest.split_at_mut(6);
+    let mut v = i;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    tail.copy_from_slice(TAIL);
+}
+
+/// Whether the Block I/O under the file system this program was loaded from accepts writes.
+fn device_writable() -> bool {
+    let Ok(image) = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle()) else {
+        return false;
+    };
+    let Some(device) = image.device() else {
+        return false;
+    };
+    // SAFETY: a non-exclusive look at the media, closed before the function returns.
+    let io = unsafe {
+        boot::open_protocol::<BlockIO>(
+            OpenProtocolParams {
+                handle: device,
+                agent: boot::image_handle(),
+                controller: None,
+            },
+            OpenProtocolAttributes::GetProtocol,
+        )
+    };
+    io.is_ok_and(|io| !io.media().is_read_only())
+}
+
+/// `\payload.cfg`: how to leave.
+fn how_to_leave(root: &mut Directory) -> Result<Leave, Status> {
+    let Ok(file) = root.open(
+        cstr16!("\\payload.cfg"),
+        FileMode::Read,
+        FileAttribute::empty(),
+    ) else {
+        return Ok(Leave::Reset);
+    };
+    let mut file = file.into_regular_file().ok_or(Status::NOT_FOUND)?;
+    let mut buf = [0u8; 64];
+    let n = file.read(&mut buf).map_err(|e| e.status())?;
+    match buf.get(..n).unwrap_or(&[]).trim_ascii() {
+        b"reset" => Ok(Leave::Reset),
+        b"exit-boot-services" => Ok(Leave::ExitBootServices),
+        b"return" => Ok(Leave::Return),
+        b"hang" => Ok(Leave::Hang),
+        _ => {
+            say!("\\payload.cfg: unknown word");
+            Err(Status::INVALID_PARAMETER)
+        }
+    }
+}
+
+/// Writes the file (replacing one that exists), flushes and closes it; then reads how to leave.
+fn write_file() -> Result<Leave, Status> {
+    let mut fs = boot::get_image_file_system(boot::image_handle()).map_err(|e| e.status())?;
+    let mut root = fs.open_volume().map_err(|e| e.status())?;
+    if let Ok(old) = root.open(FILE_NAME, FileMode::ReadWrite, FileAttribute::empty()) {
+        old.delete().map_err(|e| e.status())?;
+    }
+    let file = root
+        .open(FILE_NAME, FileMode::CreateReadWrite, FileAttribute::empty())
+        .map_err(|e| e.status())?;
+    let mut file = file.into_regular_file().ok_or(Status::NOT_FOUND)?;
+    // Chunks of 61 lines (3904 bytes), so that writes start at many different offsets in the FAT's and the
+    // qcow2 image's clusters.
+    let mut chunk = [0u8; 61 * LINE_LEN];
+    let mut i = 0;
+    while i < LINES {
+        let mut len = 0;
+        for slot in chunk.chunks_exact_mut(LINE_LEN) {
+            if i == LINES {
+                break;
+            }
+            let mut l = [0u8; LINE_LEN];
+            line(i, &mut l);
+            slot.copy_from_slice(&l);
+            len += LINE_LEN;
+            i += 1;
+        }
+        file.write(chunk.get(..len).unwrap_or(&[]))
+            .map_err(|e| e.status())?;
+    }
+    file.flush().map_err(|e| e.status())?;
+    file.close();
+    say!(
+        "wrote {FILE_NAME} ({} bytes), flushed and closed it",
+        LINES as usize * LINE_LEN
+    );
+    how_to_leave(&mut root)
+}
+
+/// Writes lines 0 to [`RAW_LINES`] into the last 8 blocks of the partition this program was loaded from,
+/// through its Block I/O, with no FlushBlocks after. Returns the first block written.
+fn raw_write() -> Result<u64, Status> {
+    let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
+        .map_err(|e| e.status())?;
+    let device = image.device().ok_or(Status::NOT_FOUND)?;
+    // SAFETY: non-exclusive (the FAT driver stays bound); closed before the function returns.
+    let mut io = unsafe {
+        boot::open_protocol::<BlockIO>(
+            OpenProtocolParams {
+                handle: device,
+                agent: boot::image_handle(),
+                controller: None,
+            },
+            OpenProtocolAttributes::GetProtocol,
+        )
+    }
+    .map_err(|e| e.status())?;
+    let (media_id, block_size, last) = {
+        let m = io.media();
+        (m.media_id(), m.block_size(), m.last_block())
+    };
+    if block_size != 512 || last < 7 {
+        return Err(Status::UNSUPPORTED);
+    }
+    let mut buf = [0u8; RAW_LINES * LINE_LEN];
+    for (i, slot) in (0..).zip(buf.chunks_exact_mut(LINE_LEN)) {
+        let mut l = [0u8; LINE_LEN];
+        line(i, &mut l);
+        slot.copy_from_slice(&l);
+    }
+    let lba = last - 7;
+    io.write_blocks(media_id, lba, &buf)
+        .map_err(|e| e.status())?;
+    Ok(lba)
+}
 
 #[entry]
 fn main() -> Status {
     if uefi::helpers::init().is_err() {
         return Status::ABORTED;
     }
-    uefi::println!("{LINE}");
+    let leave = if device_writable() {
+        let leave = match write_file() {
+            Ok(leave) => leave,
+            Err(e) => {
+                say!("writing {FILE_NAME} failed: {e:?}");
+                return e;
+            }
+        };
+        match raw_write() {
+            Ok(lba) => say!(
+                "wrote {} bytes at block {lba} of its partition through Block I/O, no flush",
+                RAW_LINES * LINE_LEN
+            ),
+            Err(e) => {
+                say!("writing through Block I/O failed: {e:?}");
+                return e;
+            }
+        }
+        leave
+    } else {
+        Leave::Reset
+    };
+    uefi::system::with_stdout(|out| {
+        let _ = writeln!(out, "{LINE}");
+    });
     boot::stall(core::time::Duration::from_millis(100));
+    match leave {
+        Leave::Reset => {}
+        Leave::ExitBootServices => {
+            say!("exiting boot services");
+            // SAFETY: nothing of boot services is used after this (the console neither).
+            let _map = unsafe { boot::exit_boot_services(None) };
+        }
+        Leave::Return => {
+            say!("returning");
+            return Status::SUCCESS;
+        }
+        Leave::Hang => {
+            say!("waiting for the power to be cut");
+            loop {
+                boot::stall(core::time::Duration::from_secs(1));
+            }
+        }
+    }
     uefi::runtime::reset(ResetType::SHUTDOWN, Status::SUCCESS, None)
 }
