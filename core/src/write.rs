@@ -10,7 +10,10 @@
 //! - A new L2 table is written (and flushed) before the L1 entry that points at it; a new refcount block
 //!   before the refcount table entry; a new refcount table and its blocks before the header.
 //! - With lazy refcounts the dirty bit is set durably before the first change; refcounts may then lag behind
-//!   the L2 tables until a clean [`Image::close`], and a writable open of a dirty image rebuilds them.
+//!   the L2 tables until a clean [`Image::close`], and a writable open of a dirty image rebuilds them. That
+//!   needs the `dirty-repair` feature (on by default); without it the engine treats a lazy-refcounts image
+//!   like any other (refcounts written back before the entries that need them, no dirty bit) and refuses to
+//!   open a dirty one for writing.
 //!
 //! Changed L2 and refcount slices stay in the metadata cache (dirty) and are written back in that order when
 //! the cache needs room, at [`Image::flush`] and at [`Image::close`]. Memory stays bounded: nothing here
@@ -21,7 +24,7 @@ use heapless::Vec;
 use crate::Error;
 use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
-use crate::engine::{BitmapsExtension, Buffers, Format, Image, Reader, Resolver, open_qcow2};
+use crate::engine::{BitmapsExtension, Buffers, Format, Image, Reader, Resolver};
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
@@ -967,14 +970,18 @@ where
     /// external data file, which the resolver supplies, is written too).
     ///
     /// Refuses images with the corrupt bit set, and metadata caches of fewer than [`MIN_WRITE_SLICES`] slices.
-    /// A dirty image (lazy refcounts after a crash) has its refcounts rebuilt before this returns. Before the
-    /// first write, unknown autoclear bits are cleared, and so is the bitmaps bit: the engine does not update
-    /// dirty bitmaps, so it disowns them (frees their clusters) rather than leave them stale.
+    /// A dirty image (lazy refcounts after a crash) has its refcounts rebuilt before this returns (feature
+    /// `dirty-repair`, on by default); without that feature it is refused with [`Error::NeedsRepair`] and
+    /// left as it is: [`crate::check::repair`] it (mode `All`), then open it again. Before the first write,
+    /// unknown autoclear bits are cleared, and so is the bitmaps bit: the engine does not update dirty
+    /// bitmaps, so it disowns them (frees their clusters) rather than leave them stale.
     ///
     /// Writes keep QEMU's crash-safety rules (see [`crate::write`]): after a power loss
     /// the image may leak clusters but never loses flushed data or references a cluster whose refcount is too
     /// low. [`Image::flush`] makes everything written before it durable; [`Image::close`] also clears the
-    /// dirty bit of a lazy-refcounts image.
+    /// dirty bit of a lazy-refcounts image. Without `dirty-repair` the engine never sets the dirty bit: it
+    /// writes the refcounts of a lazy-refcounts image back as it does for any other, so that whatever it
+    /// leaves behind (even after a power loss) opens for writing again.
     pub fn open_writable<R: Resolver<D>>(
         dev: D,
         buffers: Buffers<B>,
@@ -1006,13 +1013,21 @@ where
         if h.incompatible_features
             .contains(IncompatibleFeatures::DIRTY)
         {
+            #[cfg(feature = "dirty-repair")]
             img.rebuild_refcounts()?;
+            #[cfg(not(feature = "dirty-repair"))]
+            return Err(Error::NeedsRepair {
+                what: "the image is dirty (lazy refcounts were not written back); repair it (check -r all) \
+                       before writing",
+            });
         }
         img.w = WriteState {
             writable: true,
+            // Without `dirty-repair` a dirty image could not be reopened for writing: keep refcounts eager.
             lazy: h
                 .compatible_features
-                .contains(CompatibleFeatures::LAZY_REFCOUNTS),
+                .contains(CompatibleFeatures::LAZY_REFCOUNTS)
+                && cfg!(feature = "dirty-repair"),
             free_hint: 1,
             ..WriteState::default()
         };
@@ -1020,6 +1035,7 @@ where
     }
 
     /// Rebuilds the refcounts of a dirty image (after a crash with lazy refcounts) and re-reads its header.
+    #[cfg(feature = "dirty-repair")]
     fn rebuild_refcounts(&mut self) -> Result<(), Error<D::Error>> {
         let Image {
             layers,
@@ -1045,7 +1061,7 @@ where
         }
         cache.invalidate(None);
         let size = layer.dev.size()?;
-        let meta = open_qcow2(&mut layer.dev, bounce.as_mut(), size)?;
+        let meta = crate::engine::open_qcow2(&mut layer.dev, bounce.as_mut(), size)?;
         layer.meta = Some(meta);
         layer.file_size = size;
         Ok(())
