@@ -43,8 +43,8 @@
 //!     + metadata.len()                                    (SLICES slots of a power of two ≥ 512 bytes)
 //!     + for compressed images with Inflate: window.len() + input.len()
 //!                                                         (window ≥ 32 KiB, or ≥ one cluster to keep one)
-//!     + stack: bounded, no recursion; open() uses ≈ 2.2 KiB for names, writes ≈ 1 KiB
-//!       (a 512-byte copy buffer when the bounce buffer is a single block)
+//!     + stack: bounded, no recursion; open() uses ≈ 2 KiB (one 1023-byte name buffer at a
+//!       time), writes ≈ 1 KiB (a 512-byte copy buffer when the bounce buffer is a single block)
 //! ```
 //!
 //! Writing uses the same buffers: dirty L2 and refcount slices stay in the metadata cache until they are
