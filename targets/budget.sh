@@ -2,7 +2,8 @@
 # Budgets of the qcow2-core engine on thumbv7em-none-eabihf (Cortex-M4F) at opt-level "z", LTO, panic=abort:
 #
 #   flash (.text + .rodata) of the read-only engine with deflate      <= 32 KiB  (targets/budget ro-deflate)
-#   flash (.text + .rodata) of the read-write engine                  <= 64 KiB  (targets/budget rw)
+#   flash (.text + .rodata) of the read-write engine                  <= 64 KiB  (targets/budget rw, built
+#                                                                                without `dirty-repair`)
 #   RAM for an uncompressed read, besides the metadata cache slices   <=  8 KiB  (size_of Image + bounce block)
 #   RAM for a compressed read (everything: image, inflate state,
 #       window, input, bounce, metadata cache)                        <= 48 KiB
@@ -10,7 +11,9 @@
 #   panic paths: no qcow2_core function calls a panic entry point; dependencies' sites are allowlisted
 #
 # The binaries' flash includes their own few hundred bytes of start-up and device glue (`_start`, the opaque
-# device); ro-plain (no decompressor) is printed for comparison. RAM figures are size_of values for the
+# device); ro-plain (no decompressor) and rw-repair (the read-write engine with qcow2-core's `dirty-repair`,
+# which links check's walk and repair so that a writable open can rebuild a dirty image's refcounts) are
+# printed for comparison, and rw-repair gets the panic-path check too. RAM figures are size_of values for the
 # target, stored by the binaries in a `.budget` section. The peak stack comes from targets/cortex-m/test.sh
 # (which this script runs unless QCOW2_STACK_FILE names a file it already wrote).
 #
@@ -24,7 +27,7 @@ for tool in llvm-size llvm-objcopy llvm-objdump llvm-addr2line llvm-cxxfilt pyth
     command -v "$tool" >/dev/null || { echo "budget: $tool is missing" >&2; exit 1; }
 done
 
-(cd budget && cargo build --release)
+(cd budget && cargo build --release && cargo build --release --features dirty-repair --bin rw-repair)
 bin_dir=$(cd budget && cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' |
     cut -d'"' -f4)/thumbv7em-none-eabihf/release
 
@@ -51,6 +54,7 @@ read -r img_deflate _ _ window input <<<"$(ram_words "$bin_dir/ro-deflate")"
 ro_plain=$(flash "$bin_dir/ro-plain")
 ro_deflate=$(flash "$bin_dir/ro-deflate")
 rw=$(flash "$bin_dir/rw")
+rw_repair=$(flash "$bin_dir/rw-repair")
 ram_plain=$((img_plain + bounce))
 ram_deflate=$((img_deflate + bounce + metadata + window + input))
 
@@ -79,6 +83,7 @@ echo "Budgets, thumbv7em-none-eabihf, opt-level z, LTO, panic=abort (DEPTH 2, 4 
 printf '%-13s %-58s %7d B\n' info "flash: read-only engine, no decompressor (ro-plain)" "$ro_plain"
 check flash-ro "flash: read-only engine with deflate (ro-deflate)" "$ro_deflate" $((32 * 1024))
 check flash-rw "flash: read-write engine with deflate (rw)" "$rw" $((64 * 1024))
+printf '%-13s %-58s %7d B\n' info "  (with dirty-repair, which links check::repair: rw-repair)" "$rw_repair"
 check ram-plain "RAM, uncompressed read: Image $img_plain + bounce $bounce" "$ram_plain" $((8 * 1024))
 printf '%-13s %-58s %7d B\n' info "  (plus the caller's metadata cache: 4 slices)" "$metadata"
 check ram-deflate "RAM, compressed read: Image+inflate $img_deflate + buffers" "$ram_deflate" $((48 * 1024))
@@ -87,7 +92,7 @@ check stack-read "peak stack, Cortex-M run, read jobs" "$stack_read" $((8 * 1024
 check stack-write "peak stack, Cortex-M run, write jobs" "$stack_write" $((8 * 1024))
 
 echo
-for b in ro-deflate rw; do
+for b in ro-deflate rw rw-repair; do
     echo "Panic paths in $b:"
     reason=$(sed -n "s/^panic-$b: //p" "$waivers" 2>/dev/null || true)
     if python3 budget/panic_paths.py "$bin_dir/$b" budget/panic-allowlist.txt; then

@@ -87,6 +87,12 @@ pub enum Error<E> {
     },
     /// The image is open read-only (or may only be opened read-only: corrupt bit set).
     ReadOnly,
+    /// The image must be repaired before it can be opened for writing (a dirty lazy-refcounts image, when
+    /// the engine is built without the `dirty-repair` feature): [`crate::check::repair`] it and open again.
+    NeedsRepair {
+        /// What is wrong, and what to do.
+        what: &'static str,
+    },
     /// The image cannot grow any further (host offsets past 2^56, or a refcount table past QEMU's limit).
     NoSpace {
         /// What ran out.
@@ -130,6 +136,7 @@ impl<E> Error<E> {
             Error::ChainTooDeep { limit } => Error::ChainTooDeep { limit },
             Error::Decompress { offset, problem } => Error::Decompress { offset, problem },
             Error::ReadOnly => Error::ReadOnly,
+            Error::NeedsRepair { what } => Error::NeedsRepair { what },
             Error::NoSpace { what } => Error::NoSpace { what },
         }
     }
@@ -192,6 +199,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                 )
             }
             Error::ReadOnly => write!(f, "Image is read-only"),
+            Error::NeedsRepair { what } => write!(f, "{what}"),
             Error::NoSpace { what } => write!(f, "No space left in the image: {what}"),
         }
     }
@@ -250,6 +258,7 @@ impl<E> defmt::Format for Error<E> {
                 )
             }
             Error::ReadOnly => defmt::write!(f, "read-only"),
+            Error::NeedsRepair { what } => defmt::write!(f, "needs repair: {=str}", what),
             Error::NoSpace { what } => defmt::write!(f, "no space: {=str}", what),
         }
     }

@@ -43,8 +43,8 @@
 //!     + metadata.len()                                    (SLICES slots of a power of two ≥ 512 bytes)
 //!     + for compressed images with Inflate: window.len() + input.len()
 //!                                                         (window ≥ 32 KiB, or ≥ one cluster to keep one)
-//!     + stack: bounded, no recursion; open() uses ≈ 2.2 KiB for names, writes ≈ 1 KiB
-//!       (a 512-byte copy buffer when the bounce buffer is a single block)
+//!     + stack: bounded, no recursion; open() uses ≈ 2 KiB (one 1023-byte name buffer at a
+//!       time), writes ≈ 1 KiB (a 512-byte copy buffer when the bounce buffer is a single block)
 //! ```
 //!
 //! Writing uses the same buffers: dirty L2 and refcount slices stay in the metadata cache until they are
@@ -55,6 +55,19 @@
 //! None of these terms depends on the image's virtual size, cluster size, L1 size or chain length: a
 //! 2 MiB-cluster, 1 TiB image opens and reads with the same RAM as a 64 KiB-cluster one (a test asserts it by
 //! counting what the engine holds).
+//!
+//! # Features
+//!
+//! - `dirty-repair` (default): [`Image::open_writable`] rebuilds the refcounts of a dirty image (lazy
+//!   refcounts that a crashed writer did not write back) with [`check::repair`], as QEMU does when it opens
+//!   one. That links check's walk and repair, about 30 KiB of thumbv7em code at opt-level `z`. Without the
+//!   feature, such an open fails with [`Error::NeedsRepair`] and writes nothing (run [`check::repair`] with
+//!   [`check::RepairMode::All`], then open again), and the engine never makes an image dirty itself: on a
+//!   lazy-refcounts image it writes refcounts back as it does on any other, so whatever it leaves behind,
+//!   even after a power loss, opens for writing again. Reading is the same either way. Firmware that turns
+//!   default features off gets the smaller engine.
+//! - `embedded-io`: `io::EmbeddedIoDevice`, a block device over an `embedded-io` `Read + Seek` stream.
+//! - `defmt` or `log` (not both): the engine's log messages, and `defmt::Format` for its public types.
 
 #![no_std]
 #![forbid(unsafe_code)]

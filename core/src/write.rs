@@ -10,7 +10,10 @@
 //! - A new L2 table is written (and flushed) before the L1 entry that points at it; a new refcount block
 //!   before the refcount table entry; a new refcount table and its blocks before the header.
 //! - With lazy refcounts the dirty bit is set durably before the first change; refcounts may then lag behind
-//!   the L2 tables until a clean [`Image::close`], and a writable open of a dirty image rebuilds them.
+//!   the L2 tables until a clean [`Image::close`], and a writable open of a dirty image rebuilds them. That
+//!   needs the `dirty-repair` feature (on by default); without it the engine treats a lazy-refcounts image
+//!   like any other (refcounts written back before the entries that need them, no dirty bit) and refuses to
+//!   open a dirty one for writing.
 //!
 //! Changed L2 and refcount slices stay in the metadata cache (dirty) and are written back in that order when
 //! the cache needs room, at [`Image::flush`] and at [`Image::close`]. Memory stays bounded: nothing here
@@ -21,7 +24,7 @@ use heapless::Vec;
 use crate::Error;
 use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
-use crate::engine::{BitmapsExtension, Buffers, Format, Image, Reader, Resolver, open_qcow2};
+use crate::engine::{BitmapsExtension, Buffers, Format, Image, Layer, Reader, Resolver};
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
@@ -478,6 +481,29 @@ where
         })?;
         self.flush_dev()?;
         self.set_table_word(self.g.rt_off, r.saturating_mul(8), host)?;
+        Ok(())
+    }
+
+    /// Copies the cluster at host offset `from` to `to`.
+    ///
+    /// Out of line: inlined, its stack copy buffer would sit in the frame of the write request, below which
+    /// every allocation of that request runs.
+    #[inline(never)]
+    fn copy_cluster(&mut self, from: u64, to: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.g.cs;
+        let bs = self.dev.block_size();
+        let (bounce, rest) = split_bounce(self.bounce, bs);
+        let mut stack = [0u8; STACK_CHUNK];
+        let chunk = chunk_of(rest, &mut stack);
+        let mut done = 0u64;
+        while done < cs {
+            let n = (chunk.len() as u64).min(cs.saturating_sub(done)) as usize;
+            let part = chunk.get_mut(..n).unwrap_or(&mut []);
+            read_bytes(self.dev, bounce, from.saturating_add(done), part)?;
+            write_bytes(self.dev, bounce, to.saturating_add(done), part)?;
+            done = done.saturating_add(n as u64);
+        }
+        self.w.needs_flush = true;
         Ok(())
     }
 
@@ -957,6 +983,75 @@ fn set_in_chunk(chunk: &mut [u8], chunk_start: u64, entry: u64, order: u32) -> O
     )
 }
 
+/// Refuses a corrupt image and repairs (or, without `dirty-repair`, refuses) a dirty one, for
+/// [`Image::open_writable`]. Returns whether lazy refcounts are in effect for the writer.
+fn make_writable<
+    D: BlockDeviceWrite,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    const DEPTH: usize,
+    const SLICES: usize,
+>(
+    layers: &mut Vec<Layer<D>, DEPTH>,
+    bounce: &mut [u8],
+    cache: &mut SliceCache<B, SLICES>,
+) -> Result<bool, Error<D::Error>> {
+    let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
+    let header = &layer.meta.as_ref().ok_or(Error::ReadOnly)?.header;
+    let incompatible = header.incompatible_features;
+    let lazy = header
+        .compatible_features
+        .contains(CompatibleFeatures::LAZY_REFCOUNTS);
+    if incompatible.contains(IncompatibleFeatures::CORRUPT) {
+        return Err(corrupt(
+            "the image is marked corrupt; repair it (check -r all) before writing",
+            0,
+        ));
+    }
+    if incompatible.contains(IncompatibleFeatures::DIRTY) {
+        #[cfg(feature = "dirty-repair")]
+        rebuild_refcounts(layer, bounce, cache)?;
+        #[cfg(not(feature = "dirty-repair"))]
+        return Err(Error::NeedsRepair {
+            what: "the image is dirty (lazy refcounts were not written back); repair it (check -r all) \
+                   before writing",
+        });
+    }
+    #[cfg(not(feature = "dirty-repair"))]
+    let _ = (bounce, cache);
+    // Without `dirty-repair` a dirty image could not be reopened for writing: keep refcounts eager.
+    Ok(lazy && cfg!(feature = "dirty-repair"))
+}
+
+/// Rebuilds the refcounts of a dirty image (after a crash with lazy refcounts) and re-reads its header.
+#[cfg(feature = "dirty-repair")]
+fn rebuild_refcounts<D: BlockDeviceWrite, B: AsRef<[u8]> + AsMut<[u8]>, const SLICES: usize>(
+    layer: &mut Layer<D>,
+    bounce: &mut [u8],
+    cache: &mut SliceCache<B, SLICES>,
+) -> Result<(), Error<D::Error>> {
+    // The metadata cache is empty at this point: its buffer is the repair's scratch memory.
+    let scratch = cache.scratch()?;
+    let report = crate::check::repair(
+        &mut layer.dev,
+        bounce,
+        scratch,
+        crate::check::RepairMode::All,
+        &mut crate::check::NoSink,
+    )?;
+    if report.corruptions != 0 {
+        return Err(corrupt(
+            "the dirty image's refcounts could not be rebuilt",
+            report.corruptions,
+        ));
+    }
+    cache.invalidate(None);
+    let size = layer.dev.size()?;
+    let meta = crate::engine::open_qcow2(&mut layer.dev, bounce, size)?;
+    layer.meta = Some(meta);
+    layer.file_size = size;
+    Ok(())
+}
+
 impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
 where
     D: BlockDeviceWrite,
@@ -967,14 +1062,18 @@ where
     /// external data file, which the resolver supplies, is written too).
     ///
     /// Refuses images with the corrupt bit set, and metadata caches of fewer than [`MIN_WRITE_SLICES`] slices.
-    /// A dirty image (lazy refcounts after a crash) has its refcounts rebuilt before this returns. Before the
-    /// first write, unknown autoclear bits are cleared, and so is the bitmaps bit: the engine does not update
-    /// dirty bitmaps, so it disowns them (frees their clusters) rather than leave them stale.
+    /// A dirty image (lazy refcounts after a crash) has its refcounts rebuilt before this returns (feature
+    /// `dirty-repair`, on by default); without that feature it is refused with [`Error::NeedsRepair`] and
+    /// left as it is: [`crate::check::repair`] it (mode `All`), then open it again. Before the first write,
+    /// unknown autoclear bits are cleared, and so is the bitmaps bit: the engine does not update dirty
+    /// bitmaps, so it disowns them (frees their clusters) rather than leave them stale.
     ///
     /// Writes keep QEMU's crash-safety rules (see [`crate::write`]): after a power loss
     /// the image may leak clusters but never loses flushed data or references a cluster whose refcount is too
     /// low. [`Image::flush`] makes everything written before it durable; [`Image::close`] also clears the
-    /// dirty bit of a lazy-refcounts image.
+    /// dirty bit of a lazy-refcounts image. Without `dirty-repair` the engine never sets the dirty bit: it
+    /// writes the refcounts of a lazy-refcounts image back as it does for any other, so that whatever it
+    /// leaves behind (even after a power loss) opens for writing again.
     pub fn open_writable<R: Resolver<D>>(
         dev: D,
         buffers: Buffers<B>,
@@ -988,67 +1087,28 @@ where
                 have: SLICES as u64,
             });
         }
-        let mut img = Self::open_as(dev, Format::Qcow2, buffers, decompressor, resolver)?;
-        let meta = img
-            .layers
-            .first()
-            .and_then(|l| l.meta)
-            .ok_or(Error::ReadOnly)?;
-        let h = meta.header;
-        if h.incompatible_features
-            .contains(IncompatibleFeatures::CORRUPT)
-        {
-            return Err(corrupt(
-                "the image is marked corrupt; repair it (check -r all) before writing",
-                0,
-            ));
-        }
-        if h.incompatible_features
-            .contains(IncompatibleFeatures::DIRTY)
-        {
-            img.rebuild_refcounts()?;
-        }
-        img.w = WriteState {
-            writable: true,
-            lazy: h
-                .compatible_features
-                .contains(CompatibleFeatures::LAZY_REFCOUNTS),
-            free_hint: 1,
-            ..WriteState::default()
-        };
-        Ok(img)
-    }
-
-    /// Rebuilds the refcounts of a dirty image (after a crash with lazy refcounts) and re-reads its header.
-    fn rebuild_refcounts(&mut self) -> Result<(), Error<D::Error>> {
-        let Image {
+        // As `open_as`, with the checks and the repair in between: the image value is built once, where it is
+        // returned.
+        let Buffers {
+            mut bounce,
+            metadata,
+        } = buffers;
+        let mut cache = SliceCache::new(metadata)?;
+        let mut layers = Vec::new();
+        Self::open_chain(&mut layers, dev, Format::Qcow2, bounce.as_mut(), resolver)?;
+        let lazy = make_writable(&mut layers, bounce.as_mut(), &mut cache)?;
+        Ok(Image {
             layers,
             bounce,
             cache,
-            ..
-        } = self;
-        let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
-        // The metadata cache is empty at this point: its buffer is the repair's scratch memory.
-        let scratch = cache.scratch()?;
-        let report = crate::check::repair(
-            &mut layer.dev,
-            bounce.as_mut(),
-            scratch,
-            crate::check::RepairMode::All,
-            &mut crate::check::NoSink,
-        )?;
-        if report.corruptions != 0 {
-            return Err(corrupt(
-                "the dirty image's refcounts could not be rebuilt",
-                report.corruptions,
-            ));
-        }
-        cache.invalidate(None);
-        let size = layer.dev.size()?;
-        let meta = open_qcow2(&mut layer.dev, bounce.as_mut(), size)?;
-        layer.meta = Some(meta);
-        layer.file_size = size;
-        Ok(())
+            decompressor,
+            w: WriteState {
+                writable: true,
+                lazy,
+                free_hint: 1,
+                ..WriteState::default()
+            },
+        })
     }
 
     /// Whether the image was opened for writing (and has not been stopped by a corruption).
@@ -1144,22 +1204,8 @@ where
         m.make_room(3)?;
         let new = m.alloc_metadata_cluster()?;
         match old {
-            Some(old) => {
-                // Copy the shared table; its entries keep their (shared) COPIED-less state.
-                let bs = m.dev.block_size();
-                let (bounce, rest) = split_bounce(m.bounce, bs);
-                let mut stack = [0u8; STACK_CHUNK];
-                let chunk = chunk_of(rest, &mut stack);
-                let mut done = 0u64;
-                while done < g.cs {
-                    let n = (chunk.len() as u64).min(g.cs.saturating_sub(done)) as usize;
-                    let part = chunk.get_mut(..n).unwrap_or(&mut []);
-                    read_bytes(m.dev, bounce, old.saturating_add(done), part)?;
-                    write_bytes(m.dev, bounce, new.saturating_add(done), part)?;
-                    done = done.saturating_add(n as u64);
-                }
-                m.w.needs_flush = true;
-            }
+            // Copy the shared table; its entries keep their (shared) COPIED-less state.
+            Some(old) => m.copy_cluster(old, new)?,
             None => m.write_zeros(new, g.cs)?,
         }
         if !m.w.lazy {
@@ -1736,6 +1782,15 @@ where
 
     /// Flushes, clears the dirty bit (lazy refcounts) and gives the device back.
     pub fn close(mut self) -> Result<D, Error<D::Error>> {
+        self.finish()?;
+        // Taken out in place: the backing images are dropped, the top one popped.
+        self.layers.truncate(1);
+        self.layers.pop().map(|l| l.dev).ok_or(Error::ReadOnly)
+    }
+
+    /// What [`Image::close`] writes: everything cached, then the cleared dirty bit.
+    #[inline(never)]
+    fn finish(&mut self) -> Result<(), Error<D::Error>> {
         if self.w.writable {
             self.flush()?;
             let mut m = self.meta()?;
@@ -1746,7 +1801,6 @@ where
                 m.w.dirty_bit = false;
             }
         }
-        let layer = self.layers.into_iter().next().ok_or(Error::ReadOnly)?;
-        Ok(layer.dev)
+        Ok(())
     }
 }

@@ -387,6 +387,13 @@ impl Header {
                 "L1 table is too small for the virtual size",
             ));
         }
+        if u64::from(self.l1_size).saturating_mul(8) > MAX_L1_BYTES {
+            return Err(invalid(
+                "l1_size",
+                self.l1_size.into(),
+                "L1 table is larger than 32 MiB",
+            ));
+        }
         validate_table(
             "l1_table_offset",
             self.l1_table_offset,
@@ -394,15 +401,7 @@ impl Header {
             8,
             MAX_L1_BYTES,
             cluster_size,
-        )
-        .map_err(|e| match e {
-            Error::InvalidHeader {
-                problem: "table is larger than the limit",
-                value,
-                ..
-            } => invalid("l1_size", value, "L1 table is larger than 32 MiB"),
-            other => other,
-        })?;
+        )?;
         if self.refcount_table_clusters == 0 {
             return Err(invalid(
                 "refcount_table_clusters",

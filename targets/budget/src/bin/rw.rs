@@ -1,26 +1,24 @@
-//! The read-write engine (with deflate for reading compressed clusters): open_writable, map, read, write,
-//! write zeroes, discard, flush, close.
+//! The read-write engine (with deflate for reading compressed clusters), without `dirty-repair`:
+//! open_writable, map, read, write, write zeroes, discard, flush, close.
 
 #![no_std]
 #![no_main]
 
 #[path = "../common.rs"]
 mod common;
+#[path = "../rw.rs"]
+mod rw;
 
-use core::hint::black_box;
 use core::mem::size_of;
 
-use common::{BLOCK, DEPTH, Dev, INPUT, METADATA, SLICES, WINDOW};
-use qcow2_core::{Buffers, Image, Inflate, NoFiles};
-
-type Img<'a> = Image<Dev, &'a mut [u8], Inflate<&'a mut [u8]>, DEPTH, SLICES>;
+use common::{BLOCK, INPUT, METADATA, WINDOW};
 
 /// RAM figures for targets/budget.sh: the image value (which holds the inflate state) and the buffers a
 /// compressed read needs (bounce, metadata cache, inflate window, inflate input).
 #[used]
 #[unsafe(link_section = ".budget")]
 static RAM_RW: [u32; 5] = [
-    size_of::<Img<'static>>() as u32,
+    size_of::<rw::Img<'static>>() as u32,
     BLOCK as u32,
     METADATA as u32,
     WINDOW as u32,
@@ -29,35 +27,7 @@ static RAM_RW: [u32; 5] = [
 
 #[unsafe(no_mangle)]
 pub extern "C" fn _start() -> ! {
-    let mut bounce = [0u8; BLOCK];
-    let mut metadata = [0u8; METADATA];
-    let mut window = [0u8; WINDOW];
-    let mut input = [0u8; INPUT];
-    let mut out = [0u8; BLOCK];
-    let buffers = Buffers {
-        bounce: &mut bounce[..],
-        metadata: &mut metadata[..],
-    };
-    if let Ok(mut image) = Img::open_writable(
-        Dev::new(),
-        buffers,
-        Inflate::new(&mut window[..], &mut input[..]),
-        &mut NoFiles,
-    ) {
-        let pos = black_box(0);
-        black_box(image.map_guest_range(pos, black_box(1 << 20)).is_ok());
-        black_box(image.read_at(pos, &mut out).is_ok());
-        black_box(image.write_at(black_box(pos), &out).is_ok());
-        black_box(
-            image
-                .write_zeroes(black_box(pos), black_box(4096), black_box(false))
-                .is_ok(),
-        );
-        black_box(image.discard(black_box(pos), black_box(4096)).is_ok());
-        black_box(image.flush().is_ok());
-        black_box(image.close().is_ok());
-    }
-    common::halt()
+    rw::run()
 }
 
 #[panic_handler]
