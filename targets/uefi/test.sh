@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, then read-write four times.
+# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, then read-write five times.
 #
 # The disk: GPT, one EFI system partition (FAT) holding \EFI\BOOT\ (empty) in the base image and
 # \EFI\BOOT\BOOTX64.EFI (the payload) in the overlay only. The base is converted to a deflate-compressed
@@ -10,22 +10,31 @@
 #
 # Read-only run (qcow2-boot's default; both disks attached read-only): passes when the payload's line
 # appears on the serial output within the time limit (QCOW2_UEFI_TIMEOUT seconds per run, 180 by default).
+# In every run, before its line, the payload calls ReadBlocks of the whole virtual disk (qcow2-boot's Block
+# I/O, not the partition's) with requests the UEFI spec says must fail (a wrong media id, also with 0 bytes
+# and with a bad size past the end: MEDIA_CHANGED; 520 bytes: BAD_BUFFER_SIZE; after the last block, 2
+# blocks from the last, block 2^64-1: INVALID_PARAMETER) or do nothing (0 bytes: SUCCESS), and prints each
+# status; on the read-only disk WriteBlocks of a valid request must say WRITE_PROTECTED.
 #
 # Read-write runs: qcow2-boot.cfg next to qcow2-boot.efi says mode=rw; each run has a fresh overlay (with
 # 8 MiB of room after its data: a firmware disk cannot grow) attached writable, the base stays read-only.
 # The payload writes \qcow2-rw.txt (5000 lines, 320000 bytes) into the FAT file system through the
 # firmware, flushes and closes it, writes the file's first 4 KiB into the last 8 blocks of the ESP through
 # Block I/O with no FlushBlocks after (qcow2-boot reports no write caching: the write must be durable when
-# it returns), prints its line, and leaves as \payload.cfg on the overlay says:
+# it returns), makes the same bad requests to WriteBlocks (at the GPT header or past the end), prints its
+# line, and leaves as \payload.cfg on the overlay says:
 #   reset       ResetSystem(shutdown): qcow2-boot's reset notification closes the image (lazy refcounts)
 #   exitbs      ExitBootServices, then ResetSystem: the before-ExitBootServices event closes it (lazy refcounts)
 #   return      returns: qcow2-boot removes the virtual disk and closes the image (lazy refcounts)
 #   cut         hangs, and QEMU is killed (SIGKILL) as soon as the line shows: nothing closes the image or
 #               flushes; the data and the metadata must already be on the disk (qcow2-boot writes through)
-# After each: `qemu-img check` of the overlay exits 0 with no leak and no corruption, qemu-img info says it
-# is not dirty, the base is byte for byte what it was, and in `qemu-img convert -O raw` of the overlay the
-# ESP passes `fsck.fat -n` and holds the payload and \qcow2-rw.txt with exactly the payload's content,
-# and the ESP's last 8 blocks hold the 4 KiB written through Block I/O.
+#   shell       as reset, with mode=rw in the load options (the UEFI shell starts qcow2-boot)
+# After each: every bad request got its status, `qemu-img check` of the overlay exits 0 with no leak and no
+# corruption, qemu-img info says it is not dirty, the base is byte for byte what it was, and in `qemu-img
+# convert -O raw` of the overlay the disk outside the ESP is byte for byte as made, the ESP passes
+# `fsck.fat -n` and holds the payload and \qcow2-rw.txt with exactly the payload's content, and the ESP's
+# last 8 blocks hold the 4 KiB written through Block I/O.
+# Then a settings file with a mistake.
 # Fails (never skips) when a tool is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -122,6 +131,23 @@ printed() {
     tr -d '\r' <"serial-$1.txt" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -aqxF -e "$2"
 }
 
+# The payload's lines for its requests to the whole virtual disk's CALL (ReadBlocks or WriteBlocks) that
+# the UEFI spec says must be refused (or, for 0 bytes, do nothing): in the array probes.
+probe_lines() {
+    probes=("qcow2-payload: $1 with a wrong media id: MEDIA_CHANGED"
+        "qcow2-payload: $1 with a wrong media id and 0 bytes: MEDIA_CHANGED"
+        "qcow2-payload: $1 with a wrong media id, of 520 bytes after the last block: MEDIA_CHANGED"
+        "qcow2-payload: $1 of 520 bytes: BAD_BUFFER_SIZE"
+        "qcow2-payload: $1 at the block after the last: INVALID_PARAMETER"
+        "qcow2-payload: $1 of 2 blocks at the last block: INVALID_PARAMETER"
+        "qcow2-payload: $1 at block 2^64-1: INVALID_PARAMETER"
+        "qcow2-payload: $1 of 0 bytes: SUCCESS")
+}
+probe_lines ReadBlocks
+read_probes=("${probes[@]}")
+probe_lines WriteBlocks
+write_probes=("${probes[@]}")
+
 echo
 echo "=== read-only (the default)"
 boot ro boot overlay.qcow2 on "$LINE" TERM
@@ -130,6 +156,10 @@ if tr -d '\r' <serial-ro.txt | grep -aq "$LINE"; then
 else
     fail ro "no '$LINE' on the serial output within ${limit}s (qemu exit status $rc)"
 fi
+for l in "${read_probes[@]}" "qcow2-payload: WriteBlocks on a read-only disk: WRITE_PROTECTED"; do
+    printed ro "$l" || fail ro "no line '$l'"
+done
+echo "uefi: ro: ReadBlocks refused each bad request as the UEFI spec says, WriteBlocks said WRITE_PROTECTED"
 
 # The read-write runs.
 mkdir -p boot-rw/EFI/BOOT
@@ -147,6 +177,27 @@ new_overlay() {
     truncate -s %512 "$1.qcow2"
     truncate -s +8M "$1.qcow2"
     rm "disk-$1.raw"
+}
+
+# clean NAME: the overlay NAME.qcow2 is clean (qemu-img check exits 0, no leak, no corruption) and not
+# dirty; the base is byte for byte what it was.
+clean() {
+    local check st=0
+    check=$(qemu-img check "$1.qcow2" 2>&1) || st=$?
+    echo "$check" | sed 's/^/  qemu-img check: /'
+    ((st == 0)) || fail "$1" "qemu-img check exit status $st"
+    grep -q "^No errors were found on the image.$" <<<"$check" || fail "$1" "qemu-img check found errors"
+    ! grep -qi -e leak -e corrupt <<<"$check" || fail "$1" "qemu-img check found leaks or corruptions"
+    # (The top-level key: the protocol layer under "children" has one too.)
+    qemu-img info --output=json "$1.qcow2" | grep -qx '    "dirty-flag": false' ||
+        fail "$1" "the overlay is dirty (or qemu-img info has no top-level dirty-flag)"
+    cmp base.qcow2 base.orig || fail "$1" "the base image changed"
+}
+
+# outside_esp_unchanged RAW: whether the raw disk RAW is, before and after the ESP, byte for byte the disk
+# made above (the GPT and the zeros around it).
+outside_esp_unchanged() {
+    cmp -n $((esp_start * 512)) "$1" disk-top.raw && cmp -i $(((esp_start + esp_sectors) * 512)) "$1" disk-top.raw
 }
 
 # rw NAME BOOT_DIR EXIT LAZY STOP HOOK: a read-write run (see the top of this file). BOOT_DIR is what OVMF
@@ -174,27 +225,18 @@ rw() {
     for l in ${settings:+"$settings"} "qcow2-boot: read-write" \
         "qcow2-payload: wrote \\qcow2-rw.txt (320000 bytes), flushed and closed it" \
         "qcow2-payload: wrote 4096 bytes at block $((esp_sectors - 8)) of its partition through Block I/O, no flush" \
-        "$LINE" ${hook:+"$hook"}; do
+        "${read_probes[@]}" "${write_probes[@]}" "$LINE" ${hook:+"$hook"}; do
         printed "$name" "$l" || fail "$name" "no line '$l'"
     done
     if grep -aq -e "qcow2-boot: failed" -e "qcow2-boot: writing" -e "closing the image failed" "serial-$name.txt"; then
         fail "$name" "qcow2-boot reported an error"
     fi
 
-    # The overlay: clean and not dirty; the base: untouched.
-    local check st=0
-    check=$(qemu-img check "$name.qcow2" 2>&1) || st=$?
-    echo "$check" | sed 's/^/  qemu-img check: /'
-    ((st == 0)) || fail "$name" "qemu-img check exit status $st"
-    grep -q "^No errors were found on the image.$" <<<"$check" || fail "$name" "qemu-img check found errors"
-    ! grep -qi -e leak -e corrupt <<<"$check" || fail "$name" "qemu-img check found leaks or corruptions"
-    # (The top-level key: the protocol layer under "children" has one too.)
-    qemu-img info --output=json "$name.qcow2" | grep -qx '    "dirty-flag": false' ||
-        fail "$name" "the overlay is dirty (or qemu-img info has no top-level dirty-flag)"
-    cmp base.qcow2 base.orig || fail "$name" "the base image changed"
-
-    # The guest disk: the file system is sound and holds the payload and the file written.
+    clean "$name"
+    # The guest disk: outside the ESP (where the refused writes aimed) as made; the file system is sound and
+    # holds the payload and the file written.
     qemu-img convert -O raw "$name.qcow2" "$name.raw"
+    outside_esp_unchanged "$name.raw" || fail "$name" "the disk outside the ESP changed"
     dd if="$name.raw" of="esp-$name.out" bs=512 skip=$esp_start count=$esp_sectors status=none
     fsck.fat -n "esp-$name.out" >"fsck-$name.txt" 2>&1 || { cat "fsck-$name.txt" >&2; fail "$name" "fsck.fat -n failed"; }
     mcopy -n -i "esp-$name.out" ::/qcow2-rw.txt "got-$name.txt"
@@ -204,7 +246,8 @@ rw() {
     cmp <(dd if="esp-$name.out" bs=512 skip=$((esp_sectors - 8)) status=none) <(head -c 4096 expected.txt) ||
         fail "$name" "the ESP's last 8 blocks do not hold what the payload wrote through Block I/O"
     echo "uefi: $name: the overlay is clean and not dirty, the base unchanged, \\qcow2-rw.txt (320000 bytes)" \
-        "and the 4 KiB written through Block I/O read back exactly, fsck.fat is content (qemu exit status $rc)"
+        "and the 4 KiB written through Block I/O read back exactly, fsck.fat is content, the bad ReadBlocks" \
+        "and WriteBlocks requests were refused as the UEFI spec says and left the disk as it was (qemu exit status $rc)"
     rm -f "$name.raw" "esp-$name.img" "esp-$name.out"
 }
 

@@ -12,14 +12,21 @@
 //! - `exit-boot-services`: ExitBootServices, then ResetSystem(shutdown) (an OS loader's way out);
 //! - `return`: returns to qcow2-boot, which removes the virtual disk and closes the image;
 //! - `hang`: waits forever (the test cuts the power: the written data must already be durable).
+//!
+//! On any disk, before its line, it calls ReadBlocks and WriteBlocks of the whole virtual disk (the Block
+//! I/O that qcow2-boot installs, under the partition's) with requests the UEFI spec says must be refused
+//! (see [`refusals`]) and prints each status; on a read-only disk WriteBlocks must say WRITE_PROTECTED.
 
 #![no_std]
 #![no_main]
 
 use core::fmt::Write as _;
 
-use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams};
+use uefi::Identify;
+use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams, ScopedProtocol, SearchType};
 use uefi::prelude::*;
+use uefi::proto::ProtocolPointer;
+use uefi::proto::device_path::DevicePath;
 use uefi::proto::loaded_image::LoadedImage;
 use uefi::proto::media::block::BlockIO;
 use uefi::proto::media::file::{Directory, File, FileAttribute, FileMode};
@@ -77,18 +84,7 @@ fn device_writable() -> bool {
     let Some(device) = image.device() else {
         return false;
     };
-    // SAFETY: a non-exclusive look at the media, closed before the function returns.
-    let io = unsafe {
-        boot::open_protocol::<BlockIO>(
-            OpenProtocolParams {
-                handle: device,
-                agent: boot::image_handle(),
-                controller: None,
-            },
-            OpenProtocolAttributes::GetProtocol,
-        )
-    };
-    io.is_ok_and(|io| !io.media().is_read_only())
+    get::<BlockIO>(device).is_ok_and(|io| !io.media().is_read_only())
 }
 
 /// `\payload.cfg`: how to leave.
@@ -160,18 +156,8 @@ fn raw_write() -> Result<u64, Status> {
     let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
         .map_err(|e| e.status())?;
     let device = image.device().ok_or(Status::NOT_FOUND)?;
-    // SAFETY: non-exclusive (the FAT driver stays bound); closed before the function returns.
-    let mut io = unsafe {
-        boot::open_protocol::<BlockIO>(
-            OpenProtocolParams {
-                handle: device,
-                agent: boot::image_handle(),
-                controller: None,
-            },
-            OpenProtocolAttributes::GetProtocol,
-        )
-    }
-    .map_err(|e| e.status())?;
+    // Non-exclusive: the FAT driver stays bound.
+    let mut io = get::<BlockIO>(device)?;
     let (media_id, block_size, last) = {
         let m = io.media();
         (m.media_id(), m.block_size(), m.last_block())
@@ -191,12 +177,153 @@ fn raw_write() -> Result<u64, Status> {
     Ok(lba)
 }
 
+/// Opens protocol `P` of `handle` without exclusivity (drivers stay bound); closed when dropped.
+fn get<P: ProtocolPointer + ?Sized>(handle: Handle) -> Result<ScopedProtocol<P>, Status> {
+    // SAFETY: GetProtocol disconnects nothing, and the interface is used only while the scoped protocol
+    // lives, within this program's run.
+    unsafe {
+        boot::open_protocol::<P>(
+            OpenProtocolParams {
+                handle,
+                agent: boot::image_handle(),
+                controller: None,
+            },
+            OpenProtocolAttributes::GetProtocol,
+        )
+    }
+    .map_err(|e| e.status())
+}
+
+/// The whole disk under the partition this program was loaded from (the virtual disk that qcow2-boot
+/// serves): the Block I/O handle, not a logical partition, whose device path is the partition's without
+/// its last node, a hard drive media node.
+fn whole_disk() -> Result<Handle, Status> {
+    let device = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
+        .map_err(|e| e.status())?
+        .device()
+        .ok_or(Status::NOT_FOUND)?;
+    let part = get::<DevicePath>(device)?;
+    let part = part.as_bytes();
+    let handles = boot::locate_handle_buffer(SearchType::ByProtocol(&BlockIO::GUID))
+        .map_err(|e| e.status())?;
+    for &h in handles.iter() {
+        let Ok(path) = get::<DevicePath>(h) else {
+            continue;
+        };
+        // Its nodes without the end node (4 bytes), then the partition's (type 4, subtype 1).
+        let n = path.as_bytes().len().saturating_sub(4);
+        if n == 0
+            || part.get(..n) != path.as_bytes().get(..n)
+            || part.get(n..n + 2) != Some(&[0x04, 0x01])
+        {
+            continue;
+        }
+        if get::<BlockIO>(h).is_ok_and(|io| !io.media().is_logical_partition()) {
+            return Ok(h);
+        }
+    }
+    say!("no whole disk under the partition found");
+    Err(Status::NOT_FOUND)
+}
+
+/// The status of a Block I/O call.
+fn status(r: uefi::Result) -> Status {
+    r.err().map_or(Status::SUCCESS, |e| e.status())
+}
+
+/// The block that the refused requests aim at: the primary GPT header, outside the file system (the test
+/// compares the disk outside the ESP with what it made).
+const REFUSED_LBA: u64 = 1;
+
+/// Requests the UEFI spec's ReadBlocks and WriteBlocks must refuse, or (the last) do nothing with: what
+/// each is (as printed), whether its media id is wrong, where it starts and its size in bytes. Expected:
+/// MEDIA_CHANGED three times (the spec: "even if LBA, BufferSize, or Buffer are invalid"),
+/// BAD_BUFFER_SIZE, INVALID_PARAMETER three times, SUCCESS.
+const PROBES: [(&str, bool, Lba, usize); 8] = [
+    ("with a wrong media id", true, Lba::At(REFUSED_LBA), 512),
+    (
+        "with a wrong media id and 0 bytes",
+        true,
+        Lba::At(REFUSED_LBA),
+        0,
+    ),
+    (
+        "with a wrong media id, of 520 bytes after the last block",
+        true,
+        Lba::AfterLast,
+        520,
+    ),
+    ("of 520 bytes", false, Lba::At(REFUSED_LBA), 520),
+    ("at the block after the last", false, Lba::AfterLast, 512),
+    ("of 2 blocks at the last block", false, Lba::Last, 1024),
+    ("at block 2^64-1", false, Lba::At(u64::MAX), 512),
+    ("of 0 bytes", false, Lba::At(REFUSED_LBA), 0),
+];
+
+/// Where a probe starts.
+#[derive(Clone, Copy)]
+enum Lba {
+    At(u64),
+    Last,
+    AfterLast,
+}
+
+/// Calls ReadBlocks and then WriteBlocks of the whole virtual disk with each of [`PROBES`] and prints the
+/// status each returns; on a read-only disk WriteBlocks gets one valid request instead (it must be
+/// WRITE_PROTECTED).
+fn refusals(writable: bool) -> Result<(), Status> {
+    let mut io = get::<BlockIO>(whole_disk()?)?;
+    let (media_id, block_size, last) = {
+        let m = io.media();
+        (m.media_id(), m.block_size(), m.last_block())
+    };
+    if block_size != 512 || last <= REFUSED_LBA {
+        return Err(Status::UNSUPPORTED);
+    }
+    let mut buf = [0u8; 1024];
+    for write in [false, true] {
+        if write && !writable {
+            let s = status(io.write_blocks(media_id, REFUSED_LBA, &buf[..512]));
+            say!("WriteBlocks on a read-only disk: {s:?}");
+            break;
+        }
+        for (what, wrong_media, lba, len) in PROBES {
+            let media = if wrong_media {
+                media_id.wrapping_add(1)
+            } else {
+                media_id
+            };
+            let lba = match lba {
+                Lba::At(lba) => lba,
+                Lba::Last => last,
+                Lba::AfterLast => last.saturating_add(1),
+            };
+            let (name, s) = if write {
+                // Not what the block holds: a write that was not refused would show on the disk.
+                buf.fill(0xa5);
+                (
+                    "WriteBlocks",
+                    status(io.write_blocks(media, lba, &buf[..len])),
+                )
+            } else {
+                (
+                    "ReadBlocks",
+                    status(io.read_blocks(media, lba, &mut buf[..len])),
+                )
+            };
+            say!("{name} {what}: {s:?}");
+        }
+    }
+    Ok(())
+}
+
 #[entry]
 fn main() -> Status {
     if uefi::helpers::init().is_err() {
         return Status::ABORTED;
     }
-    let leave = if device_writable() {
+    let writable = device_writable();
+    let leave = if writable {
         let leave = match write_file() {
             Ok(leave) => leave,
             Err(e) => {
@@ -218,6 +345,10 @@ fn main() -> Status {
     } else {
         Leave::Reset
     };
+    if let Err(e) = refusals(writable) {
+        say!("calling the virtual disk's Block I/O failed: {e:?}");
+        return e;
+    }
     uefi::system::with_stdout(|out| {
         let _ = writeln!(out, "{LINE}");
     });
