@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, then read-write five times.
+# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, then read-write six times.
 #
 # The disk: GPT, one EFI system partition (FAT) holding \EFI\BOOT\ (empty) in the base image and
 # \EFI\BOOT\BOOTX64.EFI (the payload) in the overlay only. The base is converted to a deflate-compressed
@@ -34,7 +34,8 @@
 # convert -O raw` of the overlay the disk outside the ESP is byte for byte as made, the ESP passes
 # `fsck.fat -n` and holds the payload and \qcow2-rw.txt with exactly the payload's content, and the ESP's
 # last 8 blocks hold the 4 KiB written through Block I/O.
-# Then a settings file with a mistake.
+# Then a read-write run with no room after the overlay (see "full" below) and a settings file with a
+# mistake.
 # Fails (never skips) when a tool is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -263,6 +264,38 @@ mkdir -p boot-shell
 cp "$out/qcow2-boot.efi" boot-shell/qcow2-boot.efi
 printf 'fs0:\r\nqcow2-boot.efi mode=rw\r\n' >boot-shell/startup.nsh
 rw shell boot-shell "" on "" "qcow2-boot: ResetSystem: the image is flushed and closed"
+
+# No room after the overlay (the disk that holds it cannot grow): after the bad requests the payload writes
+# a block where the overlay has no cluster (\payload.cfg says disk-full; it writes nothing else). The
+# firmware disk refuses the new cluster past its end, so qcow2-boot must fail that WriteBlocks with
+# DEVICE_ERROR and go on serving the disk (the block still reads as zeros), then close the image on
+# ResetSystem; the overlay must be clean and not dirty and the virtual disk unchanged. (qemu-img check
+# looks only at clusters inside the file: the refcount that qcow2-core gave the new cluster before its
+# write failed stays, past the file's end; qemu-img check would call it a leaked cluster if the file grew.)
+echo
+echo "=== read-write, full: no room after the overlay for a new cluster"
+cp esp-top.img esp-full.img
+echo disk-full >payload-full.cfg
+mcopy -i esp-full.img payload-full.cfg ::/payload.cfg
+make_disk full esp-full.img
+qemu-img convert -O qcow2 -o lazy_refcounts=off -B base.qcow2 -F qcow2 disk-full.raw full.qcow2
+truncate -s %512 full.qcow2
+boot full boot-rw full.qcow2 off "" KILL
+((rc == 0)) || fail full "QEMU did not power off within ${limit}s (exit status $rc)"
+for l in "qcow2-boot: read-write" "${read_probes[@]}" "${write_probes[@]}" \
+    "qcow2-boot: writing 512 bytes at block 1000: Io(INVALID_PARAMETER)" \
+    "qcow2-payload: WriteBlocks at block 1000, a new cluster on a full disk: DEVICE_ERROR" \
+    "qcow2-payload: ReadBlocks at block 1000 after it: SUCCESS, zeros" \
+    "$LINE" "qcow2-boot: ResetSystem: the image is flushed and closed"; do
+    printed full "$l" || fail full "no line '$l'"
+done
+! grep -aq -e "qcow2-boot: failed" -e "closing the image failed" serial-full.txt || fail full "qcow2-boot failed"
+clean full
+qemu-img convert -O raw full.qcow2 full.raw
+cmp full.raw disk-full.raw || fail full "the virtual disk changed"
+echo "uefi: full: the write that needed a new cluster failed with DEVICE_ERROR, the overlay is clean and" \
+    "not dirty, the base and the virtual disk unchanged (qemu exit status $rc)"
+rm -f full.raw disk-full.raw esp-full.img
 
 # A settings file with a mistake: qcow2-boot refuses to start (it does not fall back to read-only), and
 # the writable overlay is left as it was.

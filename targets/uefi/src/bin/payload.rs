@@ -6,12 +6,15 @@
 //! Simple File System, flushes and closes it; then it writes the first [`RAW_LINES`] lines straight into
 //! the last 8 blocks of its partition (outside the file system's data) through Block I/O, without
 //! FlushBlocks: qcow2-boot's Block I/O reports no write caching, so that write must be durable when it
-//! returns. `\payload.cfg` on the file system then says how it leaves (one word; `reset` when the file is
+//! returns. `\payload.cfg` on the file system says what it does then (one word; `reset` when the file is
 //! missing):
 //! - `reset`: ResetSystem(shutdown), as on a read-only disk;
 //! - `exit-boot-services`: ExitBootServices, then ResetSystem(shutdown) (an OS loader's way out);
 //! - `return`: returns to qcow2-boot, which removes the virtual disk and closes the image;
-//! - `hang`: waits forever (the test cuts the power: the written data must already be durable).
+//! - `hang`: waits forever (the test cuts the power: the written data must already be durable);
+//! - `disk-full`: writes neither the file nor the 8 blocks (the disk that holds the image has no room
+//!   left): one block is written where the image has no cluster yet, which must fail with DEVICE_ERROR
+//!   and leave that block readable as before; then as `reset`.
 //!
 //! On any disk, before its line, it calls ReadBlocks and WriteBlocks of the whole virtual disk (the Block
 //! I/O that qcow2-boot installs, under the partition's) with requests the UEFI spec says must be refused
@@ -29,7 +32,7 @@ use uefi::proto::ProtocolPointer;
 use uefi::proto::device_path::DevicePath;
 use uefi::proto::loaded_image::LoadedImage;
 use uefi::proto::media::block::BlockIO;
-use uefi::proto::media::file::{Directory, File, FileAttribute, FileMode};
+use uefi::proto::media::file::{File, FileAttribute, FileMode};
 use uefi::runtime::ResetType;
 
 /// What the test waits for on the serial output.
@@ -51,13 +54,14 @@ macro_rules! say {
     };
 }
 
-/// How the program leaves after writing.
+/// What `\payload.cfg` asks for (see the module documentation).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Leave {
     Reset,
     ExitBootServices,
     Return,
     Hang,
+    DiskFull,
 }
 
 /// Line `i` of the file: `qcow2-payload wrote line NNNNNN of a file on the qcow2 overlay.\n` (64 bytes;
@@ -87,8 +91,10 @@ fn device_writable() -> bool {
     get::<BlockIO>(device).is_ok_and(|io| !io.media().is_read_only())
 }
 
-/// `\payload.cfg`: how to leave.
-fn how_to_leave(root: &mut Directory) -> Result<Leave, Status> {
+/// `\payload.cfg` on the file system this program was loaded from: what to do.
+fn how_to_leave() -> Result<Leave, Status> {
+    let mut fs = boot::get_image_file_system(boot::image_handle()).map_err(|e| e.status())?;
+    let mut root = fs.open_volume().map_err(|e| e.status())?;
     let Ok(file) = root.open(
         cstr16!("\\payload.cfg"),
         FileMode::Read,
@@ -104,6 +110,7 @@ fn how_to_leave(root: &mut Directory) -> Result<Leave, Status> {
         b"exit-boot-services" => Ok(Leave::ExitBootServices),
         b"return" => Ok(Leave::Return),
         b"hang" => Ok(Leave::Hang),
+        b"disk-full" => Ok(Leave::DiskFull),
         _ => {
             say!("\\payload.cfg: unknown word");
             Err(Status::INVALID_PARAMETER)
@@ -111,8 +118,8 @@ fn how_to_leave(root: &mut Directory) -> Result<Leave, Status> {
     }
 }
 
-/// Writes the file (replacing one that exists), flushes and closes it; then reads how to leave.
-fn write_file() -> Result<Leave, Status> {
+/// Writes the file (replacing one that exists), flushes and closes it.
+fn write_file() -> Result<(), Status> {
     let mut fs = boot::get_image_file_system(boot::image_handle()).map_err(|e| e.status())?;
     let mut root = fs.open_volume().map_err(|e| e.status())?;
     if let Ok(old) = root.open(FILE_NAME, FileMode::ReadWrite, FileAttribute::empty()) {
@@ -147,7 +154,7 @@ fn write_file() -> Result<Leave, Status> {
         "wrote {FILE_NAME} ({} bytes), flushed and closed it",
         LINES as usize * LINE_LEN
     );
-    how_to_leave(&mut root)
+    Ok(())
 }
 
 /// Writes lines 0 to [`RAW_LINES`] into the last 8 blocks of the partition this program was loaded from,
@@ -234,6 +241,9 @@ fn status(r: uefi::Result) -> Status {
 /// The block that the refused requests aim at: the primary GPT header, outside the file system (the test
 /// compares the disk outside the ESP with what it made).
 const REFUSED_LBA: u64 = 1;
+/// The block written on a full disk: between the partition table and the partition, zeros in the base
+/// image, in a cluster the overlay does not have.
+const FULL_LBA: u64 = 1000;
 
 /// Requests the UEFI spec's ReadBlocks and WriteBlocks must refuse, or (the last) do nothing with: what
 /// each is (as printed), whether its media id is wrong, where it starts and its size in bytes. Expected:
@@ -270,14 +280,15 @@ enum Lba {
 
 /// Calls ReadBlocks and then WriteBlocks of the whole virtual disk with each of [`PROBES`] and prints the
 /// status each returns; on a read-only disk WriteBlocks gets one valid request instead (it must be
-/// WRITE_PROTECTED).
-fn refusals(writable: bool) -> Result<(), Status> {
+/// WRITE_PROTECTED). With `disk_full` (the disk under the image has no room left) it then writes
+/// [`FULL_LBA`], which needs a new cluster (DEVICE_ERROR expected), and reads it back.
+fn refusals(writable: bool, disk_full: bool) -> Result<(), Status> {
     let mut io = get::<BlockIO>(whole_disk()?)?;
     let (media_id, block_size, last) = {
         let m = io.media();
         (m.media_id(), m.block_size(), m.last_block())
     };
-    if block_size != 512 || last <= REFUSED_LBA {
+    if block_size != 512 || last < FULL_LBA {
         return Err(Status::UNSUPPORTED);
     }
     let mut buf = [0u8; 1024];
@@ -314,6 +325,18 @@ fn refusals(writable: bool) -> Result<(), Status> {
             say!("{name} {what}: {s:?}");
         }
     }
+    if disk_full {
+        buf.fill(0x5a);
+        let s = status(io.write_blocks(media_id, FULL_LBA, &buf[..512]));
+        say!("WriteBlocks at block {FULL_LBA}, a new cluster on a full disk: {s:?}");
+        buf.fill(0xff);
+        let s = status(io.read_blocks(media_id, FULL_LBA, &mut buf[..512]));
+        let zeros = buf[..512].iter().all(|&b| b == 0);
+        say!(
+            "ReadBlocks at block {FULL_LBA} after it: {s:?}, {}",
+            if zeros { "zeros" } else { "not zeros" }
+        );
+    }
     Ok(())
 }
 
@@ -324,13 +347,21 @@ fn main() -> Status {
     }
     let writable = device_writable();
     let leave = if writable {
-        let leave = match write_file() {
+        match how_to_leave() {
             Ok(leave) => leave,
             Err(e) => {
-                say!("writing {FILE_NAME} failed: {e:?}");
+                say!("reading \\payload.cfg failed: {e:?}");
                 return e;
             }
-        };
+        }
+    } else {
+        Leave::Reset
+    };
+    if writable && leave != Leave::DiskFull {
+        if let Err(e) = write_file() {
+            say!("writing {FILE_NAME} failed: {e:?}");
+            return e;
+        }
         match raw_write() {
             Ok(lba) => say!(
                 "wrote {} bytes at block {lba} of its partition through Block I/O, no flush",
@@ -341,11 +372,8 @@ fn main() -> Status {
                 return e;
             }
         }
-        leave
-    } else {
-        Leave::Reset
-    };
-    if let Err(e) = refusals(writable) {
+    }
+    if let Err(e) = refusals(writable, leave == Leave::DiskFull) {
         say!("calling the virtual disk's Block I/O failed: {e:?}");
         return e;
     }
@@ -354,7 +382,7 @@ fn main() -> Status {
     });
     boot::stall(core::time::Duration::from_millis(100));
     match leave {
-        Leave::Reset => {}
+        Leave::Reset | Leave::DiskFull => {}
         Leave::ExitBootServices => {
             say!("exiting boot services");
             // SAFETY: nothing of boot services is used after this (the console neither).
