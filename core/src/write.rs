@@ -484,6 +484,20 @@ where
         Ok(())
     }
 
+    /// Writes a new L2 table at `new` (a copy of the shared table at `old`, or zeros) and makes it durable
+    /// with the refcounts that cover it, before an L1 entry may point at it.
+    fn prepare_l2(&mut self, old: Option<u64>, new: u64) -> Result<(), Error<D::Error>> {
+        match old {
+            // Copy the shared table; its entries keep their (shared) COPIED-less state.
+            Some(old) => self.copy_cluster(old, new)?,
+            None => self.write_zeros(new, self.g.cs)?,
+        }
+        if !self.w.lazy {
+            self.writeback(SliceKind::Refcount)?;
+        }
+        self.flush_dev()
+    }
+
     /// Copies the cluster at host offset `from` to `to`.
     ///
     /// Out of line: inlined, its stack copy buffer would sit in the frame of the write request, below which
@@ -1203,15 +1217,11 @@ where
         }
         m.make_room(3)?;
         let new = m.alloc_metadata_cluster()?;
-        match old {
-            // Copy the shared table; its entries keep their (shared) COPIED-less state.
-            Some(old) => m.copy_cluster(old, new)?,
-            None => m.write_zeros(new, g.cs)?,
+        if let Err(e) = m.prepare_l2(old, new) {
+            // The L1 entry does not point at it yet: the cluster goes back.
+            let _ = m.change_refcount(new >> g.cluster_bits, false);
+            return Err(e);
         }
-        if !m.w.lazy {
-            m.writeback(SliceKind::Refcount)?;
-        }
-        m.flush_dev()?;
         m.set_table_word(g.l1_off, l1_index.saturating_mul(8), new | OFLAG_COPIED)?;
         if let Some(old) = old {
             m.free_later(old)?;
@@ -1340,13 +1350,59 @@ where
         if !g.l2.external_data {
             m.check_overlap(target, g.cs)?;
         }
-        // Copy what the write does not cover in the pieces that will be allocated, from the old content.
+        // Copy what the write does not cover in the pieces that will be allocated, from the old content, then
+        // store the new bytes. If that fails, a cluster allocated for it goes back: nothing references it yet.
+        let copy = match in_place {
+            Some(_) => new_alloc & !old_alloc,
+            None => new_alloc,
+        };
+        if let Err(e) = self.fill_cluster(gc, target, a, b, src, copy) {
+            if in_place.is_none() && !g.l2.external_data {
+                self.give_back(target);
+            }
+            return Err(e);
+        }
+        let new = if g.l2.extended {
+            L2Entry {
+                word: target | OFLAG_COPIED,
+                bitmap: u64::from(new_alloc) | (u64::from(old_zero & !new_alloc) << 32),
+            }
+        } else {
+            L2Entry {
+                word: target | OFLAG_COPIED,
+                bitmap: 0,
+            }
+        };
+        let mut m = self.meta()?;
+        if new != old {
+            m.l2_set(l2, index, new)?;
+        }
+        if in_place.is_none() {
+            m.free_entry(kind)?;
+        }
+        if matches!(kind, ClusterKind::Compressed(_)) {
+            self.decompressor.invalidate();
+        }
+        Ok(())
+    }
+
+    /// Fills the pieces of the host cluster at `target` that `copy` names with the old content of guest cluster
+    /// `gc` (around the written bytes), then stores the guest bytes `[a, b)` of the cluster from `src`.
+    fn fill_cluster(
+        &mut self,
+        gc: u64,
+        target: u64,
+        a: u64,
+        b: u64,
+        src: Src<'_>,
+        copy: u32,
+    ) -> Result<(), Error<D::Error>> {
+        let g = self.geo()?;
+        let piece = g.piece_size();
+        let pieces = g.pieces();
         let mut run: Option<(u64, u64)> = None;
         for p in 0..pieces {
-            if new_alloc & (1u32 << p) == 0 {
-                continue;
-            }
-            if in_place.is_some() && old_alloc & (1u32 << p) != 0 {
+            if copy & (1u32 << p) == 0 {
                 continue;
             }
             let ps = p.saturating_mul(piece);
@@ -1376,29 +1432,16 @@ where
                 rhi.saturating_sub(rlo),
             )?;
         }
-        self.store(target.saturating_add(a), src, b.saturating_sub(a))?;
-        let new = if g.l2.extended {
-            L2Entry {
-                word: target | OFLAG_COPIED,
-                bitmap: u64::from(new_alloc) | (u64::from(old_zero & !new_alloc) << 32),
-            }
-        } else {
-            L2Entry {
-                word: target | OFLAG_COPIED,
-                bitmap: 0,
-            }
-        };
-        let mut m = self.meta()?;
-        if new != old {
-            m.l2_set(l2, index, new)?;
+        self.store(target.saturating_add(a), src, b.saturating_sub(a))
+    }
+
+    /// Gives back a cluster allocated for a change that failed before anything referenced it (best effort:
+    /// the request's own error is what the caller sees; at worst the cluster stays leaked).
+    fn give_back(&mut self, host: u64) {
+        if let Ok(mut m) = self.meta() {
+            let c = host >> m.g.cluster_bits;
+            let _ = m.change_refcount(c, false);
         }
-        if in_place.is_none() {
-            m.free_entry(kind)?;
-        }
-        if matches!(kind, ClusterKind::Compressed(_)) {
-            self.decompressor.invalidate();
-        }
-        Ok(())
     }
 
     /// Writes `buf` at guest `offset` (any size and alignment).
