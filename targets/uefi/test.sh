@@ -269,9 +269,10 @@ rw shell boot-shell "" on "" "qcow2-boot: ResetSystem: the image is flushed and 
 # a block where the overlay has no cluster (\payload.cfg says disk-full; it writes nothing else). The
 # firmware disk refuses the new cluster past its end, so qcow2-boot must fail that WriteBlocks with
 # DEVICE_ERROR and go on serving the disk (the block still reads as zeros), then close the image on
-# ResetSystem; the overlay must be clean and not dirty and the virtual disk unchanged. (qemu-img check
-# looks only at clusters inside the file: the refcount that qcow2-core gave the new cluster before its
-# write failed stays, past the file's end; qemu-img check would call it a leaked cluster if the file grew.)
+# ResetSystem; the overlay must be clean and not dirty and the virtual disk unchanged. qcow2-core gives back
+# the cluster it allocated for the failed write: qemu-img check looks only at clusters inside the file, so
+# the overlay is checked once more grown by a few clusters, where a refcount left on the new cluster (past
+# the old end) would show as a leak.
 echo
 echo "=== read-write, full: no room after the overlay for a new cluster"
 cp esp-top.img esp-full.img
@@ -291,10 +292,16 @@ for l in "qcow2-boot: read-write" "${read_probes[@]}" "${write_probes[@]}" \
 done
 ! grep -aq -e "qcow2-boot: failed" -e "closing the image failed" serial-full.txt || fail full "qcow2-boot failed"
 clean full
+cp full.qcow2 full-grown.qcow2
+truncate -s +256K full-grown.qcow2
+grown=$(qemu-img check full-grown.qcow2 2>&1) || fail full "qemu-img check of the grown overlay: $grown"
+! grep -qi -e leak -e corrupt <<<"$grown" || fail full "the failed write left a refcount behind: $grown"
+rm -f full-grown.qcow2
 qemu-img convert -O raw full.qcow2 full.raw
 cmp full.raw disk-full.raw || fail full "the virtual disk changed"
 echo "uefi: full: the write that needed a new cluster failed with DEVICE_ERROR, the overlay is clean and" \
-    "not dirty, the base and the virtual disk unchanged (qemu exit status $rc)"
+    "not dirty (also grown by 256 KiB: the cluster went back), the base and the virtual disk unchanged" \
+    "(qemu exit status $rc)"
 rm -f full.raw disk-full.raw esp-full.img
 
 # A settings file with a mistake: qcow2-boot refuses to start (it does not fall back to read-only), and

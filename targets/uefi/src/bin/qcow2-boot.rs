@@ -342,8 +342,8 @@ impl BlockDevice for FwDisk {
 impl BlockDeviceWrite for FwDisk {
     /// A firmware disk cannot grow: clusters allocated past its end fail (with the firmware's
     /// INVALID_PARAMETER), so the disk that holds the top image needs room after the image's data. Without
-    /// it the virtual disk's WriteBlocks returns DEVICE_ERROR and the image stays consistent, but qcow2-core
-    /// keeps the refcount it gave the cluster (a leak past the file's end).
+    /// it the virtual disk's WriteBlocks returns DEVICE_ERROR and the image stays consistent (qcow2-core
+    /// gives the cluster it allocated for the failed write back).
     fn write_blocks(&mut self, lba: u64, buf: &[u8]) -> Result<(), Status> {
         if !self.writable {
             return Err(Status::WRITE_PROTECTED);
