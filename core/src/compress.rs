@@ -150,10 +150,15 @@ fn inflate_into(
         if more {
             flags |= inflate_flags::TINFL_FLAG_HAS_MORE_INPUT;
         }
-        if !wrapping {
+        // The ring is filled from its start before it wraps: until then the output is inflated as a plain
+        // buffer, so that a back-reference to before the start of the stream fails as it does for a whole
+        // cluster (a wrapping buffer would read stale ring bytes instead). Once the ring is full, every
+        // distance deflate allows (32 KiB at most) has its history in the ring.
+        let linear = !wrapping || produced < ring.len();
+        if linear {
             flags |= inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
         }
-        let out_pos = if wrapping { produced & mask } else { produced };
+        let out_pos = if linear { produced } else { produced & mask };
         let chunk = input.get(in_pos..in_len).unwrap_or(&[]);
         let (status, used, written) = decompress(state, chunk, ring, out_pos, flags);
         in_pos = in_pos.saturating_add(used);

@@ -75,3 +75,23 @@ fn whole_stream_reads_the_same_in_both_modes() {
         assert_eq!(kept, plain[skip..skip + len]);
     }
 }
+
+/// Found by the `inflate` fuzz target: a stream whose back-reference reaches before the start of the output.
+/// Inflating the whole cluster fails ("distance too far back"); streaming through the 32 KiB ring read stale
+/// ring bytes instead and succeeded, so a partial read of the cluster returned garbage. The ring is now filled
+/// as a plain buffer until it is full, and both fail.
+#[test]
+fn back_reference_before_the_start_fails_in_both_modes() {
+    // The fuzz input: 4 bytes choosing the cluster size and range, then the deflate stream.
+    let data = include_bytes!("data/inflate-distance-before-start.bin");
+    let src = &data[4..];
+    for (skip, len) in [(0, 98), (0, 65536), (100, 4096), (60000, 5536)] {
+        for window in [65536, 32768] {
+            assert!(
+                read(window, src, 65536, skip, len).is_err(),
+                "window {window}, bytes {skip}..{}",
+                skip + len
+            );
+        }
+    }
+}
