@@ -54,6 +54,26 @@ pub trait Decompressor {
     fn invalidate(&mut self) {}
 }
 
+/// A decompressor lent to an image: the caller keeps the decompressor (and its state, about 11 KiB for
+/// [`Inflate`]) and lends it to one image at a time, instead of moving it into the image value.
+impl<T: Decompressor + ?Sized> Decompressor for &mut T {
+    fn decompress(
+        &mut self,
+        ty: CompressionType,
+        key: (u8, u64),
+        src: &mut dyn CompressedSource,
+        cluster_size: usize,
+        skip: usize,
+        out: &mut [u8],
+    ) -> Result<(), DecompressError> {
+        (**self).decompress(ty, key, src, cluster_size, skip, out)
+    }
+
+    fn invalidate(&mut self) {
+        (**self).invalidate();
+    }
+}
+
 /// A decompressor for builds that read no compressed images: every compressed cluster is refused.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoDecompressor;

@@ -18,6 +18,7 @@
 # Fails (never skips) when qemu-system-aarch64, qemu-img, qemu-io or sha256sum is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+targets=$(cd .. && pwd)
 
 for tool in qemu-system-aarch64 qemu-img qemu-io sha256sum timeout; do
     command -v "$tool" >/dev/null || { echo "virtio test: $tool is missing" >&2; exit 1; }
@@ -31,25 +32,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-# The guest data (as targets/cortex-m/test.sh): patterns, holes, zero clusters, unaligned edges.
-qemu-img create -q -f qcow2 plain.qcow2 8M
-qemu-io -f qcow2 -c 'write -P 0x11 0 100k' -c 'write -P 0x22 1M 300k' -c 'write -z 2M 64k' \
-    -c 'write -P 0x33 3000k 1000k' -c 'write -P 0x44 8188k 4k' plain.qcow2 >/dev/null
-qemu-img convert -c -O qcow2 -o cluster_size=4096 plain.qcow2 deflate4k.qcow2
-qemu-img convert -c -O qcow2 plain.qcow2 deflate64k.qcow2
-qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=64k extl2.qcow2 8M
-qemu-io -f qcow2 -c 'write -P 0x55 0 6k' -c 'write -P 0x66 70k 2k' -c 'write -P 0x77 1M 130k' \
-    -c 'write -z 1030k 4k' -c 'write -P 0x88 5000k 1k' extl2.qcow2 >/dev/null
-# A compressed base and an overlay that names it; the program finds the base by that name, which is the
-# base disk's virtio serial.
-cp deflate4k.qcow2 base.qcow2
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2 8M
-qemu-io -f qcow2 -c 'write -P 0x99 50k 20k' -c 'write -z 1100k 8k' -c 'write -P 0xaa 4M 64k' \
-    overlay.qcow2 >/dev/null
-# Images the program writes into: an overlay (copy-on-write from the backing file) and an extended-L2 one.
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 write-overlay.qcow2 8M
-qemu-io -f qcow2 -c 'write -P 0xbb 64k 4k' write-overlay.qcow2 >/dev/null
-cp extl2.qcow2 write-extl2.qcow2
+# The images (the same for targets/cortex-m and targets/virtio).
+# shellcheck source=../guest-images.sh
+source "$targets/guest-images.sh"
 cp extl2.qcow2 write-full.qcow2
 
 # The expected disks after the writes: raw copies with the same writes made by qemu-io.

@@ -25,8 +25,6 @@ use core::ptr::addr_of_mut;
 
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln, syscall};
-use qcow2_core::compress::{CompressedSource, DecompressError};
-use qcow2_core::format::CompressionType;
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, FileRequest, Image, Inflate,
     Resolver,
@@ -186,27 +184,9 @@ impl Resolver<SemiFile> for SemiFiles {
     }
 }
 
-/// The static inflate state, lent to one image at a time (the engine holds its decompressor by value; this
-/// keeps the ~11 KiB state out of the image value and so off the stack).
-struct LentInflate<'a>(&'a mut Inflate<&'static mut [u8]>);
-
-impl Decompressor for LentInflate<'_> {
-    fn decompress(
-        &mut self,
-        ty: CompressionType,
-        key: (u8, u64),
-        src: &mut dyn CompressedSource,
-        cluster_size: usize,
-        skip: usize,
-        out: &mut [u8],
-    ) -> Result<(), DecompressError> {
-        self.0.decompress(ty, key, src, cluster_size, skip, out)
-    }
-
-    fn invalidate(&mut self) {
-        self.0.invalidate();
-    }
-}
+/// The static inflate state, lent to one image at a time (the engine holds its decompressor by value; lending
+/// a `&mut` keeps the ~11 KiB state out of the image value and so off the stack).
+type LentInflate<'a> = &'a mut Inflate<&'static mut [u8]>;
 
 /// The image type this program uses, for reading and for writing.
 type Qcow2<'a> = Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES>;
@@ -228,7 +208,7 @@ impl Ctx {
                 bounce: &mut self.bounce[..],
                 metadata: &mut self.metadata[..],
             },
-            LentInflate(&mut *self.inflate),
+            &mut *self.inflate,
         )
     }
 }

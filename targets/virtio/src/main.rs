@@ -31,8 +31,6 @@ mod sha256;
 mod uart;
 mod virtio;
 
-use qcow2_core::compress::{CompressedSource, DecompressError};
-use qcow2_core::format::CompressionType;
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, FileRequest, Image, Inflate,
     Resolver,
@@ -145,25 +143,7 @@ impl<'a> Resolver<Handle<'a>> for Disks<'a> {
 }
 
 /// The inflate state, lent to one image at a time (the engine holds its decompressor by value).
-struct LentInflate<'a, 'b>(&'a mut Inflate<&'b mut [u8]>);
-
-impl Decompressor for LentInflate<'_, '_> {
-    fn decompress(
-        &mut self,
-        ty: CompressionType,
-        key: (u8, u64),
-        src: &mut dyn CompressedSource,
-        cluster_size: usize,
-        skip: usize,
-        out: &mut [u8],
-    ) -> Result<(), DecompressError> {
-        self.0.decompress(ty, key, src, cluster_size, skip, out)
-    }
-
-    fn invalidate(&mut self) {
-        self.0.invalidate();
-    }
-}
+type LentInflate<'a, 'b> = &'a mut Inflate<&'b mut [u8]>;
 
 /// The image type this program uses, for reading and for writing.
 type Qcow2<'a, 'b> = Image<Handle<'a>, &'a mut [u8], LentInflate<'a, 'b>, DEPTH, SLICES>;
@@ -186,7 +166,7 @@ impl<'b> Ctx<'b> {
                 bounce: &mut self.bounce[..],
                 metadata: &mut self.metadata[..],
             },
-            LentInflate(&mut *self.inflate),
+            &mut *self.inflate,
             &mut self.chunk[..],
         )
     }
