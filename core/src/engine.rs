@@ -8,7 +8,8 @@ use crate::device::BlockDevice;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompressedDescriptor, CompressionType, ExtensionHeader,
     FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, IncompatibleFeatures, L1Entry,
-    L2Entry, L2Format, MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, extension,
+    L2Entry, L2Format, MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, SNAPSHOT_FIXED_LEN,
+    SnapshotEntryLayout, extension,
 };
 use crate::format::{be32, be64};
 use crate::io::{check_block_size, read_bytes};
@@ -111,10 +112,7 @@ pub struct StoredName {
     pub len: u32,
 }
 
-/// QEMU's limit on a snapshot table's size.
-pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
-/// QEMU's limit on a snapshot entry's extra data.
-pub const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+pub use crate::format::{MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES};
 
 /// One internal snapshot table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -744,11 +742,10 @@ where
         })?;
         let h = meta.header;
         let table_end = h.snapshots_offset.saturating_add(MAX_SNAPSHOT_TABLE_BYTES);
-        let mut fixed = [0u8; 40];
+        let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
         read_bytes(&mut layer.dev, bounce.as_mut(), at, &mut fixed)?;
-        let id_len = u32::from(u16::try_from(be32(&fixed, 12) >> 16).unwrap_or(0));
-        let name_len = be32(&fixed, 12) & 0xffff;
-        let extra_len = be32(&fixed, 36);
+        let layout = SnapshotEntryLayout::parse(&fixed);
+        let (id_len, name_len, extra_len) = (layout.id_len, layout.name_len, layout.extra_len);
         if extra_len > MAX_SNAPSHOT_EXTRA {
             return Err(corrupt(
                 "snapshot table entry has more than 1024 bytes of extra data",
@@ -766,14 +763,13 @@ where
         )?;
         let id_at = extra_at.saturating_add(extra_len.into());
         let name_at = id_at.saturating_add(id_len.into());
-        let end = name_at.saturating_add(name_len.into());
-        let next = end.checked_next_multiple_of(8).unwrap_or(u64::MAX);
+        let next = at.saturating_add(layout.entry_len());
         if next > table_end {
             return Err(corrupt("snapshot table is larger than 64 MiB", at));
         }
         let entry = SnapshotEntry {
-            l1_table_offset: be64(&fixed, 0),
-            l1_size: be32(&fixed, 8),
+            l1_table_offset: layout.l1_table_offset,
+            l1_size: layout.l1_size,
             date_sec: be32(&fixed, 16),
             date_nsec: be32(&fixed, 20),
             vm_clock_nsec: be64(&fixed, 24),

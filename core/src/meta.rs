@@ -223,6 +223,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> SliceCache<B, N> {
         })
     }
 
+    /// Whether a cached slice of `layer` lies in a cluster (of `cluster_size` bytes) that overlaps host bytes
+    /// `[host, host + len)`: the cluster holds a table the engine has read.
+    pub fn overlaps_cluster(&self, layer: u8, host: u64, len: u64, cluster_size: u64) -> bool {
+        let mask = !cluster_size.wrapping_sub(1);
+        let start = host & mask;
+        let end = host.saturating_add(len);
+        self.tags.iter().any(|t| {
+            let c = t.host & mask;
+            t.layer == layer && c < end && start <= c
+        })
+    }
+
     /// The whole buffer, emptied of slices (for a caller that needs scratch memory, such as a refcount
     /// rebuild). Fails if a slice is dirty.
     pub fn scratch<E>(&mut self) -> Result<&mut [u8], Error<E>> {

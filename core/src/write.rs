@@ -34,6 +34,8 @@ use crate::format::{
 use crate::io::{ceil_div, copy_exact, read_bytes, write_bytes};
 use crate::meta::{SliceCache, SliceKind};
 
+mod guard;
+
 /// How many freed host clusters wait for their referencing entries to become durable before the engine
 /// writes back and lowers their refcounts.
 const PENDING_FREES: usize = 32;
@@ -69,6 +71,14 @@ pub(crate) struct WriteState {
     compressed_at: u64,
     /// Host offsets whose refcount drops once the entries that referenced them are durable.
     pending: Vec<u64, PENDING_FREES>,
+    /// The image's metadata has been verified before the first write ([`guard`]).
+    verified: bool,
+    /// Why writing is refused, when the verification failed (the image is left as it was).
+    refused: Option<(&'static str, u64)>,
+    /// Length in bytes of the snapshot table (set by the verification).
+    snapshot_table_len: u64,
+    /// Host clusters that may hold a table named by another table.
+    filter: guard::MetadataFilter,
 }
 
 /// The source of the bytes a write stores.
@@ -166,6 +176,8 @@ struct Meta<'a, D, B, const SLICES: usize> {
     cache: &'a mut SliceCache<B, SLICES>,
     w: &'a mut WriteState,
     g: Geo,
+    /// The bitmaps extension as the image was opened (live while the header's autoclear bit says so).
+    bitmaps: Option<BitmapsExtension>,
 }
 
 impl<D, B, const SLICES: usize> Meta<'_, D, B, SLICES>
@@ -313,13 +325,20 @@ where
         let new = if up {
             v.checked_add(1)
                 .filter(|&n| n <= max)
-                .ok_or(corrupt("refcount overflow", c << self.g.cluster_bits))?
+                .ok_or(Error::Unsupported {
+                    what: "a cluster's refcount would exceed the largest value refcount_bits can hold",
+                    value: c << self.g.cluster_bits,
+                })?
         } else {
             v.checked_sub(1)
                 .ok_or(corrupt("refcount underflow", c << self.g.cluster_bits))?
         };
         refcount_set(s, order, idx, new).ok_or(corrupt("refcount index", host))?;
         if new == 0 {
+            // A freed table's cached slices are stale from now on (the cluster may come back as data).
+            let host = c << self.g.cluster_bits;
+            let cs = self.g.cs;
+            self.cache.forget_range(0, host, cs);
             self.w.free_hint = self.w.free_hint.min(c);
             if self.w.compressed_at >> self.g.cluster_bits == c {
                 self.w.compressed_at = 0;
@@ -446,6 +465,12 @@ where
                 }
                 count = count.saturating_add(1);
             }
+            // A free cluster is never one the engine knows to hold metadata (a refcount that lies).
+            self.guard(
+                c << self.g.cluster_bits,
+                count.saturating_mul(self.g.cs),
+                false,
+            )?;
             for i in 0..count {
                 self.change_refcount(c.saturating_add(i), true)?;
             }
@@ -466,6 +491,7 @@ where
         if host == 0 {
             return Err(corrupt("allocation of metadata at offset 0", 0));
         }
+        self.note_table(host);
         Ok(host)
     }
 
@@ -473,6 +499,8 @@ where
     /// that it covers itself), then points the refcount table at it.
     fn alloc_refblock(&mut self, r: u64, c: u64) -> Result<(), Error<D::Error>> {
         let host = c << self.g.cluster_bits;
+        self.guard(host, self.g.cs, false)?;
+        self.note_table(host);
         self.cache.forget_range(0, host, self.g.cs);
         let self_index = c & (1u64 << self.g.block_bits).wrapping_sub(1);
         let order = self.g.order;
@@ -582,8 +610,14 @@ where
                 what: "no free host cluster below 2^56",
             });
         }
+        self.guard(
+            c << g.cluster_bits,
+            area_end.saturating_sub(c).saturating_mul(g.cs),
+            false,
+        )?;
         // Refcount blocks: block i (at cluster c + i) covers region r0 + i and counts the new area's clusters.
         for i in 0..k {
+            self.note_table(c.saturating_add(i) << g.cluster_bits);
             let region = r0.saturating_add(i);
             let first = region << g.block_bits;
             let lo = c.max(first).saturating_sub(first);
@@ -774,31 +808,6 @@ where
         Ok(())
     }
 
-    /// Fails (and marks the image corrupt) if host bytes `[host, host + len)` hold metadata.
-    fn check_overlap(&mut self, host: u64, len: u64) -> Result<(), Error<D::Error>> {
-        let end = host.saturating_add(len);
-        let hit = |a: u64, b: u64| a < end && host < b;
-        let g = self.g;
-        let h = *self.header;
-        let snapshots =
-            h.nb_snapshots != 0 && hit(h.snapshots_offset, h.snapshots_offset.saturating_add(g.cs));
-        if hit(0, g.cs)
-            || hit(
-                g.l1_off,
-                g.l1_off.saturating_add(g.l1_size.saturating_mul(8)),
-            )
-            || hit(
-                g.rt_off,
-                g.rt_off.saturating_add(g.rt_entries.saturating_mul(8)),
-            )
-            || snapshots
-            || self.cache.overlaps(0, host, len)
-        {
-            return Err(self.mark_corrupt("a data write would overwrite metadata", host));
-        }
-        Ok(())
-    }
-
     /// The engine does not keep dirty bitmaps up to date, so before its first write it disowns them (their
     /// autoclear bit is already cleared and durable): the bitmaps extension is ended where it is the last
     /// extension, and the directory, tables and bitmap clusters are freed. Anything that does not look exactly
@@ -867,31 +876,7 @@ where
             return Ok(None);
         }
         read_bytes(self.dev, bounce_of(self.bounce, 0), pos, &mut e)?;
-        let table = be64(&e, 0);
-        let entries = u64::from(be32(&e, 8));
-        let kind = e.get(16).copied().unwrap_or(0);
-        let granularity = e.get(17).copied().unwrap_or(0);
-        let name = u64::from(be32(&e, 16) & 0xffff);
-        let extra = u64::from(be32(&e, 20));
-        let len = 24u64
-            .saturating_add(extra)
-            .saturating_add(name)
-            .checked_next_multiple_of(8)
-            .unwrap_or(u64::MAX);
-        let valid = table != 0
-            && table & self.g.cs.wrapping_sub(1) == 0
-            && table & !OFFSET_MASK == 0
-            && kind == 1
-            && (9..=31).contains(&granularity)
-            && (1..=1023).contains(&name)
-            && extra <= 1024
-            && entries <= 1 << 24;
-        let next = pos.saturating_add(len);
-        Ok((valid && next <= end).then_some(BitmapEntry {
-            table,
-            entries,
-            next,
-        }))
+        Ok(BitmapEntry::parse(&e, pos, end, self.g.cs))
     }
 
     /// Lowers the refcount of the cluster at `host` if it is exactly 1 (a bitmap cluster is never shared).
@@ -900,7 +885,8 @@ where
             return Ok(());
         }
         let c = host >> self.g.cluster_bits;
-        if self.refcount(c)? == 1 {
+        // A bitmap table entry that names live metadata lies: that cluster is not the bitmap's to free.
+        if self.refcount(c)? == 1 && !self.is_metadata(host)? {
             self.change_refcount(c, false)?;
         }
         Ok(())
@@ -927,6 +913,38 @@ struct BitmapEntry {
     table: u64,
     entries: u64,
     next: u64,
+}
+
+impl BitmapEntry {
+    /// The directory entry at `pos` whose first 24 bytes are `e` (the directory ends at `end`), if it is
+    /// valid.
+    fn parse(e: &[u8; 24], pos: u64, end: u64, cluster_size: u64) -> Option<BitmapEntry> {
+        let table = be64(e, 0);
+        let entries = u64::from(be32(e, 8));
+        let kind = e.get(16).copied().unwrap_or(0);
+        let granularity = e.get(17).copied().unwrap_or(0);
+        let name = u64::from(be32(e, 16) & 0xffff);
+        let extra = u64::from(be32(e, 20));
+        let len = 24u64
+            .saturating_add(extra)
+            .saturating_add(name)
+            .checked_next_multiple_of(8)
+            .unwrap_or(u64::MAX);
+        let valid = table != 0
+            && table & cluster_size.wrapping_sub(1) == 0
+            && table & !OFFSET_MASK == 0
+            && kind == 1
+            && (9..=31).contains(&granularity)
+            && (1..=1023).contains(&name)
+            && extra <= 1024
+            && entries <= 1 << 24;
+        let next = pos.saturating_add(len);
+        (valid && next <= end).then_some(BitmapEntry {
+            table,
+            entries,
+            next,
+        })
+    }
 }
 
 /// Writes `len` zero bytes at `host` of `dev`, from the part of `bounce` past its first block (or a stack
@@ -1141,7 +1159,9 @@ where
         let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
         let meta = layer.meta.as_mut().ok_or(Error::ReadOnly)?;
         let g = Geo::new(&meta.header, meta.l2, cache.slot_size());
+        let bitmaps = meta.bitmaps;
         Ok(Meta {
+            bitmaps,
             dev: &mut layer.dev,
             data: layer.data.as_mut(),
             header: &mut meta.header,
@@ -1154,8 +1174,36 @@ where
 
     /// Checks that writing is allowed and prepares the header on the first write.
     fn begin_write(&mut self) -> Result<(), Error<D::Error>> {
+        self.begin_write_over(0, 0)
+    }
+
+    /// Checks that writing is allowed, verifies the metadata before the first write, refuses a request over
+    /// guest bytes `[offset, offset + len)` whose entries name metadata ([`Self::guard_guest_range`]), and
+    /// prepares the header on the first write: in that order, so that a refusal changes nothing.
+    fn begin_write_over(&mut self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
+        if let Some((what, offset)) = self.w.refused {
+            return Err(corrupt(what, offset));
+        }
         if !self.w.writable {
             return Err(Error::ReadOnly);
+        }
+        if !self.w.verified {
+            // Nothing has been written yet: a refusal leaves the image as it was.
+            let verified = self.meta()?.verify_metadata();
+            let verified = match verified {
+                Ok(()) => self.meta()?.verify_references().map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = verified {
+                if let Error::Corrupt { what, offset } = e {
+                    self.w.refused = Some((what, offset));
+                }
+                return Err(e);
+            }
+            self.w.verified = true;
+        }
+        if len != 0 {
+            self.guard_guest_range(offset, len)?;
         }
         if self.w.started {
             return Ok(());
@@ -1348,7 +1396,7 @@ where
             None => m.alloc_clusters(1)?.0,
         };
         if !g.l2.external_data {
-            m.check_overlap(target, g.cs)?;
+            m.guard(target, g.cs, in_place.is_some())?;
         }
         // Copy what the write does not cover in the pieces that will be allocated, from the old content, then
         // store the new bytes. If that fails, a cluster allocated for it goes back: nothing references it yet.
@@ -1447,9 +1495,40 @@ where
     /// Writes `buf` at guest `offset` (any size and alignment).
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Error<D::Error>> {
         self.check_range(offset, buf.len() as u64)?;
-        self.begin_write()?;
+        self.begin_write_over(offset, buf.len() as u64)?;
         self.write_range(offset, buf.len() as u64, Src::Bytes(buf))?;
         self.end_write()
+    }
+
+    /// Refuses (marking the image corrupt) a request over guest bytes `[offset, offset + len)` when an entry
+    /// there names a host cluster that holds metadata: the request would write over it or free it. Runs
+    /// before the request changes anything, so that a refused request leaves the image as it was.
+    fn guard_guest_range(&mut self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
+        let mut m = self.meta()?;
+        let g = m.g;
+        if g.l2.external_data {
+            return Ok(());
+        }
+        let mut gc = offset & !g.cs.wrapping_sub(1);
+        let end = offset.saturating_add(len);
+        while gc < end {
+            let (_, Some(l2)) = m.l2_table(gc)? else {
+                // No L2 table: nothing to check up to the next one.
+                let span = 1u64 << g.coverage_bits;
+                gc = (gc & !span.wrapping_sub(1)).saturating_add(span);
+                continue;
+            };
+            let (_, _, kind) = m.cluster_entry(l2, gc)?;
+            match kind {
+                ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
+                    m.guard(host, g.cs, true)?;
+                }
+                ClusterKind::Compressed(d) => m.guard(d.offset, d.len, true)?,
+                ClusterKind::Unallocated | ClusterKind::Zero { host: None } => {}
+            }
+            gc = gc.saturating_add(g.cs);
+        }
+        Ok(())
     }
 
     fn write_range(&mut self, offset: u64, len: u64, src: Src<'_>) -> Result<(), Error<D::Error>> {
@@ -1478,7 +1557,7 @@ where
         unmap: bool,
     ) -> Result<(), Error<D::Error>> {
         self.check_range(offset, len)?;
-        self.begin_write()?;
+        self.begin_write_over(offset, len)?;
         self.zero_range(offset, len, unmap)?;
         self.end_write()
     }
@@ -1659,7 +1738,7 @@ where
     /// afterwards where the format can say so); partial clusters are left alone.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_range(offset, len)?;
-        self.begin_write()?;
+        self.begin_write_over(offset, len)?;
         let g = self.geo()?;
         let size = self.virtual_size();
         let end_req = offset.saturating_add(len);
@@ -1782,7 +1861,11 @@ where
         // Pack compressed data into the current compressed-data cluster while it fits.
         let at = m.w.compressed_at;
         let cl = at & !g.cs.wrapping_sub(1);
-        let host = if at != 0 && at.saturating_add(n) <= cl.saturating_add(g.cs) {
+        // A cluster whose refcount is at its largest value takes no more compressed clusters (narrow refcounts).
+        let room = at != 0
+            && at.saturating_add(n) <= cl.saturating_add(g.cs)
+            && m.refcount(cl >> g.cluster_bits)? < g.max_refcount();
+        let host = if room {
             m.change_refcount(cl >> g.cluster_bits, true)?;
             at
         } else {
@@ -1794,7 +1877,7 @@ where
         } else {
             next
         };
-        m.check_overlap(host, n)?;
+        m.guard(host, n, false)?;
         m.write_dev(host, compressed)?;
         let d = CompressedDescriptor {
             offset: host,

@@ -99,13 +99,13 @@ pub fn cases() -> Vec<Case> {
 // ---------------------------------------------------------------------------------------------------------
 // Image access
 
-fn load(path: &Path) -> Image {
+pub fn load(path: &Path) -> Image {
     Image {
         bytes: std::fs::read(path).expect("read image"),
     }
 }
 
-fn save(path: &Path, img: &Image) {
+pub fn save(path: &Path, img: &Image) {
     std::fs::write(path, &img.bytes).expect("write image");
 }
 
@@ -129,7 +129,7 @@ fn refcount_pos(img: &Image, cluster: u64) -> (usize, u32) {
     ((block + bit / 8) as usize, (bit % 8) as u32)
 }
 
-fn refcount(img: &Image, cluster: u64) -> u64 {
+pub fn refcount(img: &Image, cluster: u64) -> u64 {
     let bits = refcount_bits(img);
     let (pos, shift) = refcount_pos(img, cluster);
     match bits {
@@ -141,7 +141,7 @@ fn refcount(img: &Image, cluster: u64) -> u64 {
     }
 }
 
-fn set_refcount(img: &mut Image, cluster: u64, v: u64) {
+pub fn set_refcount(img: &mut Image, cluster: u64, v: u64) {
     let bits = refcount_bits(img);
     let (pos, shift) = refcount_pos(img, cluster);
     match bits {

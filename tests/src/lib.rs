@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 pub mod crash;
 pub mod damage;
 pub mod images;
+pub mod lying;
 pub mod malformed;
 pub mod ops;
 

@@ -6,10 +6,12 @@
 
 mod entry;
 mod header;
+mod snapshot;
 
 pub use entry::*;
 pub use header::*;
 pub(crate) use header::{be32, be64};
+pub use snapshot::*;
 
 use bitflags::bitflags;
 
