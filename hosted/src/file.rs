@@ -62,12 +62,24 @@ pub fn read_zero_filled(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
+    /// Flushes do nothing (QEMU's `cache=unsafe`): written data reaches the host's page cache only.
+    no_flush: bool,
 }
 
 impl FileDevice {
     /// Wraps an open file (opened read-only or read-write as the caller needs).
     pub fn new(file: File) -> FileDevice {
-        FileDevice { file }
+        FileDevice {
+            file,
+            no_flush: false,
+        }
+    }
+
+    /// With `no_flush`, [`BlockDeviceWrite::flush`] returns at once instead of asking the host to make the
+    /// file durable (QEMU's `cache=unsafe`). Writes still reach the file as they are made.
+    pub fn with_no_flush(mut self, no_flush: bool) -> FileDevice {
+        self.no_flush = no_flush;
+        self
     }
 
     /// The wrapped file.
@@ -118,6 +130,9 @@ impl BlockDeviceWrite for FileDevice {
     }
 
     fn flush(&mut self) -> Result<(), io::Error> {
+        if self.no_flush {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 }

@@ -8,6 +8,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::cache::CacheMode;
 use crate::disk::{VirtualDisk, VirtualDiskWrite, in_range, write_compressed_range};
 use crate::size::{SizeError, cvtstr, parse_pattern, parse_size, timestr};
 
@@ -444,6 +445,7 @@ fn buffer_from_file(path: &str, len: u64, err: &mut dyn Write) -> Option<Vec<u8>
 fn write_cmd(
     disk: &mut dyn VirtualDiskWrite,
     args: &[&str],
+    writethrough: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> CmdStatus {
@@ -569,9 +571,9 @@ fn write_cmd(
     } else {
         disk.write_at(offset, &buf).map_err(|e| e.0)
     };
-    // Force Unit Access: the data is durable when the write completes.
+    // Force Unit Access, or a write-through cache: the data is durable when the write completes.
     let result = result.and_then(|()| {
-        if fua && count > 0 {
+        if (fua || writethrough) && count > 0 {
             disk.flush().map_err(|e| e.0)
         } else {
             Ok(())
@@ -591,6 +593,7 @@ fn write_cmd(
 fn discard_cmd(
     disk: &mut dyn VirtualDiskWrite,
     args: &[&str],
+    writethrough: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> CmdStatus {
@@ -634,6 +637,15 @@ fn discard_cmd(
     } else {
         disk.discard(offset, count).map_err(|e| e.0)
     };
+    // qemu-io does not flush a discard even in write-through mode; this tool does, so that no command that
+    // changes the image is reported before it is durable.
+    let result = result.and_then(|()| {
+        if writethrough && count > 0 {
+            disk.flush().map_err(|e| e.0)
+        } else {
+            Ok(())
+        }
+    });
     let elapsed = t1.elapsed();
     if let Err(msg) = result {
         let _ = writeln!(err, "discard failed: {msg}");
@@ -811,10 +823,25 @@ fn help_cmd(args: &[&str], out: &mut dyn Write) -> CmdStatus {
     CmdStatus::Ok
 }
 
-/// Runs one qemu-io command line (split on spaces as qemu-io does).
+/// Runs one qemu-io command line (split on spaces as qemu-io does) with qemu-io's default cache mode,
+/// `writethrough`.
 pub fn run_command(
     disk: Option<IoDisk<'_>>,
     line: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> CmdStatus {
+    run_command_cached(disk, line, CacheMode::default(), out, err)
+}
+
+/// Runs one qemu-io command line in cache mode `cache`: when it writes through, every command that
+/// changes the image (`write` in all its forms, `discard`) flushes it (cached metadata written back, then
+/// the host asked for durability) before it reports success, so that a process killed after the report
+/// loses nothing it reported. Otherwise only `flush` (and closing the image) does.
+pub fn run_command_cached(
+    disk: Option<IoDisk<'_>>,
+    line: &str,
+    cache: CacheMode,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> CmdStatus {
@@ -860,8 +887,10 @@ pub fn run_command(
     }
     match (def.name, &mut disk) {
         ("read", d) => read_cmd(d.read(), args, out, err),
-        ("write", IoDisk::Writable(d)) => write_cmd(&mut **d, args, out, err),
-        ("discard", IoDisk::Writable(d)) => discard_cmd(&mut **d, args, out, err),
+        ("write", IoDisk::Writable(d)) => write_cmd(&mut **d, args, cache.writethrough, out, err),
+        ("discard", IoDisk::Writable(d)) => {
+            discard_cmd(&mut **d, args, cache.writethrough, out, err)
+        }
         ("flush", IoDisk::Writable(d)) => match d.flush() {
             Ok(()) => CmdStatus::Ok,
             Err(e) => {
@@ -1165,6 +1194,98 @@ mod tests {
             err,
             format!("{}: No such file or directory\n", path.display())
         );
+    }
+
+    /// A [`Mem`] that counts flushes.
+    struct Counting(Mem, usize);
+    impl VirtualDisk for Counting {
+        fn virtual_size(&self) -> u64 {
+            self.0.virtual_size()
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+            self.0.read_at(offset, buf)
+        }
+        fn map_extent(&mut self, offset: u64, max_len: u64) -> Result<MapExtent, DiskError> {
+            self.0.map_extent(offset, max_len)
+        }
+    }
+    impl VirtualDiskWrite for Counting {
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+            self.0.write_at(offset, buf)
+        }
+        fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+            self.0.write_zeroes(offset, len, unmap)
+        }
+        fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.0.discard(offset, len)
+        }
+        fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
+            self.0.compressed_cluster_size()
+        }
+        fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+            self.0.write_compressed(offset, data)
+        }
+        fn flush(&mut self) -> Result<(), DiskError> {
+            self.1 += 1;
+            Ok(())
+        }
+        fn close(self: Box<Self>) -> Result<(), DiskError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_through_flushes_every_command_that_writes() {
+        // (command, flushes in write-through mode, flushes in write-back mode)
+        let cases = [
+            ("write 0 1k", 1, 0),
+            ("write -P 1 -q 100 10", 1, 0),
+            ("write -z 4k 4k", 1, 0),
+            ("write -z -u 4k 4k", 1, 0),
+            ("write -c 8k 8k", 1, 0),
+            ("discard 0 4k", 1, 0),
+            ("write -f 0 1", 1, 1),
+            ("flush", 1, 1),
+            // Nothing written: nothing to flush.
+            ("write 0 0", 0, 0),
+            ("discard 0 0", 0, 0),
+            ("read 0 1k", 0, 0),
+            ("aio_flush", 0, 0),
+            // A failed write is not flushed.
+            ("write 64k 1", 0, 0),
+            ("discard 64k 1", 0, 0),
+            ("write -x 0 1", 0, 0),
+        ];
+        for (cmd, wt, wb) in cases {
+            for (mode, want) in [
+                (CacheMode::WRITETHROUGH, wt),
+                (CacheMode::parse("directsync").unwrap(), wt),
+                (CacheMode::WRITEBACK, wb),
+                (CacheMode::parse("unsafe").unwrap(), wb),
+                (CacheMode::parse("none").unwrap(), wb),
+            ] {
+                let mut d = Counting(Mem(vec![0; 65536]), 0);
+                let (mut out, mut err) = (Vec::new(), Vec::new());
+                run_command_cached(
+                    Some(IoDisk::Writable(&mut d)),
+                    cmd,
+                    mode,
+                    &mut out,
+                    &mut err,
+                );
+                assert_eq!(d.1, want, "{cmd} in {mode:?}");
+            }
+        }
+        // The default is qemu-io's: write-through.
+        let mut d = Counting(Mem(vec![0; 4096]), 0);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        run_command(
+            Some(IoDisk::Writable(&mut d)),
+            "write 0 1",
+            &mut out,
+            &mut err,
+        );
+        assert_eq!(d.1, 1);
     }
 
     #[test]

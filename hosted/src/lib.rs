@@ -6,6 +6,7 @@
 //! picks the implementation (raw files here, qcow2 through the engine).
 
 pub mod bench;
+pub mod cache;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -41,7 +42,7 @@ Commands:
   convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-c] [-o OPTIONS] SRC DST
   compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
   create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
-  io [-f FMT] [-r] -c CMD [-c CMD ...] FILE
+  io [-f FMT] [-r] [-n] [-t CACHE] -c CMD [-c CMD ...] FILE
   bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N] [-i AIO] [-n] [--no-drain] [-o OFFSET]
         [--pattern=PATTERN] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE
 ";
@@ -328,11 +329,9 @@ fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
             }
             Arg::Short('t') => {
                 let v = value("bench", p)?;
-                o.write_through = match v.as_str() {
-                    "writeback" | "unsafe" | "none" => false,
-                    "writethrough" | "directsync" => true,
-                    _ => return Err(fail("Invalid cache mode")),
-                };
+                o.write_through = cache::CacheMode::parse(&v)
+                    .ok_or_else(|| fail("Invalid cache mode"))?
+                    .writethrough;
             }
             Arg::Short('w') => o.write = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
@@ -437,11 +436,19 @@ fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> 
 fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt, mut cmds, mut files) = (None, Vec::new(), Vec::new());
     let mut read_only = false;
+    // qemu-io's default: every write is durable before it is reported.
+    let mut cache = cache::CacheMode::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("io", e))? {
         match arg {
             Arg::Short('f') | Arg::Long("format") => fmt = Some(value("io", p)?),
             Arg::Short('c') | Arg::Long("cmd") => cmds.push(value("io", p)?),
             Arg::Short('r') | Arg::Long("read-only") => read_only = true,
+            Arg::Short('t') | Arg::Long("cache") => {
+                let v = value("io", p)?;
+                cache = cache::CacheMode::parse(&v)
+                    .ok_or_else(|| fail(format!("Invalid cache option: {v}")))?;
+            }
+            Arg::Short('n') | Arg::Long("nocache") => cache = cache.nocache(),
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("io", other)),
@@ -449,7 +456,7 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     }
     if files.len() > 1 {
         return Err(fail(
-            "Usage: qcow2 io [-f FMT] [-r] -c CMD [-c CMD ...] [FILE]",
+            "Usage: qcow2 io [-f FMT] [-r] [-n] [-t CACHE] -c CMD [-c CMD ...] [FILE]",
         ));
     }
     if cmds.is_empty() {
@@ -462,7 +469,7 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
                 .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
         )),
         Some(f) => Some(io::OpenedIo::Writable(
-            open::open_disk_writable(f, fmt.as_deref())
+            open::open_disk_writable_cache(f, fmt.as_deref(), cache)
                 .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
         )),
         None => None,
@@ -482,7 +489,7 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     let mut failed = false;
     for c in &cmds {
         let disk = img.as_mut().map(|i| i.disk());
-        match io::run_command(disk, c, out, err) {
+        match io::run_command_cached(disk, c, cache, out, err) {
             io::CmdStatus::Ok => {}
             io::CmdStatus::Failed => failed = true,
             io::CmdStatus::Quit => break,

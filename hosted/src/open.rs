@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::Read;
 
+use crate::cache::CacheMode;
 use crate::disk::{DiskError, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
 use crate::raw_disk::RawDisk;
 
@@ -124,10 +125,23 @@ pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskEr
 /// A raw image whose format was probed (no `format` given) refuses writes that would make its first sector
 /// look like another image format, as QEMU does.
 pub fn open_disk_writable(path: &str, format: Option<&str>) -> Result<OpenedWritable, DiskError> {
+    open_disk_writable_cache(path, format, CacheMode::WRITEBACK)
+}
+
+/// Like [`open_disk_writable`], with `cache`'s flush behaviour: with `unsafe` ([`CacheMode::no_flush`]) a
+/// flush writes cached metadata back to the file but does not ask the host to make the file durable. Whether
+/// writes are flushed one by one is the caller's business (it calls [`VirtualDiskWrite::flush`]).
+///
+/// [`VirtualDiskWrite::flush`]: crate::disk::VirtualDiskWrite::flush
+pub fn open_disk_writable_cache(
+    path: &str,
+    format: Option<&str>,
+    cache: CacheMode,
+) -> Result<OpenedWritable, DiskError> {
     let probed = format.is_none();
     let (file, format) = open_probed(path, format, true)?;
     if format == "qcow2" {
-        let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open_writable(path, file)?;
+        let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open_writable_cache(path, file, cache)?;
         return Ok(OpenedWritable {
             disk: Box::new(disk),
             chain,
@@ -136,6 +150,7 @@ pub fn open_disk_writable(path: &str, format: Option<&str>) -> Result<OpenedWrit
     let chain = raw_chain(path)?;
     let mut disk = RawDisk::new_writable(file, path)?;
     disk.set_probed(probed);
+    disk.set_no_flush(cache.no_flush);
     Ok(OpenedWritable {
         disk: Box::new(disk),
         chain,

@@ -21,6 +21,7 @@ use qcow2_core::format::{
 };
 use qcow2_core::{Error, Source};
 
+use crate::cache::CacheMode;
 use crate::disk::{
     DiskError, ENOTSUP, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, SnapshotInfo,
     VirtualDisk, VirtualDiskWrite,
@@ -38,6 +39,8 @@ struct ChainResolver {
     data_files: Vec<(usize, String)>,
     /// The top image is opened for writing: its data file is opened read-write too.
     writable_top: bool,
+    /// Flushes of the top image's data file do nothing (`cache=unsafe`).
+    no_flush: bool,
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
@@ -138,7 +141,7 @@ impl Resolver<FileDevice> for ChainResolver {
         let (file, full) = self.open_named(request.depth, request.name, "data file", write)?;
         // The data file is not part of the chain: forget it for loop detection's sake only when distinct.
         self.data_files.push((request.depth, full));
-        Ok(FileDevice::new(file))
+        Ok(FileDevice::new(file).with_no_flush(write && self.no_flush))
     }
 }
 
@@ -191,9 +194,21 @@ impl Qcow2Disk {
     /// When the engine refuses to write this image ([`Error::ReadOnly`]) the image is opened read-only
     /// instead, so that it can still be read; every write then fails with the engine's message.
     pub fn open_writable(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
+        Qcow2Disk::open_writable_cache(path, file, CacheMode::WRITEBACK)
+    }
+
+    /// Like [`Qcow2Disk::open_writable`], with the flush behaviour of `cache` (only its `no_flush` matters
+    /// here: the engine writes through or back as its caller flushes).
+    pub fn open_writable_cache(
+        path: &str,
+        file: File,
+        cache: CacheMode,
+    ) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
         let mut resolver = ChainResolver::for_top(path);
         resolver.writable_top = true;
-        match qcow2_alloc::open_writable(FileDevice::new(file), &mut resolver) {
+        resolver.no_flush = cache.no_flush;
+        let dev = FileDevice::new(file).with_no_flush(cache.no_flush);
+        match qcow2_alloc::open_writable(dev, &mut resolver) {
             Ok(image) => Qcow2Disk::finish(image, resolver, true),
             Err(Error::ReadOnly) => {
                 let file = File::open(path).map_err(|e| {

@@ -23,6 +23,8 @@ pub struct RawDisk {
     writable: bool,
     /// The format was probed, not given: writes must not make the first sector look like another format.
     probed: bool,
+    /// Flushes do nothing (`cache=unsafe`).
+    no_flush: bool,
 }
 
 /// The first bytes of image formats that a probe would take a raw disk for (QEMU's drivers' probes, by
@@ -55,7 +57,14 @@ impl RawDisk {
             size: file_len.div_ceil(512) * 512,
             writable: false,
             probed: false,
+            no_flush: false,
         })
+    }
+
+    /// With `no_flush`, [`VirtualDiskWrite::flush`] (and closing) never asks the host to make the file
+    /// durable (QEMU's `cache=unsafe`).
+    pub fn set_no_flush(&mut self, no_flush: bool) {
+        self.no_flush = no_flush;
     }
 
     /// Restricts writes the way QEMU does for a raw image whose format was probed: a write that would make
@@ -178,7 +187,7 @@ impl VirtualDiskWrite for RawDisk {
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {
-        if !self.writable {
+        if !self.writable || self.no_flush {
             return Ok(());
         }
         self.file.sync_data().map_err(RawDisk::os_err)
