@@ -5,29 +5,30 @@
 //! cluster that holds an L2 table, a refcount block or the header. Writing through such an entry would damage
 //! what the write did not touch. So, before anything lands:
 //!
-//! - Fixed places are checked in O(1) on every write, allocation and free: the header cluster, the active L1
-//!   table, the refcount table, the snapshot table and the bitmap directory (while the bitmaps are live).
-//! - Tables the engine has read: a cluster that one of the metadata cache's slices lies in is metadata.
-//! - Tables named by other tables (refcount blocks, active L2 tables, snapshots' L1 tables and their L2 tables,
-//!   bitmap tables): a fixed-size filter of their clusters ([`MetadataFilter`], 2048 bits) says which host
-//!   clusters may be one; for those, the naming tables are scanned to tell exactly. A cluster the filter
-//!   excludes is none of them.
+//! - Before the first write, [`Meta::verify_metadata`] walks the metadata once (work proportional to the
+//!   image's metadata, never to its data or virtual size): every metadata cluster (header, active L1,
+//!   refcount table and blocks, active L2 tables, snapshot table, snapshots' L1 tables and their L2 tables,
+//!   bitmap directory and tables) must have a refcount of at least 1, or the allocator would hand it out as
+//!   free. It fills the filter below. Then [`Meta::verify_references`] lists every metadata cluster in the
+//!   metadata cache's buffer (empty at that point; 8 bytes a cluster), sorts the list, refuses when two
+//!   structures share a cluster, and reads every active L2 table to refuse when an entry names a listed
+//!   cluster. When the list does not fit, that step is skipped and the checks below carry the load.
+//! - On every request, the host clusters that the request would write in place or free (what the L2 entries
+//!   of its range name) are checked exactly: against the fixed places (header cluster, active L1, refcount
+//!   table, snapshot table, bitmap directory while the bitmaps are live), the clusters of cached tables, and
+//!   the tables named by other tables, which a fixed-size filter of their clusters ([`MetadataFilter`],
+//!   2048 bits) rules out for most clusters and a scan of the naming tables settles for the rest.
+//! - Clusters the allocator hands out have refcount 0, so they are none of the verified tables; they, new L2
+//!   tables, new refcount blocks and a grown refcount table are still checked against the fixed places and
+//!   the cache, and the engine's new tables go into the filter.
 //!
-//! Before the first write, [`Meta::verify_metadata`] walks those tables once (work proportional to the
-//! image's metadata, never to its data or virtual size), fills the filter, and refuses to write when a
-//! metadata cluster has refcount 0 (the allocator would hand it out as free) or holds two structures at once.
-//! From then on, the allocator only hands out clusters whose refcount is 0, which are therefore none of those
-//! tables (each allocation is still checked against the fixed places and the cache); tables the engine
-//! allocates go into the filter. Writing in place (an L2 entry with COPIED) and freeing what an L2 entry or
-//! a bitmap table names take the exact check, because those entries may lie.
-//!
-//! A write refused here leaves the image as it was; one refused by the check of a single write (an entry
-//! that names metadata) also sets the corrupt bit, as QEMU's overlap check does. What stays possible: a data
-//! cluster whose refcount is lower than the L2 entries that name it can be handed out again (telling would
-//! need every L2 table read), and when an image has more than a few hundred metadata clusters the filter
-//! rarely excludes a cluster, so writing in place scans the L1 and refcount tables each time (slower, never
-//! less safe), and only the first [`VERIFY_EXACT_SCANS`] collisions are checked for two structures sharing a
-//! cluster.
+//! A refusal sets the corrupt bit (as QEMU's overlap check does), stops writing, and changes nothing else: the
+//! checks run before the request writes anything. What stays possible: a data cluster whose refcount is lower
+//! than the L2 entries naming it can be handed out again (telling would take a full check); without the
+//! sorted list (more metadata clusters than the cache's buffer holds), an entry that names metadata is only
+//! caught when a request reaches it, and once the filter fills, in-place writes scan the L1 and refcount
+//! tables each time (slower, never less safe). Only the first [`VERIFY_EXACT_SCANS`] filter collisions of the
+//! first walk are checked for two structures sharing a cluster (the sorted list checks all of them).
 
 use super::{Meta, split_bounce};
 use crate::Error;
@@ -636,8 +637,57 @@ impl MetadataList<'_> {
 
     fn sorted(&mut self) -> &[[u8; 8]] {
         let list = self.entries.get_mut(..self.len).unwrap_or(&mut []);
-        list.sort_unstable();
+        heapsort(list);
         list
+    }
+}
+
+/// Sorts `list` in place (a heapsort: small, no allocation, and no panic path, unlike the standard library's
+/// sorts).
+fn heapsort(list: &mut [[u8; 8]]) {
+    let n = list.len();
+    let mut start = n / 2;
+    while start > 0 {
+        start = start.saturating_sub(1);
+        sift_down(list, start, n);
+    }
+    let mut end = n;
+    while end > 1 {
+        end = end.saturating_sub(1);
+        swap(list, 0, end);
+        sift_down(list, 0, end);
+    }
+}
+
+/// Restores the max-heap order below `root` in `list[..end]`.
+fn sift_down(list: &mut [[u8; 8]], mut root: usize, end: usize) {
+    loop {
+        let left = root.saturating_mul(2).saturating_add(1);
+        if left >= end {
+            return;
+        }
+        let right = left.saturating_add(1);
+        let mut child = left;
+        if right < end && list.get(right) > list.get(left) {
+            child = right;
+        }
+        if list.get(child) <= list.get(root) {
+            return;
+        }
+        swap(list, root, child);
+        root = child;
+    }
+}
+
+fn swap(list: &mut [[u8; 8]], a: usize, b: usize) {
+    let (Some(&x), Some(&y)) = (list.get(a), list.get(b)) else {
+        return;
+    };
+    if let Some(v) = list.get_mut(a) {
+        *v = y;
+    }
+    if let Some(v) = list.get_mut(b) {
+        *v = x;
     }
 }
 
@@ -816,7 +866,7 @@ where
             while fits && pos.saturating_add(24) <= end {
                 let mut e = [0u8; 24];
                 read_part(dev, bounce, pos, &mut e)?;
-                let Some(entry) = super::BitmapEntry::parse(&e, pos, end, cs) else {
+                let Some(entry) = super::bitmaps::BitmapEntry::parse(&e, pos, end, cs) else {
                     break;
                 };
                 fits = list.push_range(
@@ -912,5 +962,30 @@ fn entry_hosts(entry: L2Entry, format: L2Format, cluster_size: u64) -> Option<(u
         }
         ClusterKind::Compressed(d) => Some((d.offset, d.len)),
         ClusterKind::Unallocated | ClusterKind::Zero { host: None } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::heapsort;
+
+    #[test]
+    fn heapsort_sorts() {
+        let mut seed = 0x1234_5678_u64;
+        for n in [0usize, 1, 2, 3, 10, 257] {
+            let mut v: std::vec::Vec<[u8; 8]> = (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed % 50).to_be_bytes()
+                })
+                .collect();
+            let mut want = v.clone();
+            want.sort();
+            heapsort(&mut v);
+            assert_eq!(v, want, "n = {n}");
+        }
     }
 }

@@ -1,0 +1,322 @@
+//! Allocation: the free-cluster search, allocating clusters (checked against known metadata first), new
+//! refcount blocks that cover themselves, new L2 tables, and refcount-table growth.
+
+use super::*;
+
+/// Sets refcount entry `entry` (of a block whose chunk starting at byte `chunk_start` is `chunk`) to 1.
+fn set_in_chunk(chunk: &mut [u8], chunk_start: u64, entry: u64, order: u32) -> Option<()> {
+    let bit = entry << order;
+    let byte = bit >> 3;
+    if byte < chunk_start || byte >= chunk_start.saturating_add(chunk.len() as u64) {
+        return Some(());
+    }
+    let first_entry = chunk_start.saturating_mul(8) >> order;
+    refcount_set(
+        chunk,
+        order,
+        usize::try_from(entry.saturating_sub(first_entry)).ok()?,
+        1,
+    )
+}
+
+impl<D, B, const SLICES: usize> Meta<'_, D, B, SLICES>
+where
+    D: BlockDeviceWrite,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+{
+    pub(super) fn max_cluster(&self) -> u64 {
+        MAX_HOST_OFFSET >> self.g.cluster_bits
+    }
+
+    /// The first cluster at or after `from` whose refcount is 0.
+    pub(super) fn find_free(&mut self, from: u64) -> Result<u64, Error<D::Error>> {
+        let mut c = from.max(1);
+        let order = self.g.order;
+        let per_slice = (self.g.slice.saturating_mul(8)) >> order;
+        loop {
+            if c > self.max_cluster() {
+                return Err(Error::NoSpace {
+                    what: "no free host cluster below 2^56",
+                });
+            }
+            let Some((host, idx)) = self.refcount_loc(c)? else {
+                return Ok(c);
+            };
+            let slice = self.g.slice as usize;
+            let s = self
+                .cache
+                .get(self.dev, bounce_of(self.bounce, 0), 0, host, slice)?;
+            let mut i = idx;
+            while (i as u64) < per_slice {
+                if refcount_get(s, order, i) == Some(0) {
+                    return Ok(c.saturating_add((i.saturating_sub(idx)) as u64));
+                }
+                i = i.saturating_add(1);
+            }
+            c = c.saturating_add(per_slice.saturating_sub(idx as u64));
+        }
+    }
+
+    /// Allocates up to `max` contiguous clusters (at least one) with refcount 1. Returns the host offset
+    /// and the count.
+    pub(super) fn alloc_clusters(&mut self, max: u64) -> Result<(u64, u64), Error<D::Error>> {
+        for _ in 0..64 {
+            let c = self.find_free(self.w.free_hint)?;
+            let r = c >> self.g.block_bits;
+            if r >= self.g.rt_entries {
+                self.grow_reftable(c)?;
+                continue;
+            }
+            if self.reftable_entry(r)? == 0 {
+                self.alloc_refblock(r, c)?;
+                continue;
+            }
+            let mut count = 1u64;
+            while count < max {
+                let next = c.saturating_add(count);
+                if next > self.max_cluster()
+                    || self.refcount_loc(next)?.is_none()
+                    || self.refcount(next)? != 0
+                {
+                    break;
+                }
+                count = count.saturating_add(1);
+            }
+            // A free cluster is never one the engine knows to hold metadata (a refcount that lies).
+            self.guard(
+                c << self.g.cluster_bits,
+                count.saturating_mul(self.g.cs),
+                false,
+            )?;
+            for i in 0..count {
+                self.change_refcount(c.saturating_add(i), true)?;
+            }
+            self.w.free_hint = c.saturating_add(count);
+            let host = c << self.g.cluster_bits;
+            self.cache
+                .forget_range(0, host, count.saturating_mul(self.g.cs));
+            return Ok((host, count));
+        }
+        Err(Error::NoSpace {
+            what: "cluster allocation did not converge",
+        })
+    }
+
+    /// Allocates one cluster for metadata (never cluster 0).
+    pub(super) fn alloc_metadata_cluster(&mut self) -> Result<u64, Error<D::Error>> {
+        let (host, _) = self.alloc_clusters(1)?;
+        if host == 0 {
+            return Err(corrupt("allocation of metadata at offset 0", 0));
+        }
+        self.note_table(host);
+        Ok(host)
+    }
+
+    /// Writes the refcount block for refcount table index `r` at cluster `c` (inside the range it covers, so
+    /// that it covers itself), then points the refcount table at it.
+    pub(super) fn alloc_refblock(&mut self, r: u64, c: u64) -> Result<(), Error<D::Error>> {
+        let host = c << self.g.cluster_bits;
+        self.guard(host, self.g.cs, false)?;
+        self.note_table(host);
+        self.cache.forget_range(0, host, self.g.cs);
+        let self_index = c & (1u64 << self.g.block_bits).wrapping_sub(1);
+        let order = self.g.order;
+        self.write_block_with(host, |_, chunk_start, chunk| {
+            set_in_chunk(chunk, chunk_start, self_index, order)
+        })?;
+        self.flush_dev()?;
+        self.set_table_word(self.g.rt_off, r.saturating_mul(8), host)?;
+        Ok(())
+    }
+
+    /// Writes a new L2 table at `new` (a copy of the shared table at `old`, or zeros) and makes it durable
+    /// with the refcounts that cover it, before an L1 entry may point at it.
+    pub(super) fn prepare_l2(&mut self, old: Option<u64>, new: u64) -> Result<(), Error<D::Error>> {
+        match old {
+            // Copy the shared table; its entries keep their (shared) COPIED-less state.
+            Some(old) => self.copy_cluster(old, new)?,
+            None => self.write_zeros(new, self.g.cs)?,
+        }
+        if !self.w.lazy {
+            self.writeback(SliceKind::Refcount)?;
+        }
+        self.flush_dev()
+    }
+
+    /// Copies the cluster at host offset `from` to `to`.
+    ///
+    /// Out of line: inlined, its stack copy buffer would sit in the frame of the write request, below which
+    /// every allocation of that request runs.
+    #[inline(never)]
+    pub(super) fn copy_cluster(&mut self, from: u64, to: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.g.cs;
+        let bs = self.dev.block_size();
+        let (bounce, rest) = split_bounce(self.bounce, bs);
+        let mut stack = [0u8; STACK_CHUNK];
+        let chunk = chunk_of(rest, &mut stack);
+        let mut done = 0u64;
+        while done < cs {
+            let n = (chunk.len() as u64).min(cs.saturating_sub(done)) as usize;
+            let part = chunk.get_mut(..n).unwrap_or(&mut []);
+            read_bytes(self.dev, bounce, from.saturating_add(done), part)?;
+            write_bytes(self.dev, bounce, to.saturating_add(done), part)?;
+            done = done.saturating_add(n as u64);
+        }
+        self.w.needs_flush = true;
+        Ok(())
+    }
+
+    /// Writes one cluster at `host` chunk by chunk; `fill(first, chunk_offset, chunk)` fills each zeroed chunk.
+    pub(super) fn write_block_with<F>(
+        &mut self,
+        host: u64,
+        mut fill: F,
+    ) -> Result<(), Error<D::Error>>
+    where
+        F: FnMut(bool, u64, &mut [u8]) -> Option<()>,
+    {
+        let bs = self.dev.block_size();
+        let cs = self.g.cs;
+        let (bounce, rest) = split_bounce(self.bounce, bs);
+        let mut stack = [0u8; STACK_CHUNK];
+        let chunk = chunk_of(rest, &mut stack);
+        let mut done = 0u64;
+        while done < cs {
+            let n = (chunk.len() as u64).min(cs.saturating_sub(done)) as usize;
+            let part = chunk.get_mut(..n).unwrap_or(&mut []);
+            part.fill(0);
+            fill(done == 0, done, part).ok_or(corrupt("refcount block layout", host))?;
+            write_bytes(self.dev, bounce, host.saturating_add(done), part)?;
+            done = done.saturating_add(n as u64);
+        }
+        self.w.needs_flush = true;
+        Ok(())
+    }
+
+    /// Grows the refcount table so that it covers cluster `c` (which, like everything after it, has no
+    /// refcount block yet). The new table and the refcount blocks that cover it are placed at `c`.
+    pub(super) fn grow_reftable(&mut self, c: u64) -> Result<(), Error<D::Error>> {
+        let g = self.g;
+        let per_cluster = g.cs >> 3;
+        let r0 = c >> g.block_bits;
+        let old_entries = g.rt_entries;
+        let want = old_entries
+            .saturating_add(old_entries / 2)
+            .max(r0.saturating_add(2));
+        let mut k = 1u64;
+        let mut t;
+        loop {
+            let need = want.max(r0.saturating_add(k).saturating_add(1));
+            t = ceil_div(need, per_cluster);
+            let last = c.saturating_add(k).saturating_add(t).saturating_sub(1);
+            let regions = (last >> g.block_bits).saturating_sub(r0).saturating_add(1);
+            if regions <= k {
+                break;
+            }
+            k = regions;
+            if k > 1024 {
+                return Err(Error::NoSpace {
+                    what: "refcount table growth did not converge",
+                });
+            }
+        }
+        if t.saturating_mul(g.cs) > MAX_REFTABLE_BYTES || t > u64::from(u32::MAX) {
+            return Err(Error::NoSpace {
+                what: "the refcount table would exceed 8 MiB",
+            });
+        }
+        let area_end = c.saturating_add(k).saturating_add(t);
+        if area_end > self.max_cluster() {
+            return Err(Error::NoSpace {
+                what: "no free host cluster below 2^56",
+            });
+        }
+        self.guard(
+            c << g.cluster_bits,
+            area_end.saturating_sub(c).saturating_mul(g.cs),
+            false,
+        )?;
+        // Refcount blocks: block i (at cluster c + i) covers region r0 + i and counts the new area's clusters.
+        for i in 0..k {
+            self.note_table(c.saturating_add(i) << g.cluster_bits);
+            let region = r0.saturating_add(i);
+            let first = region << g.block_bits;
+            let lo = c.max(first).saturating_sub(first);
+            let hi = area_end
+                .min(first.saturating_add(1u64 << g.block_bits))
+                .saturating_sub(first);
+            let host = c.saturating_add(i) << g.cluster_bits;
+            self.cache.forget_range(0, host, g.cs);
+            self.write_block_with(host, |_, chunk_start, chunk| {
+                let entries = (chunk.len() as u64).saturating_mul(8) >> g.order;
+                let first_entry = chunk_start.saturating_mul(8) >> g.order;
+                let from = lo.max(first_entry);
+                let to = hi.min(first_entry.saturating_add(entries));
+                let mut e = from;
+                while e < to {
+                    set_in_chunk(chunk, chunk_start, e, g.order)?;
+                    e = e.saturating_add(1);
+                }
+                Some(())
+            })?;
+        }
+        // The new table: the old entries, then the new blocks.
+        let table = c.saturating_add(k) << g.cluster_bits;
+        self.cache.forget_range(0, table, t.saturating_mul(g.cs));
+        let old_bytes = old_entries.saturating_mul(8);
+        let bs = self.dev.block_size();
+        {
+            let (bounce, rest) = split_bounce(self.bounce, bs);
+            let mut stack = [0u8; STACK_CHUNK];
+            let chunk = chunk_of(rest, &mut stack);
+            let total = t.saturating_mul(g.cs);
+            let mut done = 0u64;
+            while done < total {
+                let n = (chunk.len() as u64).min(total.saturating_sub(done)) as usize;
+                let part = chunk.get_mut(..n).unwrap_or(&mut []);
+                part.fill(0);
+                if done < old_bytes {
+                    let m = (old_bytes.saturating_sub(done) as usize).min(n);
+                    read_bytes(
+                        self.dev,
+                        bounce,
+                        g.rt_off.saturating_add(done),
+                        part.get_mut(..m).unwrap_or(&mut []),
+                    )?;
+                }
+                for i in 0..k {
+                    let byte = r0.saturating_add(i).saturating_mul(8);
+                    if byte >= done && byte < done.saturating_add(n as u64) {
+                        let at = byte.saturating_sub(done) as usize;
+                        let host = c.saturating_add(i) << g.cluster_bits;
+                        if let Some(dst) = part.get_mut(at..at.saturating_add(8)) {
+                            let _ = copy_exact(dst, &host.to_be_bytes());
+                        }
+                    }
+                }
+                write_bytes(self.dev, bounce, table.saturating_add(done), part)?;
+                done = done.saturating_add(n as u64);
+            }
+        }
+        self.flush_dev()?;
+        // Point the header at it.
+        let mut field = [0u8; 12];
+        let (offset, clusters) = field.split_at_mut_checked(8).unwrap_or_default();
+        let _ = copy_exact(offset, &table.to_be_bytes());
+        let _ = copy_exact(clusters, &(t as u32).to_be_bytes());
+        self.write_header(HDR_REFTABLE, &field)?;
+        let old_off = g.rt_off;
+        let old_clusters = old_entries.checked_div(per_cluster).unwrap_or(0);
+        self.header.refcount_table_offset = table;
+        self.header.refcount_table_clusters = t as u32;
+        self.g.rt_off = table;
+        self.g.rt_entries = t.saturating_mul(per_cluster);
+        self.cache
+            .forget_range(0, old_off, old_clusters.saturating_mul(g.cs));
+        // The old table is no longer referenced by the (durable) header.
+        for i in 0..old_clusters {
+            self.change_refcount((old_off >> g.cluster_bits).saturating_add(i), false)?;
+        }
+        Ok(())
+    }
+}

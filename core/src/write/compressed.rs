@@ -1,0 +1,91 @@
+//! Compressed cluster writes: several compressed clusters share a host cluster while it has room and its
+//! refcount can count them.
+
+use super::*;
+
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+where
+    D: BlockDeviceWrite,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    C: Decompressor,
+{
+    /// Stores one whole guest cluster at the cluster-aligned guest `offset` as `compressed` (the cluster's
+    /// content compressed with the image's compression type, shorter than a cluster). The caller compresses;
+    /// data that does not compress should go through [`Image::write_at`] instead. Like QEMU, a compressed
+    /// write only goes to a cluster that holds no data yet.
+    pub fn write_compressed(
+        &mut self,
+        offset: u64,
+        compressed: &[u8],
+    ) -> Result<(), Error<D::Error>> {
+        let g = self.geo()?;
+        let n = compressed.len() as u64;
+        if offset & g.cs.wrapping_sub(1) != 0 || offset >= self.virtual_size() {
+            return Err(Error::OutOfRange {
+                offset,
+                len: g.cs,
+                size: self.virtual_size(),
+            });
+        }
+        if n == 0 || n >= g.cs {
+            return Err(Error::BufferTooSmall {
+                what: "compressed cluster (must be shorter than a cluster)",
+                need: g.cs.saturating_sub(1),
+                have: n,
+            });
+        }
+        if g.l2.external_data {
+            return Err(Error::Unsupported {
+                what: "compressed clusters in an image with an external data file",
+                value: offset,
+            });
+        }
+        self.begin_write()?;
+        let l2 = self.writable_l2(offset)?;
+        let mut m = self.meta()?;
+        m.make_room(3)?;
+        let index = (offset >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
+        let old = m.l2_get(l2, index)?;
+        if old.word & (OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
+            return Err(Error::Unsupported {
+                what: "compressed write over a cluster that holds data",
+                value: offset,
+            });
+        }
+        // Pack compressed data into the current compressed-data cluster while it fits.
+        let at = m.w.compressed_at;
+        let cl = at & !g.cs.wrapping_sub(1);
+        // A cluster whose refcount is at its largest value takes no more compressed clusters (narrow refcounts).
+        let room = at != 0
+            && at.saturating_add(n) <= cl.saturating_add(g.cs)
+            && m.refcount(cl >> g.cluster_bits)? < g.max_refcount();
+        let host = if room {
+            m.change_refcount(cl >> g.cluster_bits, true)?;
+            at
+        } else {
+            m.alloc_clusters(1)?.0
+        };
+        let next = host.saturating_add(n);
+        m.w.compressed_at = if next & g.cs.wrapping_sub(1) == 0 {
+            0
+        } else {
+            next
+        };
+        m.guard(host, n, false)?;
+        m.write_dev(host, compressed)?;
+        let d = CompressedDescriptor {
+            offset: host,
+            len: n,
+        };
+        m.l2_set(
+            l2,
+            index,
+            L2Entry {
+                word: OFLAG_COMPRESSED | d.encode(g.cluster_bits),
+                bitmap: 0,
+            },
+        )?;
+        self.decompressor.invalidate();
+        self.end_write()
+    }
+}

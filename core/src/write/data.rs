@@ -1,0 +1,326 @@
+//! Guest data writes: the writable L2 table for a guest offset (allocated or copied from a shared one),
+//! copy-on-write of the parts of a cluster a write does not cover, and storing the new bytes.
+
+use super::*;
+
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+where
+    D: BlockDeviceWrite,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    C: Decompressor,
+{
+    /// The L2 table for guest offset `guest`, allocated (or copied, if shared with a snapshot) so that it can
+    /// be written. Returns its host offset.
+    pub(super) fn writable_l2(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
+        let mut m = self.meta()?;
+        let g = m.g;
+        let l1_index = guest >> g.coverage_bits;
+        let (entry, old) = m.l2_table(guest)?;
+        if let Some(old) = old
+            && entry.copied()
+        {
+            return Ok(old);
+        }
+        m.make_room(3)?;
+        let new = m.alloc_metadata_cluster()?;
+        if let Err(e) = m.prepare_l2(old, new) {
+            // The L1 entry does not point at it yet: the cluster goes back.
+            let _ = m.change_refcount(new >> g.cluster_bits, false);
+            return Err(e);
+        }
+        m.set_table_word(g.l1_off, l1_index.saturating_mul(8), new | OFLAG_COPIED)?;
+        if let Some(old) = old {
+            m.free_later(old)?;
+        }
+        Ok(new)
+    }
+
+    /// Copies the guest bytes `[guest, guest + len)` as they read now into host bytes at `host` of the top
+    /// image (the copy-on-write part of an allocating write).
+    pub(super) fn copy_guest(
+        &mut self,
+        guest: u64,
+        host: u64,
+        len: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let size = self.virtual_size();
+        let bs = self
+            .layers
+            .first()
+            .map(|l| l.dev.block_size())
+            .ok_or(Error::ReadOnly)?;
+        let Image {
+            layers,
+            bounce,
+            cache,
+            decompressor,
+            ..
+        } = self;
+        let (b, rest) = split_bounce(bounce.as_mut(), bs);
+        let mut stack = [0u8; STACK_CHUNK];
+        let chunk = chunk_of(rest, &mut stack);
+        let mut done = 0u64;
+        while done < len {
+            let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
+            let part = chunk.get_mut(..n).unwrap_or(&mut []);
+            // The last cluster of a disk whose size is not a cluster multiple reaches past the disk: that part
+            // is copied as zeros.
+            let at = guest.saturating_add(done);
+            let inside = usize::try_from(size.saturating_sub(at))
+                .unwrap_or(usize::MAX)
+                .min(n);
+            let (readable, past) = part.split_at_mut_checked(inside).unwrap_or_default();
+            past.fill(0);
+            Reader {
+                layers: layers.as_mut_slice(),
+                bounce: &mut *b,
+                cache: &mut *cache,
+                decompressor: &mut *decompressor,
+            }
+            .read(at, readable)?;
+            let top = layers.first_mut().ok_or(Error::ReadOnly)?;
+            let dev = match top.data.as_mut() {
+                Some(data) => data,
+                None => &mut top.dev,
+            };
+            write_bytes(dev, b, host.saturating_add(done), part)?;
+            done = done.saturating_add(n as u64);
+        }
+        self.w.needs_flush = true;
+        Ok(())
+    }
+
+    /// Stores `src` at host offset `host` of the top image (in its external data file, if it has one).
+    pub(super) fn store(
+        &mut self,
+        host: u64,
+        src: Src<'_>,
+        len: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let Image {
+            layers, bounce, w, ..
+        } = self;
+        let top = layers.first_mut().ok_or(Error::ReadOnly)?;
+        let dev = match top.data.as_mut() {
+            Some(data) => data,
+            None => &mut top.dev,
+        };
+        match src {
+            Src::Bytes(bytes) => {
+                let bs = dev.block_size();
+                write_bytes(dev, bounce_of(bounce.as_mut(), bs), host, bytes)?;
+            }
+            Src::Zeros => write_zero_run(dev, bounce.as_mut(), host, len)?,
+        }
+        w.needs_flush = true;
+        Ok(())
+    }
+
+    /// Writes guest bytes `[a, b)` of the cluster at guest offset `gc` from `src`.
+    pub(super) fn write_cluster(
+        &mut self,
+        gc: u64,
+        a: u64,
+        b: u64,
+        src: Src<'_>,
+    ) -> Result<(), Error<D::Error>> {
+        let l2 = self.writable_l2(gc)?;
+        let mut m = self.meta()?;
+        m.make_room(3)?;
+        let g = m.g;
+        let (index, old, kind) = m.cluster_entry(l2, gc)?;
+        let piece = g.piece_size();
+        let pieces = g.pieces();
+        // Which pieces hold data now, and which does this write touch.
+        let full = if pieces == 32 { u32::MAX } else { 1 };
+        let old_alloc: u32 = match kind {
+            ClusterKind::Data { .. } if g.l2.extended => (old.bitmap & 0xffff_ffff) as u32,
+            ClusterKind::Data { .. } | ClusterKind::Compressed(_) => full,
+            _ => 0,
+        };
+        let old_zero: u32 = if g.l2.extended {
+            (old.bitmap >> 32) as u32
+        } else {
+            0
+        };
+        let first = a.checked_div(piece).unwrap_or(0);
+        let last = b.saturating_sub(1).checked_div(piece).unwrap_or(0);
+        let mut touched = 0u32;
+        let mut p = first;
+        while p <= last && p < pieces {
+            touched |= 1u32 << p;
+            p = p.saturating_add(1);
+        }
+        let in_place = match kind {
+            ClusterKind::Data { host } if old.copied() => Some(host),
+            ClusterKind::Zero { host: Some(host) } if old.copied() && !g.l2.extended => Some(host),
+            _ => None,
+        };
+        let new_alloc = old_alloc | touched;
+        let target = match in_place {
+            Some(host) => host,
+            // An external data file maps guest clusters to the same offsets, without refcounts.
+            None if g.l2.external_data => gc,
+            None => m.alloc_clusters(1)?.0,
+        };
+        if !g.l2.external_data {
+            m.guard(target, g.cs, in_place.is_some())?;
+        }
+        // Copy what the write does not cover in the pieces that will be allocated, from the old content, then
+        // store the new bytes. If that fails, a cluster allocated for it goes back: nothing references it yet.
+        let copy = match in_place {
+            Some(_) => new_alloc & !old_alloc,
+            None => new_alloc,
+        };
+        if let Err(e) = self.fill_cluster(gc, target, a, b, src, copy) {
+            if in_place.is_none() && !g.l2.external_data {
+                self.give_back(target);
+            }
+            return Err(e);
+        }
+        let new = if g.l2.extended {
+            L2Entry {
+                word: target | OFLAG_COPIED,
+                bitmap: u64::from(new_alloc) | (u64::from(old_zero & !new_alloc) << 32),
+            }
+        } else {
+            L2Entry {
+                word: target | OFLAG_COPIED,
+                bitmap: 0,
+            }
+        };
+        let mut m = self.meta()?;
+        if new != old {
+            m.l2_set(l2, index, new)?;
+        }
+        if in_place.is_none() {
+            m.free_entry(kind)?;
+        }
+        if matches!(kind, ClusterKind::Compressed(_)) {
+            self.decompressor.invalidate();
+        }
+        Ok(())
+    }
+
+    /// Fills the pieces of the host cluster at `target` that `copy` names with the old content of guest cluster
+    /// `gc` (around the written bytes), then stores the guest bytes `[a, b)` of the cluster from `src`.
+    pub(super) fn fill_cluster(
+        &mut self,
+        gc: u64,
+        target: u64,
+        a: u64,
+        b: u64,
+        src: Src<'_>,
+        copy: u32,
+    ) -> Result<(), Error<D::Error>> {
+        let g = self.geo()?;
+        let piece = g.piece_size();
+        let pieces = g.pieces();
+        let mut run: Option<(u64, u64)> = None;
+        for p in 0..pieces {
+            if copy & (1u32 << p) == 0 {
+                continue;
+            }
+            let ps = p.saturating_mul(piece);
+            let pe = ps.saturating_add(piece);
+            for (lo, hi) in [(ps, pe.min(a)), (ps.max(b), pe)] {
+                if lo >= hi {
+                    continue;
+                }
+                run = match run {
+                    Some((rlo, rhi)) if rhi == lo => Some((rlo, hi)),
+                    Some((rlo, rhi)) => {
+                        self.copy_guest(
+                            gc.saturating_add(rlo),
+                            target.saturating_add(rlo),
+                            rhi.saturating_sub(rlo),
+                        )?;
+                        Some((lo, hi))
+                    }
+                    None => Some((lo, hi)),
+                };
+            }
+        }
+        if let Some((rlo, rhi)) = run {
+            self.copy_guest(
+                gc.saturating_add(rlo),
+                target.saturating_add(rlo),
+                rhi.saturating_sub(rlo),
+            )?;
+        }
+        self.store(target.saturating_add(a), src, b.saturating_sub(a))
+    }
+
+    /// Gives back a cluster allocated for a change that failed before anything referenced it (best effort:
+    /// the request's own error is what the caller sees; at worst the cluster stays leaked).
+    pub(super) fn give_back(&mut self, host: u64) {
+        if let Ok(mut m) = self.meta() {
+            let c = host >> m.g.cluster_bits;
+            let _ = m.change_refcount(c, false);
+        }
+    }
+
+    /// Writes `buf` at guest `offset` (any size and alignment).
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Error<D::Error>> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.begin_write_over(offset, buf.len() as u64)?;
+        self.write_range(offset, buf.len() as u64, Src::Bytes(buf))?;
+        self.end_write()
+    }
+
+    /// Refuses (marking the image corrupt) a request over guest bytes `[offset, offset + len)` when an entry
+    /// there names a host cluster that holds metadata: the request would write over it or free it. Runs
+    /// before the request changes anything, so that a refused request changes nothing but the corrupt bit.
+    pub(super) fn guard_guest_range(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let mut m = self.meta()?;
+        let g = m.g;
+        if g.l2.external_data {
+            return Ok(());
+        }
+        let mut gc = offset & !g.cs.wrapping_sub(1);
+        let end = offset.saturating_add(len);
+        while gc < end {
+            let (_, Some(l2)) = m.l2_table(gc)? else {
+                // No L2 table: nothing to check up to the next one.
+                let span = 1u64 << g.coverage_bits;
+                gc = (gc & !span.wrapping_sub(1)).saturating_add(span);
+                continue;
+            };
+            let (_, _, kind) = m.cluster_entry(l2, gc)?;
+            match kind {
+                ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
+                    m.guard(host, g.cs, true)?;
+                }
+                ClusterKind::Compressed(d) => m.guard(d.offset, d.len, true)?,
+                ClusterKind::Unallocated | ClusterKind::Zero { host: None } => {}
+            }
+            gc = gc.saturating_add(g.cs);
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_range(
+        &mut self,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+    ) -> Result<(), Error<D::Error>> {
+        let cs = self.geo()?.cs;
+        let mut pos = offset;
+        let end = offset.saturating_add(len);
+        while pos < end {
+            let gc = pos & !cs.wrapping_sub(1);
+            let a = pos.saturating_sub(gc);
+            let b = end.saturating_sub(gc).min(cs);
+            let from = pos.saturating_sub(offset) as usize;
+            let n = b.saturating_sub(a);
+            self.write_cluster(gc, a, b, src.sub(from, n as usize))?;
+            pos = gc.saturating_add(b);
+        }
+        Ok(())
+    }
+}
