@@ -23,6 +23,7 @@ use crate::Error;
 use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
 use crate::engine::{BitmapsExtension, Buffers, Format, Image, Layer, Reader, Resolver};
+use crate::format::field;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
@@ -51,11 +52,6 @@ const STACK_CHUNK: usize = 512;
 /// Smallest metadata slice count a writable image needs (an L2 slice and refcount slices dirty at once,
 /// plus room to read).
 pub const MIN_WRITE_SLICES: usize = 4;
-
-/// Header field offsets (big-endian, common to versions 2 and 3).
-const HDR_REFTABLE: u64 = 48;
-const HDR_INCOMPATIBLE: u64 = 72;
-const HDR_AUTOCLEAR: u64 = 88;
 
 /// All subclusters read as zero (extended L2 bitmap).
 const ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
@@ -88,81 +84,77 @@ pub(crate) struct WriteState {
 
 /// The source of the bytes a write stores.
 #[derive(Clone, Copy)]
-enum Src<'a> {
+enum WriteSource<'a> {
     Bytes(&'a [u8]),
     Zeros,
 }
 
-impl<'a> Src<'a> {
-    fn sub(self, from: usize, len: usize) -> Src<'a> {
+impl<'a> WriteSource<'a> {
+    fn sub(self, from: usize, len: usize) -> WriteSource<'a> {
         match self {
-            Src::Bytes(b) => Src::Bytes(b.get(from..from.saturating_add(len)).unwrap_or(&[])),
-            Src::Zeros => Src::Zeros,
+            WriteSource::Bytes(b) => {
+                WriteSource::Bytes(b.get(from..from.saturating_add(len)).unwrap_or(&[]))
+            }
+            WriteSource::Zeros => WriteSource::Zeros,
         }
     }
 }
 
-/// Image geometry the writer needs, from the top image's header.
+/// The top image's geometry and table locations, as the writer uses them (from its header, which the
+/// writer keeps up to date when the refcount table moves).
 #[derive(Debug, Clone, Copy)]
-struct Geo {
+struct Geometry {
     cluster_bits: u32,
-    cs: u64,
-    order: u32,
-    block_bits: u32,
-    l2: L2Format,
-    l2_entry: u64,
+    cluster_size: u64,
+    refcount_order: u32,
+    /// log2 of the refcount entries per refcount block.
+    refcount_block_bits: u32,
+    l2_format: L2Format,
+    l2_entry_size: u64,
     l2_entries: u64,
-    coverage_bits: u32,
-    sub_size: u64,
-    slice: u64,
-    rt_off: u64,
-    rt_entries: u64,
-    l1_off: u64,
+    l2_coverage_bits: u32,
+    subcluster_size: u64,
+    /// Bytes of one metadata cache slice (at most a cluster).
+    slice_size: u64,
+    refcount_table_offset: u64,
+    refcount_table_entries: u64,
+    l1_table_offset: u64,
     l1_size: u64,
+    max_refcount: u64,
 }
 
-impl Geo {
-    fn new(h: &Header, l2: L2Format, slot: usize) -> Geo {
-        let cs = h.cluster_size();
-        Geo {
+impl Geometry {
+    fn new(h: &Header, l2_format: L2Format, slot: usize) -> Geometry {
+        let cluster_size = h.cluster_size();
+        Geometry {
             cluster_bits: h.cluster_bits,
-            cs,
-            order: h.refcount_order,
-            block_bits: h
-                .cluster_bits
-                .saturating_add(3)
-                .saturating_sub(h.refcount_order),
-            l2,
-            l2_entry: h.l2_entry_size(),
+            cluster_size,
+            refcount_order: h.refcount_order,
+            refcount_block_bits: h.refcount_block_bits(),
+            l2_format,
+            l2_entry_size: h.l2_entry_size(),
             l2_entries: h.l2_entries(),
-            coverage_bits: h.l2_coverage_bits(),
-            sub_size: h.subcluster_size(),
-            slice: (slot as u64).min(cs),
-            rt_off: h.refcount_table_offset,
-            rt_entries: u64::from(h.refcount_table_clusters) << h.cluster_bits.saturating_sub(3),
-            l1_off: h.l1_table_offset,
+            l2_coverage_bits: h.l2_coverage_bits(),
+            subcluster_size: h.subcluster_size(),
+            slice_size: (slot as u64).min(cluster_size),
+            refcount_table_offset: h.refcount_table_offset,
+            refcount_table_entries: h.refcount_table_entries(),
+            l1_table_offset: h.l1_table_offset,
             l1_size: u64::from(h.l1_size),
-        }
-    }
-
-    fn max_refcount(&self) -> u64 {
-        if self.order >= 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1u32 << self.order)).wrapping_sub(1)
+            max_refcount: h.max_refcount(),
         }
     }
 
     /// Subclusters (or the one piece of a standard cluster) per cluster.
     fn pieces(&self) -> u64 {
-        if self.l2.extended { 32 } else { 1 }
+        if self.l2_format.extended { 32 } else { 1 }
     }
 
     fn piece_size(&self) -> u64 {
-        if self.l2.extended {
-            self.sub_size
+        if self.l2_format.extended {
+            self.subcluster_size
         } else {
-            self.cs
+            self.cluster_size
         }
     }
 }
@@ -180,7 +172,7 @@ struct Meta<'a, D, B, const SLICES: usize> {
     bounce: &'a mut [u8],
     cache: &'a mut SliceCache<B, SLICES>,
     w: &'a mut WriteState,
-    g: Geo,
+    g: Geometry,
     /// The bitmaps extension as the image was opened (live while the header's autoclear bit says so).
     bitmaps: Option<BitmapsExtension>,
 }
@@ -235,7 +227,7 @@ where
         if self.header.version >= 3 {
             let bits = self.header.incompatible_features | IncompatibleFeatures::CORRUPT;
             if self
-                .write_header(HDR_INCOMPATIBLE, &bits.bits().to_be_bytes())
+                .write_header(field::INCOMPATIBLE_FEATURES, &bits.bits().to_be_bytes())
                 .is_ok()
             {
                 self.header.incompatible_features = bits;
@@ -313,7 +305,7 @@ where
         } = self;
         let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
         let meta = layer.meta.as_mut().ok_or(Error::ReadOnly)?;
-        let g = Geo::new(&meta.header, meta.l2, cache.slot_size());
+        let g = Geometry::new(&meta.header, meta.l2, cache.slot_size());
         let bitmaps = meta.bitmaps;
         Ok(Meta {
             bitmaps,
@@ -327,7 +319,7 @@ where
         })
     }
 
-    fn geo(&mut self) -> Result<Geo, Error<D::Error>> {
+    fn geometry(&mut self) -> Result<Geometry, Error<D::Error>> {
         Ok(self.meta()?.g)
     }
 }

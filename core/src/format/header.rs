@@ -61,6 +61,21 @@ const_assert_eq!(
     V3_MIN_HEADER_LEN - V2_HEADER_LEN
 );
 
+/// Byte offsets of the header fields a writer changes in place (big-endian on disk).
+pub mod field {
+    use super::{RawHeaderV2, RawHeaderV3};
+    use core::mem::{offset_of, size_of};
+
+    /// `refcount_table_offset` (8 bytes), followed by `refcount_table_clusters` (4 bytes).
+    pub const REFCOUNT_TABLE_OFFSET: u64 = offset_of!(RawHeaderV2, refcount_table_offset) as u64;
+    /// `incompatible_features` (version 3).
+    pub const INCOMPATIBLE_FEATURES: u64 =
+        (size_of::<RawHeaderV2>() + offset_of!(RawHeaderV3, incompatible_features)) as u64;
+    /// `autoclear_features` (version 3).
+    pub const AUTOCLEAR_FEATURES: u64 =
+        (size_of::<RawHeaderV2>() + offset_of!(RawHeaderV3, autoclear_features)) as u64;
+}
+
 #[allow(missing_docs)] // fields are named as in the qcow2 specification
 /// A parsed and validated header. Every value in it has been checked against the format's and QEMU's limits,
 /// so the derived quantities below cannot overflow.
@@ -479,6 +494,27 @@ impl Header {
     /// Refcount width in bits.
     pub fn refcount_bits(&self) -> u32 {
         1u32 << (self.refcount_order & 7)
+    }
+
+    /// The largest refcount `refcount_bits` can hold.
+    pub fn max_refcount(&self) -> u64 {
+        if self.refcount_order >= 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.refcount_order)).wrapping_sub(1)
+        }
+    }
+
+    /// log2 of the refcount entries in one refcount block.
+    pub fn refcount_block_bits(&self) -> u32 {
+        (self.cluster_bits & 63)
+            .saturating_add(3)
+            .saturating_sub(self.refcount_order)
+    }
+
+    /// Entries the refcount table holds (its clusters times 8-byte entries per cluster).
+    pub fn refcount_table_entries(&self) -> u64 {
+        u64::from(self.refcount_table_clusters) << (self.cluster_bits & 63).saturating_sub(3)
     }
 
     /// L1 entries needed to map the virtual size; `None` on overflow.

@@ -57,7 +57,7 @@ where
     /// extension, and the directory, tables and bitmap clusters are freed. Anything that does not look exactly
     /// like a valid bitmap directory is left alone (leaked, never freed twice).
     pub(super) fn drop_bitmaps(&mut self, b: BitmapsExtension) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cs;
+        let cs = self.g.cluster_size;
         let next = b.extension_at.saturating_add(8 + 24);
         let mut word = [0u8; 8];
         read_bytes(self.dev, bounce_of(self.bounce, 0), next, &mut word)?;
@@ -124,12 +124,12 @@ where
             return Ok(None);
         }
         read_bytes(self.dev, bounce_of(self.bounce, 0), pos, &mut e)?;
-        Ok(BitmapEntry::parse(&e, pos, end, self.g.cs))
+        Ok(BitmapEntry::parse(&e, pos, end, self.g.cluster_size))
     }
 
     /// Lowers the refcount of the cluster at `host` if it is exactly 1 (a bitmap cluster is never shared).
     pub(super) fn free_owned(&mut self, host: u64) -> Result<(), Error<D::Error>> {
-        if host == 0 || host & self.g.cs.wrapping_sub(1) != 0 || host > MAX_HOST_OFFSET {
+        if host == 0 || host & self.g.cluster_size.wrapping_sub(1) != 0 || host > MAX_HOST_OFFSET {
             return Ok(());
         }
         let c = host >> self.g.cluster_bits;

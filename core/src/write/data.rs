@@ -14,7 +14,7 @@ where
     pub(super) fn writable_l2(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
         let mut m = self.meta()?;
         let g = m.g;
-        let l1_index = guest >> g.coverage_bits;
+        let l1_index = guest >> g.l2_coverage_bits;
         let (entry, old) = m.l2_table(guest)?;
         if let Some(old) = old
             && entry.copied()
@@ -28,7 +28,11 @@ where
             let _ = m.change_refcount(new >> g.cluster_bits, false);
             return Err(e);
         }
-        m.set_table_word(g.l1_off, l1_index.saturating_mul(8), new | OFLAG_COPIED)?;
+        m.set_table_word(
+            g.l1_table_offset,
+            l1_index.saturating_mul(8),
+            new | OFLAG_COPIED,
+        )?;
         if let Some(old) = old {
             m.free_later(old)?;
         }
@@ -94,7 +98,7 @@ where
     pub(super) fn store(
         &mut self,
         host: u64,
-        src: Src<'_>,
+        src: WriteSource<'_>,
         len: u64,
     ) -> Result<(), Error<D::Error>> {
         let Image {
@@ -106,11 +110,11 @@ where
             None => &mut top.dev,
         };
         match src {
-            Src::Bytes(bytes) => {
+            WriteSource::Bytes(bytes) => {
                 let bs = dev.block_size();
                 write_bytes(dev, bounce_of(bounce.as_mut(), bs), host, bytes)?;
             }
-            Src::Zeros => write_zero_run(dev, bounce.as_mut(), host, len)?,
+            WriteSource::Zeros => write_zero_run(dev, bounce.as_mut(), host, len)?,
         }
         w.needs_flush = true;
         Ok(())
@@ -122,7 +126,7 @@ where
         gc: u64,
         a: u64,
         b: u64,
-        src: Src<'_>,
+        src: WriteSource<'_>,
     ) -> Result<(), Error<D::Error>> {
         let l2 = self.writable_l2(gc)?;
         let mut m = self.meta()?;
@@ -134,11 +138,11 @@ where
         // Which pieces hold data now, and which does this write touch.
         let full = if pieces == 32 { u32::MAX } else { 1 };
         let old_alloc: u32 = match kind {
-            ClusterKind::Data { .. } if g.l2.extended => (old.bitmap & 0xffff_ffff) as u32,
+            ClusterKind::Data { .. } if g.l2_format.extended => (old.bitmap & 0xffff_ffff) as u32,
             ClusterKind::Data { .. } | ClusterKind::Compressed(_) => full,
             _ => 0,
         };
-        let old_zero: u32 = if g.l2.extended {
+        let old_zero: u32 = if g.l2_format.extended {
             (old.bitmap >> 32) as u32
         } else {
             0
@@ -153,18 +157,20 @@ where
         }
         let in_place = match kind {
             ClusterKind::Data { host } if old.copied() => Some(host),
-            ClusterKind::Zero { host: Some(host) } if old.copied() && !g.l2.extended => Some(host),
+            ClusterKind::Zero { host: Some(host) } if old.copied() && !g.l2_format.extended => {
+                Some(host)
+            }
             _ => None,
         };
         let new_alloc = old_alloc | touched;
         let target = match in_place {
             Some(host) => host,
             // An external data file maps guest clusters to the same offsets, without refcounts.
-            None if g.l2.external_data => gc,
+            None if g.l2_format.external_data => gc,
             None => m.alloc_clusters(1)?.0,
         };
-        if !g.l2.external_data {
-            m.guard(target, g.cs, in_place.is_some())?;
+        if !g.l2_format.external_data {
+            m.guard(target, g.cluster_size, in_place.is_some())?;
         }
         // Copy what the write does not cover in the pieces that will be allocated, from the old content, then
         // store the new bytes. If that fails, a cluster allocated for it goes back: nothing references it yet.
@@ -173,12 +179,12 @@ where
             None => new_alloc,
         };
         if let Err(e) = self.fill_cluster(gc, target, a, b, src, copy) {
-            if in_place.is_none() && !g.l2.external_data {
+            if in_place.is_none() && !g.l2_format.external_data {
                 self.give_back(target);
             }
             return Err(e);
         }
-        let new = if g.l2.extended {
+        let new = if g.l2_format.extended {
             L2Entry {
                 word: target | OFLAG_COPIED,
                 bitmap: u64::from(new_alloc) | (u64::from(old_zero & !new_alloc) << 32),
@@ -210,10 +216,10 @@ where
         target: u64,
         a: u64,
         b: u64,
-        src: Src<'_>,
+        src: WriteSource<'_>,
         copy: u32,
     ) -> Result<(), Error<D::Error>> {
-        let g = self.geo()?;
+        let g = self.geometry()?;
         let piece = g.piece_size();
         let pieces = g.pieces();
         let mut run: Option<(u64, u64)> = None;
@@ -264,7 +270,7 @@ where
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Error<D::Error>> {
         self.check_range(offset, buf.len() as u64)?;
         self.begin_write_over(offset, buf.len() as u64)?;
-        self.write_range(offset, buf.len() as u64, Src::Bytes(buf))?;
+        self.write_range(offset, buf.len() as u64, WriteSource::Bytes(buf))?;
         self.end_write()
     }
 
@@ -278,27 +284,27 @@ where
     ) -> Result<(), Error<D::Error>> {
         let mut m = self.meta()?;
         let g = m.g;
-        if g.l2.external_data {
+        if g.l2_format.external_data {
             return Ok(());
         }
-        let mut gc = offset & !g.cs.wrapping_sub(1);
+        let mut gc = offset & !g.cluster_size.wrapping_sub(1);
         let end = offset.saturating_add(len);
         while gc < end {
             let (_, Some(l2)) = m.l2_table(gc)? else {
                 // No L2 table: nothing to check up to the next one.
-                let span = 1u64 << g.coverage_bits;
+                let span = 1u64 << g.l2_coverage_bits;
                 gc = (gc & !span.wrapping_sub(1)).saturating_add(span);
                 continue;
             };
             let (_, _, kind) = m.cluster_entry(l2, gc)?;
             match kind {
                 ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
-                    m.guard(host, g.cs, true)?;
+                    m.guard(host, g.cluster_size, true)?;
                 }
                 ClusterKind::Compressed(d) => m.guard(d.offset, d.len, true)?,
                 ClusterKind::Unallocated | ClusterKind::Zero { host: None } => {}
             }
-            gc = gc.saturating_add(g.cs);
+            gc = gc.saturating_add(g.cluster_size);
         }
         Ok(())
     }
@@ -307,9 +313,9 @@ where
         &mut self,
         offset: u64,
         len: u64,
-        src: Src<'_>,
+        src: WriteSource<'_>,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.geo()?.cs;
+        let cs = self.geometry()?.cluster_size;
         let mut pos = offset;
         let end = offset.saturating_add(len);
         while pos < end {

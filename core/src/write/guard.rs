@@ -214,14 +214,19 @@ where
     fn fixed_structure_at(&self, host: u64) -> Option<Structure> {
         let g = self.g;
         let h = &*self.header;
-        let cs = g.cs;
+        let cs = g.cluster_size;
         if host < cs {
             return Some(Structure::Header);
         }
-        if cluster_in(host, cs, g.l1_off, g.l1_size.saturating_mul(8)) {
+        if cluster_in(host, cs, g.l1_table_offset, g.l1_size.saturating_mul(8)) {
             return Some(Structure::L1);
         }
-        if cluster_in(host, cs, g.rt_off, g.rt_entries.saturating_mul(8)) {
+        if cluster_in(
+            host,
+            cs,
+            g.refcount_table_offset,
+            g.refcount_table_entries.saturating_mul(8),
+        ) {
             return Some(Structure::RefcountTable);
         }
         if h.nb_snapshots != 0
@@ -253,7 +258,7 @@ where
         if let Some(s) = self.fixed_structure_at(host) {
             return Ok(Some(s));
         }
-        if self.cache.overlaps_cluster(0, host, 1, self.g.cs) {
+        if self.cache.overlaps_cluster(0, host, 1, self.g.cluster_size) {
             return Ok(Some(Structure::Cached));
         }
         if !exact || !self.w.filter.may_contain(host >> self.g.cluster_bits) {
@@ -271,7 +276,7 @@ where
         len: u64,
         exact: bool,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cs;
+        let cs = self.g.cluster_size;
         let mut c = host & !cs.wrapping_sub(1);
         let end = host.saturating_add(len);
         while c < end {
@@ -286,7 +291,7 @@ where
     /// Whether host cluster `host` may be freed: it lies in no metadata structure (exact check).
     pub(super) fn is_metadata(&mut self, host: u64) -> Result<bool, Error<D::Error>> {
         Ok(self
-            .structure_at(host & !self.g.cs.wrapping_sub(1), true)?
+            .structure_at(host & !self.g.cluster_size.wrapping_sub(1), true)?
             .is_some())
     }
 
@@ -348,15 +353,15 @@ where
     /// the snapshot table and each snapshot's L1 table, and the bitmap directory.
     fn names_of(&mut self, host: u64) -> Result<Names, Error<D::Error>> {
         let g = self.g;
-        let cs = g.cs;
+        let cs = g.cluster_size;
         let mut names = Names {
             refcount_blocks: self.count_in_table(
-                g.rt_off,
-                g.rt_entries,
+                g.refcount_table_offset,
+                g.refcount_table_entries,
                 REFTABLE_OFFSET_MASK,
                 host,
             )?,
-            l2_tables: self.count_in_table(g.l1_off, g.l1_size, OFFSET_MASK, host)?,
+            l2_tables: self.count_in_table(g.l1_table_offset, g.l1_size, OFFSET_MASK, host)?,
             ..Names::default()
         };
         let nb = self.header.nb_snapshots;
@@ -425,7 +430,7 @@ where
 
     /// Checks one cluster of a fixed structure: its refcount is not 0.
     fn verify_fixed(&mut self, offset: u64, len: u64, s: Structure) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cs;
+        let cs = self.g.cluster_size;
         let mut host = offset & !cs.wrapping_sub(1);
         let end = offset.saturating_add(len);
         while host < end && host <= MAX_HOST_OFFSET {
@@ -445,7 +450,7 @@ where
         s: Structure,
         scans: &mut u32,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cs;
+        let cs = self.g.cluster_size;
         if host == 0 || host & cs.wrapping_sub(1) != 0 || host > MAX_HOST_OFFSET {
             // Not a table the engine would use: an invalid entry is refused where it is met.
             return Ok(());
@@ -488,7 +493,7 @@ where
                     word & REFTABLE_OFFSET_MASK
                 } else {
                     // Entries with reserved bits are refused where they are used.
-                    match L1Entry(word).l2_offset(self.g.cs) {
+                    match L1Entry(word).l2_offset(self.g.cluster_size) {
                         Ok(Some(h)) => h,
                         _ => 0,
                     }
@@ -504,14 +509,18 @@ where
     /// cluster must have a refcount of at least 1 and hold one structure. Fills the filter.
     pub(super) fn verify_metadata(&mut self) -> Result<(), Error<D::Error>> {
         let g = self.g;
-        let cs = g.cs;
+        let cs = g.cluster_size;
         let mut scans = 0u32;
         self.w.snapshot_table_len = self.snapshot_table_len()?;
         self.verify_fixed(0, cs, Structure::Header)?;
-        self.verify_fixed(g.l1_off, g.l1_size.saturating_mul(8), Structure::L1)?;
         self.verify_fixed(
-            g.rt_off,
-            g.rt_entries.saturating_mul(8),
+            g.l1_table_offset,
+            g.l1_size.saturating_mul(8),
+            Structure::L1,
+        )?;
+        self.verify_fixed(
+            g.refcount_table_offset,
+            g.refcount_table_entries.saturating_mul(8),
             Structure::RefcountTable,
         )?;
         let (nb, snapshots) = (self.header.nb_snapshots, self.header.snapshots_offset);
@@ -528,8 +537,13 @@ where
                 Structure::BitmapDirectory,
             )?;
         }
-        self.verify_table_entries(g.rt_off, g.rt_entries, Structure::RefcountBlock, &mut scans)?;
-        self.verify_table_entries(g.l1_off, g.l1_size, Structure::L2, &mut scans)?;
+        self.verify_table_entries(
+            g.refcount_table_offset,
+            g.refcount_table_entries,
+            Structure::RefcountBlock,
+            &mut scans,
+        )?;
+        self.verify_table_entries(g.l1_table_offset, g.l1_size, Structure::L2, &mut scans)?;
         let mut at = snapshots;
         for _ in 0..nb {
             let Some(s) = self.snapshot_at(at)? else {
@@ -799,7 +813,7 @@ where
     /// writes still apply then.
     pub(super) fn verify_references(&mut self) -> Result<bool, Error<D::Error>> {
         let g = self.g;
-        let cs = g.cs;
+        let cs = g.cluster_size;
         let h = *self.header;
         let snapshot_len = self.w.snapshot_table_len;
         let bitmaps = self.bitmaps.filter(|_| self.bitmaps_live());
@@ -814,10 +828,14 @@ where
             cluster_size: cs,
         };
         let mut fits = list.push_range(0, cs, Structure::Header)
-            && list.push_range(g.l1_off, g.l1_size.saturating_mul(8), Structure::L1)
             && list.push_range(
-                g.rt_off,
-                g.rt_entries.saturating_mul(8),
+                g.l1_table_offset,
+                g.l1_size.saturating_mul(8),
+                Structure::L1,
+            )
+            && list.push_range(
+                g.refcount_table_offset,
+                g.refcount_table_entries.saturating_mul(8),
                 Structure::RefcountTable,
             );
         if fits && h.nb_snapshots != 0 {
@@ -833,13 +851,19 @@ where
             );
         }
         if fits {
-            fits = for_each_word(dev, bounce, g.rt_off, g.rt_entries, |_, w| {
-                let block = w & REFTABLE_OFFSET_MASK;
-                block == 0 || list.push(block, Structure::RefcountBlock)
-            })?;
+            fits = for_each_word(
+                dev,
+                bounce,
+                g.refcount_table_offset,
+                g.refcount_table_entries,
+                |_, w| {
+                    let block = w & REFTABLE_OFFSET_MASK;
+                    block == 0 || list.push(block, Structure::RefcountBlock)
+                },
+            )?;
         }
         if fits {
-            fits = for_each_word(dev, bounce, g.l1_off, g.l1_size, |_, w| {
+            fits = for_each_word(dev, bounce, g.l1_table_offset, g.l1_size, |_, w| {
                 let l2 = l2_table_of(w, cs);
                 l2 == 0 || list.push(l2, Structure::L2)
             })?;
@@ -889,7 +913,7 @@ where
             ));
         }
         // Every entry of every active L2 table.
-        let entry_words = g.l2_entry / 8;
+        let entry_words = g.l2_entry_size / 8;
         let mut bad = None;
         let mut l1_index = 0u64;
         while l1_index < g.l1_size && bad.is_none() {
@@ -897,12 +921,12 @@ where
             read_part(
                 dev,
                 bounce,
-                g.l1_off.saturating_add(l1_index.saturating_mul(8)),
+                g.l1_table_offset.saturating_add(l1_index.saturating_mul(8)),
                 &mut word,
             )?;
             l1_index = l1_index.saturating_add(1);
             let table = l2_table_of(u64::from_be_bytes(word), cs);
-            if table == 0 || g.l2.external_data {
+            if table == 0 || g.l2_format.external_data {
                 continue;
             }
             let mut previous = 0u64;
@@ -919,7 +943,7 @@ where
                             word: previous,
                             bitmap: w,
                         };
-                        if let Some((host, len)) = entry_hosts(entry, g.l2, cs)
+                        if let Some((host, len)) = entry_hosts(entry, g.l2_format, cs)
                             && holds_metadata(sorted, host, len, cs)
                         {
                             bad = Some(pos.saturating_sub(8));
@@ -932,7 +956,7 @@ where
                         return true;
                     }
                     let entry = L2Entry { word: w, bitmap: 0 };
-                    if let Some((host, len)) = entry_hosts(entry, g.l2, cs)
+                    if let Some((host, len)) = entry_hosts(entry, g.l2_format, cs)
                         && holds_metadata(sorted, host, len, cs)
                     {
                         bad = Some(pos);

@@ -9,8 +9,8 @@ where
     B: AsRef<[u8]> + AsMut<[u8]>,
 {
     pub(super) fn l2_loc(&self, l2: u64, index: u64) -> (u64, usize) {
-        let byte = index.saturating_mul(self.g.l2_entry);
-        let start = byte & !self.g.slice.wrapping_sub(1);
+        let byte = index.saturating_mul(self.g.l2_entry_size);
+        let start = byte & !self.g.slice_size.wrapping_sub(1);
         (
             l2.saturating_add(start),
             byte.saturating_sub(start) as usize,
@@ -19,8 +19,8 @@ where
 
     pub(super) fn l2_get(&mut self, l2: u64, index: u64) -> Result<L2Entry, Error<D::Error>> {
         let (host, at) = self.l2_loc(l2, index);
-        let slice = self.g.slice as usize;
-        let extended = self.g.l2.extended;
+        let slice = self.g.slice_size as usize;
+        let extended = self.g.l2_format.extended;
         let s = self
             .cache
             .get(self.dev, bounce_of(self.bounce, 0), 0, host, slice)?;
@@ -42,8 +42,8 @@ where
     ) -> Result<(), Error<D::Error>> {
         self.make_room(1)?;
         let (host, at) = self.l2_loc(l2, index);
-        let slice = self.g.slice as usize;
-        let extended = self.g.l2.extended;
+        let slice = self.g.slice_size as usize;
+        let extended = self.g.l2_format.extended;
         let bs = self.dev.block_size();
         let s = self.cache.get_mut(
             self.dev,
@@ -73,12 +73,12 @@ where
         guest: u64,
     ) -> Result<(L1Entry, Option<u64>), Error<D::Error>> {
         let g = self.g;
-        let l1_index = guest >> g.coverage_bits;
+        let l1_index = guest >> g.l2_coverage_bits;
         let entry = self.l1_entry(l1_index)?;
-        let l2 = entry.l2_offset(g.cs).map_err(|e| {
+        let l2 = entry.l2_offset(g.cluster_size).map_err(|e| {
             self.mark_corrupt(
                 e.describe("L1"),
-                g.l1_off.saturating_add(l1_index.saturating_mul(8)),
+                g.l1_table_offset.saturating_add(l1_index.saturating_mul(8)),
             )
         })?;
         Ok((entry, l2))
@@ -96,7 +96,7 @@ where
         let old = self.l2_get(l2, index)?;
         let (entry_host, _) = self.l2_loc(l2, index);
         let kind = old
-            .classify(g.l2)
+            .classify(g.l2_format)
             .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
         Ok((index, old, kind))
     }
@@ -105,7 +105,7 @@ where
     pub(super) fn free_entry(&mut self, kind: ClusterKind) -> Result<(), Error<D::Error>> {
         match kind {
             ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
-                if !self.g.l2.external_data {
+                if !self.g.l2_format.external_data {
                     self.free_later(host)?;
                 }
             }

@@ -186,7 +186,7 @@ where
             let keep = m.header.autoclear_features & AutoclearFeatures::DATA_FILE_RAW;
             let raw = m.header.autoclear_features.bits();
             if raw != keep.bits() {
-                m.write_header(HDR_AUTOCLEAR, &keep.bits().to_be_bytes())?;
+                m.write_header(field::AUTOCLEAR_FEATURES, &keep.bits().to_be_bytes())?;
                 m.header.autoclear_features = keep;
             }
             if let Some(b) = bitmaps {
@@ -194,7 +194,7 @@ where
             }
             if m.w.lazy && !m.w.dirty_bit {
                 let bits = m.header.incompatible_features | IncompatibleFeatures::DIRTY;
-                m.write_header(HDR_INCOMPATIBLE, &bits.bits().to_be_bytes())?;
+                m.write_header(field::INCOMPATIBLE_FEATURES, &bits.bits().to_be_bytes())?;
                 m.header.incompatible_features = bits;
                 m.w.dirty_bit = true;
             }
@@ -240,7 +240,7 @@ where
             let mut m = self.meta()?;
             if m.w.dirty_bit {
                 let bits = m.header.incompatible_features & !IncompatibleFeatures::DIRTY;
-                m.write_header(HDR_INCOMPATIBLE, &bits.bits().to_be_bytes())?;
+                m.write_header(field::INCOMPATIBLE_FEATURES, &bits.bits().to_be_bytes())?;
                 m.header.incompatible_features = bits;
                 m.w.dirty_bit = false;
             }

@@ -10,7 +10,7 @@ where
 {
     /// The 8-byte big-endian word at byte `byte` of the table at `table` (L1 or refcount table).
     pub(super) fn table_word(&mut self, table: u64, byte: u64) -> Result<u64, Error<D::Error>> {
-        let slice = self.g.slice;
+        let slice = self.g.slice_size;
         let start = byte & !slice.wrapping_sub(1);
         let s = self.cache.get(
             self.dev,
@@ -40,25 +40,25 @@ where
         if index >= self.g.l1_size {
             return Err(corrupt("guest offset beyond the L1 table", index));
         }
-        let w = self.table_word(self.g.l1_off, index.saturating_mul(8))?;
+        let w = self.table_word(self.g.l1_table_offset, index.saturating_mul(8))?;
         Ok(L1Entry(w))
     }
 
     /// The refcount block covering refcount table index `r` (0 = none).
     pub(super) fn reftable_entry(&mut self, r: u64) -> Result<u64, Error<D::Error>> {
-        if r >= self.g.rt_entries {
+        if r >= self.g.refcount_table_entries {
             return Ok(0);
         }
         let byte = r.saturating_mul(8);
-        let w = self.table_word(self.g.rt_off, byte)?;
+        let w = self.table_word(self.g.refcount_table_offset, byte)?;
         if w & REFTABLE_RESERVED_MASK != 0 {
             return Err(corrupt(
                 "refcount table entry has reserved bits set",
-                self.g.rt_off.saturating_add(byte),
+                self.g.refcount_table_offset.saturating_add(byte),
             ));
         }
         let block = w & REFTABLE_OFFSET_MASK;
-        if block & self.g.cs.wrapping_sub(1) != 0 {
+        if block & self.g.cluster_size.wrapping_sub(1) != 0 {
             return Err(corrupt(
                 "refcount block offset is not cluster-aligned",
                 block,
@@ -70,16 +70,16 @@ where
     /// Where cluster `c`'s refcount lives: (host offset of its slice, index inside the slice), or `None` when
     /// no refcount block covers it.
     pub(super) fn refcount_loc(&mut self, c: u64) -> Result<Option<(u64, usize)>, Error<D::Error>> {
-        let r = c >> self.g.block_bits;
+        let r = c >> self.g.refcount_block_bits;
         let block = self.reftable_entry(r)?;
         if block == 0 {
             return Ok(None);
         }
-        let index = c & (1u64 << self.g.block_bits).wrapping_sub(1);
-        let bit = index << self.g.order;
-        let slice_bits = self.g.slice.saturating_mul(8);
+        let index = c & (1u64 << self.g.refcount_block_bits).wrapping_sub(1);
+        let bit = index << self.g.refcount_order;
+        let slice_bits = self.g.slice_size.saturating_mul(8);
         let start = (bit & !slice_bits.wrapping_sub(1)) >> 3;
-        let in_slice = index & (slice_bits >> self.g.order).wrapping_sub(1);
+        let in_slice = index & (slice_bits >> self.g.refcount_order).wrapping_sub(1);
         Ok(Some((block.saturating_add(start), in_slice as usize)))
     }
 
@@ -87,8 +87,8 @@ where
         let Some((host, idx)) = self.refcount_loc(c)? else {
             return Ok(0);
         };
-        let slice = self.g.slice as usize;
-        let order = self.g.order;
+        let slice = self.g.slice_size as usize;
+        let order = self.g.refcount_order;
         let s = self
             .cache
             .get(self.dev, bounce_of(self.bounce, 0), 0, host, slice)?;
@@ -104,9 +104,9 @@ where
                 c << self.g.cluster_bits,
             ));
         };
-        let slice = self.g.slice as usize;
-        let order = self.g.order;
-        let max = self.g.max_refcount();
+        let slice = self.g.slice_size as usize;
+        let order = self.g.refcount_order;
+        let max = self.g.max_refcount;
         let bs = self.dev.block_size();
         let s = self.cache.get_mut(
             self.dev,
@@ -132,7 +132,7 @@ where
         if new == 0 {
             // A freed table's cached slices are stale from now on (the cluster may come back as data).
             let host = c << self.g.cluster_bits;
-            let cs = self.g.cs;
+            let cs = self.g.cluster_size;
             self.cache.forget_range(0, host, cs);
             self.w.free_hint = self.w.free_hint.min(c);
             if self.w.compressed_at >> self.g.cluster_bits == c {
