@@ -1,0 +1,197 @@
+//! Introspection for tools: the chain's images, stored names, host block status, snapshot table entries,
+//! refcounts and cache statistics.
+
+use super::*;
+
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+where
+    D: BlockDevice,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    C: Decompressor,
+{
+    /// The virtual disk's size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.layers.first().map_or(0, |l| l.size)
+    }
+
+    /// The images of the chain, the opened one first.
+    pub fn layers(&self) -> &[Layer<D>] {
+        &self.layers
+    }
+
+    /// Metadata cache (hits, misses).
+    pub fn cache_stats(&self) -> (u64, u64) {
+        self.cache.stats()
+    }
+
+    /// Reads a name stored in the first cluster of the image at `depth` into `buf`.
+    pub fn read_stored_name<'b>(
+        &mut self,
+        depth: usize,
+        name: StoredName,
+        buf: &'b mut [u8],
+    ) -> Result<&'b [u8], Error<D::Error>> {
+        let layer = layer_at(&mut self.layers, depth)?;
+        let dst = buf
+            .get_mut(..name.len as usize)
+            .ok_or(Error::BufferTooSmall {
+                what: "name buffer",
+                need: name.len.into(),
+                have: 0,
+            })?;
+        read_bytes(&mut layer.dev, self.bounce.as_mut(), name.offset, dst)?;
+        Ok(dst)
+    }
+
+    /// Asks the device of the image at `depth` (or its external data file) whether a host range holds data.
+    pub fn host_status(
+        &mut self,
+        depth: usize,
+        external: bool,
+        host: u64,
+        len: u64,
+    ) -> Result<crate::device::DeviceExtent, Error<D::Error>> {
+        let layer = layer_at(&mut self.layers, depth)?;
+        let dev = if external {
+            layer.data.as_mut().unwrap_or(&mut layer.dev)
+        } else {
+            &mut layer.dev
+        };
+        Ok(dev.block_status(host, len)?)
+    }
+
+    /// Reads the internal snapshot table entry at host offset `at` of the qcow2 image at `depth` (the first
+    /// is at the header's `snapshots_offset`). Returns the entry and the offset of the next one. The id and
+    /// name stay on disk: read them with [`Image::read_stored_name`].
+    pub fn read_snapshot(
+        &mut self,
+        depth: usize,
+        at: u64,
+    ) -> Result<(SnapshotEntry, u64), Error<D::Error>> {
+        let Image { layers, bounce, .. } = self;
+        let layer = layer_at(layers, depth)?;
+        let meta = layer.meta.ok_or(Error::Unsupported {
+            what: "snapshots of a raw image",
+            value: 0,
+        })?;
+        let h = meta.header;
+        let table_end = h.snapshots_offset.saturating_add(MAX_SNAPSHOT_TABLE_BYTES);
+        let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
+        read_bytes(&mut layer.dev, bounce.as_mut(), at, &mut fixed)?;
+        let layout = SnapshotEntryLayout::parse(&fixed);
+        let (id_len, name_len, extra_len) = (layout.id_len, layout.name_len, layout.extra_len);
+        if extra_len > MAX_SNAPSHOT_EXTRA {
+            return Err(corrupt(
+                "snapshot table entry has more than 1024 bytes of extra data",
+                at,
+            ));
+        }
+        let mut extra = [0u8; 24];
+        let extra_read = (extra_len as usize).min(extra.len());
+        let extra_at = at.saturating_add(40);
+        read_bytes(
+            &mut layer.dev,
+            bounce.as_mut(),
+            extra_at,
+            extra.get_mut(..extra_read).unwrap_or(&mut []),
+        )?;
+        let id_at = extra_at.saturating_add(extra_len.into());
+        let name_at = id_at.saturating_add(id_len.into());
+        let next = at.saturating_add(layout.entry_len());
+        if next > table_end {
+            return Err(corrupt("snapshot table is larger than 64 MiB", at));
+        }
+        let entry = SnapshotEntry {
+            l1_table_offset: layout.l1_table_offset,
+            l1_size: layout.l1_size,
+            date_sec: be32(&fixed, 16),
+            date_nsec: be32(&fixed, 20),
+            vm_clock_nsec: be64(&fixed, 24),
+            vm_state_size: if extra_len >= 8 {
+                be64(&extra, 0)
+            } else {
+                u64::from(be32(&fixed, 32))
+            },
+            disk_size: (extra_len >= 16).then(|| be64(&extra, 8)),
+            icount: (extra_len >= 24)
+                .then(|| be64(&extra, 16))
+                .filter(|&i| i != u64::MAX),
+            id: StoredName {
+                offset: id_at,
+                len: id_len,
+            },
+            name: StoredName {
+                offset: name_at,
+                len: name_len,
+            },
+        };
+        Ok((entry, next))
+    }
+
+    /// The refcount of host cluster `cluster` of the qcow2 image at `depth` (0 where no refcount block covers
+    /// it).
+    pub fn refcount(&mut self, depth: usize, cluster: u64) -> Result<u64, Error<D::Error>> {
+        let Image {
+            layers,
+            bounce,
+            cache,
+            ..
+        } = self;
+        let layer = layer_at(layers, depth)?;
+        let meta = layer.meta.ok_or(Error::Unsupported {
+            what: "refcounts of a raw image",
+            value: 0,
+        })?;
+        let h = meta.header;
+        let block_bits = h
+            .cluster_bits
+            .saturating_add(3)
+            .saturating_sub(h.refcount_order);
+        let table_index = cluster >> block_bits;
+        let table_entries =
+            u64::from(h.refcount_table_clusters) << h.cluster_bits.saturating_sub(3);
+        if table_index >= table_entries {
+            return Ok(0);
+        }
+        let slice_len = (cache.slot_size() as u64).min(h.cluster_size());
+        let byte = table_index.saturating_mul(8);
+        let slice_start = byte & !slice_len.wrapping_sub(1);
+        let host = h.refcount_table_offset.saturating_add(slice_start);
+        let slice = cache.get(
+            &mut layer.dev,
+            bounce.as_mut(),
+            depth as u8,
+            host,
+            slice_len as usize,
+        )?;
+        let word = be64(slice, byte.saturating_sub(slice_start) as usize);
+        if word & crate::format::REFTABLE_RESERVED_MASK != 0 {
+            return Err(corrupt("refcount table entry has reserved bits set", host));
+        }
+        let block = word & crate::format::REFTABLE_OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if block & h.cluster_size().wrapping_sub(1) != 0 {
+            return Err(corrupt(
+                "refcount block offset is not cluster-aligned",
+                block,
+            ));
+        }
+        // Bit offset of the entry inside the block, then the slice holding it.
+        let index = cluster & (1u64 << block_bits).wrapping_sub(1);
+        let bit = index << h.refcount_order;
+        let slice_bits = slice_len.saturating_mul(8);
+        let slice_start = (bit & !slice_bits.wrapping_sub(1)) >> 3;
+        let slice = cache.get(
+            &mut layer.dev,
+            bounce.as_mut(),
+            depth as u8,
+            block.saturating_add(slice_start),
+            slice_len as usize,
+        )?;
+        let in_slice = (index & (slice_bits >> h.refcount_order).wrapping_sub(1)) as usize;
+        crate::format::refcount_get(slice, h.refcount_order, in_slice)
+            .ok_or(corrupt("refcount index", block))
+    }
+}
