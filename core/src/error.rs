@@ -100,6 +100,11 @@ pub enum Error<E> {
     },
 }
 
+/// [`Error::Corrupt`]: metadata met while working is inconsistent.
+pub(crate) fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
+    Error::Corrupt { what, offset }
+}
+
 impl<E> From<E> for Error<E> {
     fn from(e: E) -> Self {
         Error::Io(e)

@@ -23,6 +23,7 @@ use crate::Error;
 use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
 use crate::engine::{BitmapsExtension, Buffers, Format, Image, Layer, Reader, Resolver};
+use crate::error::corrupt;
 use crate::format::field;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
@@ -157,10 +158,6 @@ impl Geometry {
             self.cluster_size
         }
     }
-}
-
-fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
-    Error::Corrupt { what, offset }
 }
 
 /// The metadata side of the top image, borrowed from an [`Image`].

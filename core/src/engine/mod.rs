@@ -17,6 +17,7 @@ use heapless::Vec;
 use crate::Error;
 use crate::compress::{CompressedSource, DecompressError, Decompressor};
 use crate::device::BlockDevice;
+use crate::error::corrupt;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompressedDescriptor, CompressionType, ExtensionHeader,
     FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, IncompatibleFeatures, L1Entry,
@@ -304,10 +305,6 @@ pub struct Image<
     pub(crate) decompressor: C,
     /// Writer state (unused by a read-only image).
     pub(crate) w: crate::write::WriteState,
-}
-
-fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
-    Error::Corrupt { what, offset }
 }
 
 impl Qcow2Meta {
