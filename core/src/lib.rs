@@ -105,3 +105,4 @@ pub use device::{BlockDevice, BlockDeviceWrite, DeviceExtent};
 pub use engine::{Buffers, FileRequest, Format, Image, Layer, Mapping, NoFiles, Resolver, Source};
 pub use error::Error;
 pub use io::MemDevice;
+pub use write::{ReadOnly, WriteState};

@@ -58,8 +58,10 @@ pub const MIN_WRITE_SLICES: usize = 4;
 const ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 
 /// What the writer keeps between requests.
+/// The writer's state between requests (the default writer-state parameter of [`Image`]): present in an image
+/// that may be opened for writing, a few hundred bytes.
 #[derive(Debug, Default)]
-pub(crate) struct WriteState {
+pub struct WriteState {
     writable: bool,
     /// Device writes happened since the last device flush.
     needs_flush: bool,
@@ -82,6 +84,10 @@ pub(crate) struct WriteState {
     /// Host clusters that may hold a table named by another table.
     filter: guard::MetadataFilter,
 }
+
+/// The writer-state parameter of a read-only [`Image`]: no bytes, and no way to open for writing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadOnly;
 
 /// The source of the bytes a write stores.
 #[derive(Clone, Copy)]

@@ -191,7 +191,7 @@ pub(super) fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: u
     Ok(run.unwrap_or((Source::Unallocated { host: None }, limit)))
 }
 
-impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+impl<D, B, C, const DEPTH: usize, const SLICES: usize, W> Image<D, B, C, DEPTH, SLICES, W>
 where
     D: BlockDevice,
     B: AsRef<[u8]> + AsMut<[u8]>,

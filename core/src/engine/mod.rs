@@ -9,6 +9,7 @@ mod map;
 mod open;
 mod read;
 
+#[cfg(feature = "dirty-repair")]
 pub(crate) use open::open_qcow2;
 pub(crate) use read::Reader;
 
@@ -286,7 +287,9 @@ pub struct Mapping {
 /// An open image and its backing chain.
 ///
 /// Generic over the device `D`, the buffer storage `B` (`&mut [u8]`, arrays, or heap buffers in adapters),
-/// the decompressor `C`, the chain capacity `DEPTH` and the metadata slice count `SLICES`.
+/// the decompressor `C`, the chain capacity `DEPTH`, the metadata slice count `SLICES` and the writer state
+/// `W`: the default, [`crate::write::WriteState`], lets the image be opened for writing; a read-only build
+/// names [`crate::write::ReadOnly`] and carries no writer state at all.
 ///
 /// Memory: `size_of::<Image<..>>()` (dominated by `DEPTH * size_of::<Layer<D>>()` and, for
 /// [`crate::Inflate`], its state) plus the caller's bounce block and metadata buffer (and the decompressor's
@@ -298,13 +301,15 @@ pub struct Image<
     C,
     const DEPTH: usize = DEFAULT_MAX_DEPTH,
     const SLICES: usize = DEFAULT_SLICES,
+    W = crate::write::WriteState,
 > {
     pub(crate) layers: Vec<Layer<D>, DEPTH>,
     pub(crate) bounce: B,
     pub(crate) cache: SliceCache<B, SLICES>,
     pub(crate) decompressor: C,
-    /// Writer state (unused by a read-only image).
-    pub(crate) w: crate::write::WriteState,
+    /// Writer state: [`crate::write::WriteState`] (the default) for an image that may be opened for writing,
+    /// [`crate::write::ReadOnly`] (no bytes) for a read-only build.
+    pub(crate) w: W,
 }
 
 impl Qcow2Meta {

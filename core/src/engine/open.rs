@@ -218,11 +218,12 @@ pub(super) fn probe<D: BlockDevice>(
     })
 }
 
-impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+impl<D, B, C, const DEPTH: usize, const SLICES: usize, W> Image<D, B, C, DEPTH, SLICES, W>
 where
     D: BlockDevice,
     B: AsRef<[u8]> + AsMut<[u8]>,
     C: Decompressor,
+    W: Default,
 {
     /// Opens the qcow2 image on `dev` and, through `resolver`, its backing chain and external data files.
     ///
@@ -259,7 +260,7 @@ where
             bounce,
             cache,
             decompressor,
-            w: crate::write::WriteState::default(),
+            w: W::default(),
         })
     }
 

@@ -44,8 +44,12 @@ use crate::io::{ceil_div, read_bytes};
 const FILTER_WORDS: usize = 32;
 /// How many filter collisions [`Meta::verify_metadata`] resolves with a scan of the tables.
 pub const VERIFY_EXACT_SCANS: u32 = 64;
-/// Bytes of a table read at once when scanning.
-const SCAN_CHUNK: usize = 512;
+/// Bytes of a table read at once when scanning into a stack buffer (the part of the bounce buffer past its
+/// first block is used instead when it is at least [`BIG_CHUNK`] bytes: heap-backed images scan in large
+/// reads, firmware keeps its stack small).
+const SCAN_CHUNK: usize = 128;
+/// Smallest spare bounce buffer worth scanning with.
+const BIG_CHUNK: usize = 512;
 
 /// Which host clusters may hold a table named by another table (a Bloom filter with one hash): no false
 /// negatives.
@@ -331,21 +335,13 @@ where
         mask: u64,
         host: u64,
     ) -> Result<u32, Error<D::Error>> {
-        let mut chunk = [0u8; SCAN_CHUNK];
         let mut count = 0u32;
-        let mut i = 0u64;
-        while i < entries {
-            let n = self.read_table_chunk(table, i, entries, &mut chunk)?;
-            if n == 0 {
-                break;
+        for_each_word(self.dev, self.bounce, table, entries, |_, word| {
+            if word & mask == host {
+                count = count.saturating_add(1);
             }
-            for k in 0..n {
-                if be64(&chunk, k.saturating_mul(8)) & mask == host {
-                    count = count.saturating_add(1);
-                }
-            }
-            i = i.saturating_add(n as u64);
-        }
+            true
+        })?;
         Ok(count)
     }
 
@@ -766,8 +762,8 @@ fn read_part<D: BlockDeviceWrite>(
     read_bytes(dev, b, at, part)
 }
 
-/// Calls `f` with each 8-byte entry of the table of `entries` entries at `table`, until it returns `false`.
-/// Returns whether every entry was visited.
+/// Calls `f` with each 8-byte entry of the table of `entries` entries at `table` (and the entry's host
+/// offset), until it returns `false`. Returns whether every entry was visited.
 fn for_each_word<D: BlockDeviceWrite, F: FnMut(u64, u64) -> bool>(
     dev: &mut D,
     bounce: &mut [u8],
@@ -775,15 +771,23 @@ fn for_each_word<D: BlockDeviceWrite, F: FnMut(u64, u64) -> bool>(
     entries: u64,
     mut f: F,
 ) -> Result<bool, Error<D::Error>> {
-    let mut chunk = [0u8; SCAN_CHUNK];
+    let bs = dev.block_size();
+    let (block, rest) = split_bounce(bounce, bs);
+    let mut stack = [0u8; SCAN_CHUNK];
+    let chunk: &mut [u8] = if rest.len() >= BIG_CHUNK {
+        rest
+    } else {
+        &mut stack[..]
+    };
+    let per_chunk = (chunk.len() / 8) as u64;
     let mut i = 0u64;
     while i < entries {
-        let n = entries.saturating_sub(i).min((SCAN_CHUNK / 8) as u64) as usize;
+        let n = entries.saturating_sub(i).min(per_chunk) as usize;
         let part = chunk.get_mut(..n.saturating_mul(8)).unwrap_or(&mut []);
-        read_part(dev, bounce, table.saturating_add(i.saturating_mul(8)), part)?;
+        read_bytes(dev, block, table.saturating_add(i.saturating_mul(8)), part)?;
         for k in 0..n {
             let at = table.saturating_add(i.saturating_add(k as u64).saturating_mul(8));
-            if !f(at, be64(&chunk, k.saturating_mul(8))) {
+            if !f(at, be64(part, k.saturating_mul(8))) {
                 return Ok(false);
             }
         }

@@ -188,8 +188,12 @@ impl Resolver<SemiFile> for SemiFiles {
 /// a `&mut` keeps the ~11 KiB state out of the image value and so off the stack).
 type LentInflate<'a> = &'a mut Inflate<&'static mut [u8]>;
 
-/// The image type this program uses, for reading and for writing.
+/// The image type this program writes with.
 type Qcow2<'a> = Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES>;
+
+/// The image type this program reads with: no writer state.
+type Qcow2Reader<'a> =
+    Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES, qcow2_core::ReadOnly>;
 
 /// The engine's buffers, borrowed from the statics once.
 struct Ctx {
@@ -219,7 +223,7 @@ fn hash_image(ctx: &mut Ctx, chunk: &mut [u8], name: &[u8]) -> Result<[u8; 32], 
     let dev = SemiFile::open(name, false).map_err(Error::Io)?;
     let (buffers, inflate) = ctx.lend();
     // Used in place, inside the `Result`: moving it out would put a second copy in this frame.
-    let mut opened: Result<Qcow2<'_>, _> = Image::open(dev, buffers, inflate, &mut SemiFiles);
+    let mut opened: Result<Qcow2Reader<'_>, _> = Image::open(dev, buffers, inflate, &mut SemiFiles);
     let image = opened.as_mut().map_err(|e| e.clone())?;
     let size = image.virtual_size();
     let mut sha = Sha256::new();
@@ -345,7 +349,16 @@ fn main() -> ! {
 
     hprintln!(
         "ram image-read {} image-write {} inflate-state {} bounce {} metadata {} window {} input {}",
-        size_of::<Image<SemiFile, &mut [u8], qcow2_core::NoDecompressor, DEPTH, SLICES>>(),
+        size_of::<
+            Image<
+                SemiFile,
+                &mut [u8],
+                qcow2_core::NoDecompressor,
+                DEPTH,
+                SLICES,
+                qcow2_core::ReadOnly,
+            >,
+        >(),
         size_of::<Qcow2<'_>>(),
         size_of::<Inflate<&mut [u8]>>(),
         BLOCK,

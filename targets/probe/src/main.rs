@@ -11,7 +11,7 @@
 
 use core::hint::black_box;
 
-use qcow2_core::{Buffers, Image, Inflate, MemDevice, NoFiles, Source};
+use qcow2_core::{Buffers, Image, Inflate, MemDevice, NoFiles, ReadOnly, Source};
 
 /// The image, in flash.
 static IMAGE: &[u8] = include_bytes!("../probe.qcow2");
@@ -52,7 +52,7 @@ fn run() -> Outcome {
         metadata: &mut metadata[..],
     };
     let inflate = Inflate::new(&mut window[..], &mut input[..]);
-    let opened: Result<Image<_, _, _, 1, 4>, _> =
+    let opened: Result<Image<_, _, _, 1, 4, ReadOnly>, _> =
         Image::open(device, buffers, inflate, &mut NoFiles);
     let Ok(mut image) = opened else {
         return Outcome::Failed;

@@ -10,9 +10,9 @@ use core::hint::black_box;
 use core::mem::size_of;
 
 use common::{BLOCK, DEPTH, Dev, INPUT, METADATA, SLICES, WINDOW};
-use qcow2_core::{Buffers, Image, Inflate, NoFiles};
+use qcow2_core::{Buffers, Image, Inflate, NoFiles, ReadOnly};
 
-type Img<'a> = Image<Dev, &'a mut [u8], Inflate<&'a mut [u8]>, DEPTH, SLICES>;
+type Img<'a> = Image<Dev, &'a mut [u8], Inflate<&'a mut [u8]>, DEPTH, SLICES, ReadOnly>;
 
 /// RAM figures for targets/budget.sh: the image value (which holds the inflate state) and the buffers a
 /// compressed read needs (bounce, metadata cache, inflate window, inflate input).

@@ -10,9 +10,9 @@ use core::hint::black_box;
 use core::mem::size_of;
 
 use common::{BLOCK, DEPTH, Dev, METADATA, SLICES};
-use qcow2_core::{Buffers, Image, NoDecompressor, NoFiles};
+use qcow2_core::{Buffers, Image, NoDecompressor, NoFiles, ReadOnly};
 
-type Img<'a> = Image<Dev, &'a mut [u8], NoDecompressor, DEPTH, SLICES>;
+type Img<'a> = Image<Dev, &'a mut [u8], NoDecompressor, DEPTH, SLICES, ReadOnly>;
 
 /// RAM figures for targets/budget.sh: the image value and the buffers an uncompressed read needs
 /// (bounce, metadata cache).
