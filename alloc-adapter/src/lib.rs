@@ -25,6 +25,7 @@ use qcow2_core::engine::DEFAULT_MAX_DEPTH;
 use qcow2_core::format::CompressionType;
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, Format, Image, Inflate, Resolver,
+    WriteState,
 };
 #[cfg(not(feature = "zstd-c"))]
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
@@ -42,7 +43,7 @@ pub const SLICE_SIZE: usize = 32 * 1024;
 pub const BOUNCE_SIZE: usize = qcow2_core::device::MAX_BLOCK_SIZE;
 
 /// An image with heap buffers, zstd, and a 1 MiB metadata cache.
-pub type HeapImage<D> = Image<D, Vec<u8>, AllocDecompressor, DEFAULT_MAX_DEPTH, SLICES>;
+pub type HeapImage<D> = Image<D, Vec<u8>, AllocDecompressor, DEFAULT_MAX_DEPTH, SLICES, WriteState>;
 
 /// Heap buffers for [`HeapImage`].
 pub fn buffers() -> Buffers<Vec<u8>> {

@@ -68,19 +68,7 @@ pub fn read_bytes<D: BlockDevice>(
     Ok(())
 }
 
-/// Copies `src` into `dst` when their lengths agree (callers make them agree), `None` otherwise. Unlike
-/// `copy_from_slice`, which at opt-level "z" stays an outlined call with a panic in it, this leaves no panic
-/// path (the zip becomes a `memcpy`).
-#[inline]
-pub(crate) fn copy_exact(dst: &mut [u8], src: &[u8]) -> Option<()> {
-    if dst.len() != src.len() {
-        return None;
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = *s;
-    }
-    Some(())
-}
+pub(crate) use crate::format::copy_exact;
 
 /// `a / b` rounded up, and 0 when `b` is 0 (callers divide by validated, non-zero sizes): unlike
 /// `u64::div_ceil`, which at opt-level "z" stays an outlined call with a division-by-zero panic in it, this

@@ -102,7 +102,9 @@ pub mod write;
 
 pub use compress::{Decompressor, Inflate, NoDecompressor};
 pub use device::{BlockDevice, BlockDeviceWrite, DeviceExtent};
-pub use engine::{Buffers, FileRequest, Format, Image, Layer, Mapping, NoFiles, Resolver, Source};
+pub use engine::{
+    Buffers, FileRequest, Format, Image, Layer, Mapping, NoFiles, ReadOnly, Resolver, Source,
+};
 pub use error::Error;
 pub use io::MemDevice;
-pub use write::{ReadOnly, WriteState};
+pub use write::WriteState;

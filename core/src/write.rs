@@ -58,8 +58,8 @@ pub const MIN_WRITE_SLICES: usize = 4;
 const ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 
 /// What the writer keeps between requests.
-/// The writer's state between requests (the default writer-state parameter of [`Image`]): present in an image
-/// that may be opened for writing, a few hundred bytes.
+/// The writer's state between requests: the writer-state parameter of an [`Image`] that may be opened for
+/// writing (`Image<D, B, C, DEPTH, SLICES, WriteState>`), a few hundred bytes.
 #[derive(Debug, Default)]
 pub struct WriteState {
     writable: bool,
@@ -84,10 +84,6 @@ pub struct WriteState {
     /// Host clusters that may hold a table named by another table.
     filter: guard::MetadataFilter,
 }
-
-/// The writer-state parameter of a read-only [`Image`]: no bytes, and no way to open for writing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ReadOnly;
 
 /// The source of the bytes a write stores.
 #[derive(Clone, Copy)]
@@ -292,7 +288,7 @@ fn chunk_of<'a>(rest: &'a mut [u8], stack: &'a mut [u8; STACK_CHUNK]) -> &'a mut
     }
 }
 
-impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES, WriteState>
 where
     D: BlockDeviceWrite,
     B: AsRef<[u8]> + AsMut<[u8]>,

@@ -81,7 +81,7 @@ impl BlockDeviceWrite for Disk {
 }
 
 /// Four 512-byte metadata slices, the least a writer takes: dirty slices are written back all the time.
-type Img = Image<Disk, Vec<u8>, NoDecompressor, 2, 4>;
+type Img = Image<Disk, Vec<u8>, NoDecompressor, 2, 4, qcow2_core::WriteState>;
 
 fn buffers() -> Buffers<Vec<u8>> {
     Buffers {

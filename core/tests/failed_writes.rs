@@ -93,7 +93,7 @@ impl BlockDeviceWrite for Disk {
     }
 }
 
-type Img = Image<Disk, Vec<u8>, NoDecompressor, 2, 4>;
+type Img = Image<Disk, Vec<u8>, NoDecompressor, 2, 4, qcow2_core::WriteState>;
 
 fn open_writable(disk: &Disk) -> Img {
     let buffers = Buffers {

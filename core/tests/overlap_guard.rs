@@ -16,7 +16,9 @@ const L2_SPAN: u64 = 64 * CLUSTER;
 
 type Dev = MemDevice<Vec<u8>>;
 
-fn open<const SLICES: usize>(bytes: &[u8]) -> Image<Dev, Vec<u8>, NoDecompressor, 2, SLICES> {
+fn open<const SLICES: usize>(
+    bytes: &[u8],
+) -> Image<Dev, Vec<u8>, NoDecompressor, 2, SLICES, qcow2_core::WriteState> {
     let mut buf = bytes.to_vec();
     let len = buf.len() as u64;
     buf.resize(buf.len() + (4 << 20), 0);

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use qcow2_core::check::{self, NoSink};
 use qcow2_core::create::{Compat, CreateOptions, Preallocation, create};
 use qcow2_core::format::CompressionType;
-use qcow2_core::{Buffers, Image, MemDevice, NoDecompressor, NoFiles};
+use qcow2_core::{Buffers, Image, MemDevice, NoDecompressor, NoFiles, WriteState};
 
 const CAPACITY: usize = 8 << 20;
 
@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
         bounce: vec![0u8; 512],
         metadata: vec![0u8; 4 * 512],
     };
-    let mut img: Image<_, _, _, 2, 4> = Image::open_writable(
+    let mut img: Image<_, _, _, 2, 4, WriteState> = Image::open_writable(
         MemDevice::with_len(&mut bytes[..], len, 512),
         buffers,
         NoDecompressor,

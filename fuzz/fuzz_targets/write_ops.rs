@@ -10,12 +10,12 @@ use libfuzzer_sys::fuzz_target;
 use qcow2_core::check::{self, NoSink};
 use qcow2_core::io::MemDeviceFull;
 use qcow2_core::testimage::{TINY_LEN, tiny_qcow2};
-use qcow2_core::{Buffers, Error, Image, MemDevice, NoDecompressor, NoFiles};
+use qcow2_core::{Buffers, Error, Image, MemDevice, NoDecompressor, NoFiles, WriteState};
 
 const SIZE: usize = 64 * 1024;
 const CAPACITY: usize = 2 << 20;
 
-type Img = Image<MemDevice<Vec<u8>>, Vec<u8>, NoDecompressor, 2, 4>;
+type Img = Image<MemDevice<Vec<u8>>, Vec<u8>, NoDecompressor, 2, 4, WriteState>;
 
 fn open(bytes: Vec<u8>, len: u64) -> Result<Img, Error<MemDeviceFull>> {
     Image::open_writable(

@@ -27,7 +27,7 @@ use qcow2_tests::{Scratch, qemu_img, qemu_img_ok, qemu_io_cmds};
 /// The model's unit: every operation the generator makes starts and ends on a multiple of it.
 const CELL: usize = 128;
 
-type Img = Image<SimDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 8>;
+type Img = Image<SimDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 8, qcow2_core::WriteState>;
 
 /// Supplies the (read-only) backing file.
 struct Backing(Option<Vec<u8>>, Log);

@@ -15,7 +15,7 @@ use qcow2_tests::crash::check_refcounts;
 use qcow2_tests::{Scratch, qemu_img_ok, qemu_io_cmds};
 
 type Dev = MemDevice<Vec<u8>>;
-type Img = Image<Dev, Vec<u8>, qcow2_alloc::AllocDecompressor, 4, 6>;
+type Img = Image<Dev, Vec<u8>, qcow2_alloc::AllocDecompressor, 4, 6, qcow2_core::WriteState>;
 
 /// Room for the image to grow in memory.
 const CAPACITY: usize = 24 << 20;

@@ -63,14 +63,20 @@ fn apply_small(img: &Path, ops: &[Op]) {
         bounce: vec![0u8; 512],
         metadata: vec![0u8; 4 * 512],
     };
-    let mut image: Image<FileDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 4> =
-        Image::open_writable(
-            FileDevice::new(file),
-            buffers,
-            qcow2_alloc::AllocDecompressor::default(),
-            &mut DirResolver(dir),
-        )
-        .unwrap_or_else(|e| panic!("open_writable {}: {e}", img.display()));
+    let mut image: Image<
+        FileDevice,
+        Vec<u8>,
+        qcow2_alloc::AllocDecompressor,
+        16,
+        4,
+        qcow2_core::WriteState,
+    > = Image::open_writable(
+        FileDevice::new(file),
+        buffers,
+        qcow2_alloc::AllocDecompressor::default(),
+        &mut DirResolver(dir),
+    )
+    .unwrap_or_else(|e| panic!("open_writable {}: {e}", img.display()));
     for op in ops {
         let res = match op {
             Op::Write { off, len, byte } => image.write_at(*off, &vec![*byte; *len as usize]),
@@ -421,24 +427,36 @@ fn lazy_refcounts_writer_killed() {
             bounce: vec![0u8; if small { 512 } else { 65536 }],
             metadata: vec![0u8; if small { 4 * 512 } else { 4 * 4096 }],
         };
-        let mut image: Image<FileDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 4> =
-            Image::open_writable(
-                FileDevice::new(file),
-                buffers,
-                qcow2_alloc::AllocDecompressor::default(),
-                &mut DirResolver(s.dir().to_path_buf()),
-            )
-            .unwrap();
-        let apply =
-            |image: &mut Image<FileDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 4>,
-             op: &Op| match op {
-                Op::Write { off, len, byte } => {
-                    image.write_at(*off, &vec![*byte; *len as usize]).unwrap();
-                }
-                Op::Zero { off, len, unmap } => image.write_zeroes(*off, *len, *unmap).unwrap(),
-                Op::Discard { off, len } => image.discard(*off, *len).unwrap(),
-                Op::Flush => image.flush().unwrap(),
-            };
+        let mut image: Image<
+            FileDevice,
+            Vec<u8>,
+            qcow2_alloc::AllocDecompressor,
+            16,
+            4,
+            qcow2_core::WriteState,
+        > = Image::open_writable(
+            FileDevice::new(file),
+            buffers,
+            qcow2_alloc::AllocDecompressor::default(),
+            &mut DirResolver(s.dir().to_path_buf()),
+        )
+        .unwrap();
+        let apply = |image: &mut Image<
+            FileDevice,
+            Vec<u8>,
+            qcow2_alloc::AllocDecompressor,
+            16,
+            4,
+            qcow2_core::WriteState,
+        >,
+                     op: &Op| match op {
+            Op::Write { off, len, byte } => {
+                image.write_at(*off, &vec![*byte; *len as usize]).unwrap();
+            }
+            Op::Zero { off, len, unmap } => image.write_zeroes(*off, *len, *unmap).unwrap(),
+            Op::Discard { off, len } => image.discard(*off, *len).unwrap(),
+            Op::Flush => image.flush().unwrap(),
+        };
         for op in &flushed {
             apply(&mut image, op);
         }

@@ -284,12 +284,17 @@ pub struct Mapping {
     pub source: Source,
 }
 
+/// The writer-state parameter of an [`Image`] that is only read (the default): no bytes, and no way to
+/// open for writing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadOnly;
+
 /// An open image and its backing chain.
 ///
 /// Generic over the device `D`, the buffer storage `B` (`&mut [u8]`, arrays, or heap buffers in adapters),
 /// the decompressor `C`, the chain capacity `DEPTH`, the metadata slice count `SLICES` and the writer state
-/// `W`: the default, [`crate::write::WriteState`], lets the image be opened for writing; a read-only build
-/// names [`crate::write::ReadOnly`] and carries no writer state at all.
+/// `W`: the default, [`ReadOnly`], carries no writer state at all (a bootloader that only reads pays nothing
+/// for writing); [`crate::WriteState`] makes [`Image::open_writable`] and the write operations available.
 ///
 /// Memory: `size_of::<Image<..>>()` (dominated by `DEPTH * size_of::<Layer<D>>()` and, for
 /// [`crate::Inflate`], its state) plus the caller's bounce block and metadata buffer (and the decompressor's
@@ -301,14 +306,13 @@ pub struct Image<
     C,
     const DEPTH: usize = DEFAULT_MAX_DEPTH,
     const SLICES: usize = DEFAULT_SLICES,
-    W = crate::write::WriteState,
+    W = ReadOnly,
 > {
     pub(crate) layers: Vec<Layer<D>, DEPTH>,
     pub(crate) bounce: B,
     pub(crate) cache: SliceCache<B, SLICES>,
     pub(crate) decompressor: C,
-    /// Writer state: [`crate::write::WriteState`] (the default) for an image that may be opened for writing,
-    /// [`crate::write::ReadOnly`] (no bytes) for a read-only build.
+    /// Writer state: [`ReadOnly`] (no bytes), or the writer's [`crate::WriteState`].
     pub(crate) w: W,
 }
 

@@ -284,7 +284,7 @@ pub fn refcount_set(block: &mut [u8], order: u32, index: usize, value: u64) -> O
             let start = index.checked_mul(width)?;
             let bytes = block.get_mut(start..start.checked_add(width)?)?;
             let be = value.to_be_bytes();
-            crate::io::copy_exact(bytes, be.get(8usize.saturating_sub(width)..)?)
+            super::copy_exact(bytes, be.get(8usize.saturating_sub(width)..)?)
         }
         _ => None,
     }

@@ -229,3 +229,17 @@ impl core::fmt::Debug for FeatureName {
         write!(f, "{:?}", self.as_str())
     }
 }
+
+/// Copies `src` into `dst` when their lengths agree (callers make them agree), `None` otherwise. Unlike
+/// `copy_from_slice`, which at opt-level "z" stays an outlined call with a panic in it, this leaves no panic
+/// path (the zip becomes a `memcpy`).
+#[inline]
+pub(crate) fn copy_exact(dst: &mut [u8], src: &[u8]) -> Option<()> {
+    if dst.len() != src.len() {
+        return None;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s;
+    }
+    Some(())
+}

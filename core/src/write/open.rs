@@ -72,7 +72,7 @@ fn rebuild_refcounts<D: BlockDeviceWrite, B: AsRef<[u8]> + AsMut<[u8]>, const SL
     Ok(())
 }
 
-impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES, WriteState>
 where
     D: BlockDeviceWrite,
     B: AsRef<[u8]> + AsMut<[u8]>,

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES>
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES, WriteState>
 where
     D: BlockDeviceWrite,
     B: AsRef<[u8]> + AsMut<[u8]>,

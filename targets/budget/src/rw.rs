@@ -4,9 +4,9 @@
 use core::hint::black_box;
 
 use crate::common::{self, BLOCK, DEPTH, Dev, INPUT, METADATA, SLICES, WINDOW};
-use qcow2_core::{Buffers, Image, Inflate, NoFiles};
+use qcow2_core::{Buffers, Image, Inflate, NoFiles, WriteState};
 
-pub type Img<'a> = Image<Dev, &'a mut [u8], Inflate<&'a mut [u8]>, DEPTH, SLICES>;
+pub type Img<'a> = Image<Dev, &'a mut [u8], Inflate<&'a mut [u8]>, DEPTH, SLICES, WriteState>;
 
 pub fn run() -> ! {
     let mut bounce = [0u8; BLOCK];

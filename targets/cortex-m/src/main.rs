@@ -27,7 +27,7 @@ use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln, syscall};
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, FileRequest, Image, Inflate,
-    Resolver,
+    Resolver, WriteState,
 };
 
 use sha256::Sha256;
@@ -189,11 +189,10 @@ impl Resolver<SemiFile> for SemiFiles {
 type LentInflate<'a> = &'a mut Inflate<&'static mut [u8]>;
 
 /// The image type this program writes with.
-type Qcow2<'a> = Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES>;
+type Qcow2<'a> = Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES, WriteState>;
 
 /// The image type this program reads with: no writer state.
-type Qcow2Reader<'a> =
-    Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES, qcow2_core::ReadOnly>;
+type Qcow2Reader<'a> = Image<SemiFile, &'a mut [u8], LentInflate<'a>, DEPTH, SLICES>;
 
 /// The engine's buffers, borrowed from the statics once.
 struct Ctx {

@@ -33,7 +33,7 @@ mod virtio;
 
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Decompressor, Error, FileRequest, Image, Inflate,
-    Resolver,
+    Resolver, WriteState,
 };
 
 use sha256::Sha256;
@@ -146,7 +146,8 @@ impl<'a> Resolver<Handle<'a>> for Disks<'a> {
 type LentInflate<'a, 'b> = &'a mut Inflate<&'b mut [u8]>;
 
 /// The image type this program uses, for reading and for writing.
-type Qcow2<'a, 'b> = Image<Handle<'a>, &'a mut [u8], LentInflate<'a, 'b>, DEPTH, SLICES>;
+type Qcow2<'a, 'b> =
+    Image<Handle<'a>, &'a mut [u8], LentInflate<'a, 'b>, DEPTH, SLICES, WriteState>;
 
 /// The engine's buffers.
 struct Ctx<'b> {

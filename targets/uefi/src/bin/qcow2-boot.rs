@@ -29,6 +29,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Error, FileRequest, Image, Inflate, Resolver,
+    WriteState,
 };
 use uefi::boot::{self, LoadImageSource, MemoryType, OpenProtocolAttributes};
 use uefi::boot::{OpenProtocolParams, ScopedProtocol, SearchType, Tpl};
@@ -65,7 +66,7 @@ const MAX_PATH: usize = 260;
 /// The program started from the virtual disk.
 const LOADER: &CStr16 = cstr16!("\\EFI\\BOOT\\BOOTX64.EFI");
 
-type Disk = Image<FwDisk, &'static mut [u8], Inflate<&'static mut [u8]>, DEPTH, SLICES>;
+type Disk = Image<FwDisk, &'static mut [u8], Inflate<&'static mut [u8]>, DEPTH, SLICES, WriteState>;
 
 static mut BOUNCE: [u8; MAX_BLOCK] = [0; MAX_BLOCK];
 static mut METADATA: [u8; SLICES * 4096] = [0; SLICES * 4096];
