@@ -49,17 +49,22 @@
 //! # Ok::<(), qcow2_core::Error<qcow2_core::io::MemDeviceFull>>(())
 //! ```
 
+// The files, bottom to top (each uses only those above it): `options` and `header_cluster` say what the
+// image will be; `builder` holds it while it is made; `refcounts` reads and sets refcount entries;
+// `allocation` replays QEMU's cluster allocator; `preallocation` allocates L2 tables and data.
+mod allocation;
+mod builder;
 mod header_cluster;
 mod options;
 mod preallocation;
 mod refcounts;
-mod replay;
 
 pub use options::{Compat, CreateOptions, OptionError, Preallocation};
 
 use crate::Error;
 use crate::device::BlockDeviceWrite;
-use replay::Builder;
+use crate::error::corrupt;
+use builder::Builder;
 
 /// Creates a qcow2 image on `dev` with `opts`, writing what `qemu-img create -f qcow2` writes, and returns
 /// the length the image file must have (QEMU's file length: the device may have rounded it up to whole
@@ -76,52 +81,47 @@ pub fn create<D: BlockDeviceWrite>(
     bounce: &mut [u8],
     opts: &CreateOptions<'_>,
 ) -> Result<u64, Error<D::Error>> {
-    let g = opts.geometry().map_err(OptionError::into_error)?;
-    let cs = g.cluster_size();
-    let mut b = Builder {
-        dev,
-        bounce,
-        g,
-        rt_offset: cs,
-        rt_entries: cs / 8,
-        free_index: 0,
-        end: 0,
-        known_used: (0, 0),
-        file_end: 0,
-    };
+    let mut header = opts.header().map_err(OptionError::into_error)?;
+    let cluster_size = header.cluster_size();
+    // Step 1: the refcount table is cluster 1, one cluster long.
+    header.refcount_table_offset = cluster_size;
+    header.refcount_table_clusters = 1;
+    let mut builder = Builder::new(dev, bounce, header);
     // Header cluster, refcount table and the first refcount block, all zeroed; then table entry 0 and
     // refcount 1 for the three clusters (QEMU allocates them through its normal allocator).
-    b.zero(0, cs.saturating_mul(3))?;
-    b.set_refblock(0, cs.saturating_mul(2))?;
-    let first = b.alloc_clusters(3)?;
+    builder.zero(0, cluster_size.saturating_mul(3))?;
+    builder.set_refcount_block_offset(0, cluster_size.saturating_mul(2))?;
+    let first = builder.alloc_clusters(3)?;
     if first != 0 {
-        return Err(Error::Corrupt {
-            what: "header clusters not at the start of the image",
-            offset: b.g.offset(first),
-        });
+        return Err(corrupt(
+            "header clusters not at the start of the image",
+            builder.cluster_offset(first),
+        ));
     }
-    // The L1 table (only its entries are written).
-    let mut l1_offset = 0;
-    if g.l1_size > 0 {
-        let l1_bytes = g.l1_size.saturating_mul(8);
-        let l1 = b.alloc_clusters(g.clusters(l1_bytes))?;
-        l1_offset = g.offset(l1);
-        b.zero(l1_offset, l1_bytes)?;
+    // Step 2: the L1 table (only its entries are written).
+    if header.l1_size > 0 {
+        let l1_bytes = u64::from(header.l1_size).saturating_mul(8);
+        let l1 = builder.alloc_clusters(l1_bytes.div_ceil(cluster_size))?;
+        let l1_offset = builder.cluster_offset(l1);
+        builder.header.l1_table_offset = l1_offset;
+        builder.zero(l1_offset, l1_bytes)?;
     }
+    // Step 3: preallocation.
     let data_file = opts.data_file.is_some();
     match opts.preallocation {
-        Preallocation::Off if opts.data_file_raw => b.preallocate_metadata(l1_offset, true)?,
+        Preallocation::Off if opts.data_file_raw => builder.preallocate_metadata(true)?,
         Preallocation::Off => {}
-        Preallocation::Metadata => b.preallocate_metadata(l1_offset, data_file)?,
+        Preallocation::Metadata => builder.preallocate_metadata(data_file)?,
         Preallocation::Falloc | Preallocation::Full if data_file => {
-            b.preallocate_metadata(l1_offset, true)?
+            builder.preallocate_metadata(true)?
         }
-        Preallocation::Falloc => b.preallocate_full(l1_offset, false)?,
-        Preallocation::Full => b.preallocate_full(l1_offset, true)?,
+        Preallocation::Falloc => builder.preallocate_full(false)?,
+        Preallocation::Full => builder.preallocate_full(true)?,
     }
-    b.write_header(opts, l1_offset)?;
-    b.dev.flush()?;
-    Ok(b.file_end)
+    // Step 4: cluster 0.
+    builder.write_header_cluster(&opts.header_cluster())?;
+    builder.device.flush()?;
+    Ok(builder.file_end)
 }
 
 #[cfg(test)]

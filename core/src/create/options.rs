@@ -1,15 +1,17 @@
 //! What can be asked of [`create`](super::create): the options, their defaults, qemu-img's checks in its order
-//! with its messages ([`OptionError`]), and the geometry that follows from valid options.
+//! with its messages ([`OptionError`]), and the header that valid options give (its geometry is then
+//! `format::Header`'s, derived in one place for every reader and writer).
 
 use core::fmt;
 
 use crate::Error;
 use crate::format::{
-    CompressionType, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES,
-    MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
+    AutoclearFeatures, CompatibleFeatures, CompressionType, Header, IncompatibleFeatures,
+    MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES,
+    MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS, V3_HEADER_LEN,
 };
 
-use super::replay::div;
+use super::header_cluster::HeaderCluster;
 
 /// The image's compatibility level (`compat=`): the header version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,74 +199,42 @@ impl OptionError {
     }
 }
 
-/// Everything that follows from the options alone.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Geometry {
-    pub(super) cluster_bits: u32,
-    pub(super) refcount_order: u32,
-    /// Entries per L2 table.
-    pub(super) l2_entries: u64,
-    /// Bytes per L2 entry.
-    pub(super) l2_entry_size: u64,
-    /// L1 entries.
-    pub(super) l1_size: u64,
-    /// Virtual size as stored (rounded up to 512).
-    pub(super) size: u64,
-    /// Guest clusters.
-    pub(super) guest_clusters: u64,
-}
-
-impl Geometry {
-    pub(super) fn cluster_size(&self) -> u64 {
-        1u64 << (self.cluster_bits & 63)
-    }
-    /// Refcount entries per refcount block.
-    pub(super) fn refcounts_per_block(&self) -> u64 {
-        (self.cluster_size().saturating_mul(8)) >> (self.refcount_order & 63)
-    }
-    /// Bytes per subcluster (the cluster size without extended L2 entries).
-    pub(super) fn subcluster_size(&self) -> u64 {
-        if self.l2_entry_size == 16 {
-            self.cluster_size() >> 5
-        } else {
-            self.cluster_size()
-        }
-    }
-    pub(super) fn refcount_bits(&self) -> u64 {
-        1u64 << (self.refcount_order & 63)
-    }
-    /// Clusters needed for `bytes`.
-    pub(super) fn clusters(&self, bytes: u64) -> u64 {
-        bytes.div_ceil(self.cluster_size())
-    }
-    pub(super) fn offset(&self, cluster: u64) -> u64 {
-        cluster.saturating_mul(self.cluster_size())
-    }
-}
-
-impl CreateOptions<'_> {
+impl<'a> CreateOptions<'a> {
     /// Checks the options the way `qemu-img create` does, in its order (the first problem wins).
     pub fn validate(&self) -> Result<(), OptionError> {
-        self.geometry().map(|_| ())
+        self.header().map(|_| ())
     }
 
-    pub(super) fn v3(&self) -> bool {
+    fn v3(&self) -> bool {
         self.compat == Compat::V3
     }
 
-    pub(super) fn geometry(&self) -> Result<Geometry, OptionError> {
+    /// What cluster 0 holds besides the header's fixed part, and where.
+    pub(super) fn header_cluster(&self) -> HeaderCluster<'a> {
+        HeaderCluster::new(
+            self.v3(),
+            self.cluster_size,
+            self.backing_file,
+            self.backing_fmt,
+            self.data_file,
+        )
+    }
+
+    /// Checks the options as [`CreateOptions::validate`] does and returns the header they give: everything
+    /// but the places of the L1 and refcount tables, which the allocation replay fills in.
+    pub(super) fn header(&self) -> Result<Header, OptionError> {
         // In qemu-img's order (it matters when several options are wrong).
         let v2 = !self.v3();
         if self.extended_l2 && v2 {
             return Err(OptionError::ExtendedL2NeedsV3);
         }
-        let cs = self.cluster_size;
-        if !cs.is_power_of_two()
-            || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
+        let cluster_size = self.cluster_size;
+        if !cluster_size.is_power_of_two()
+            || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cluster_size)
         {
             return Err(OptionError::ClusterSize);
         }
-        let cluster_bits = cs.trailing_zeros();
+        let cluster_bits = cluster_size.trailing_zeros();
         if self.extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
             return Err(OptionError::ExtendedL2ClusterSize);
         }
@@ -319,25 +289,55 @@ impl CreateOptions<'_> {
             .checked_next_multiple_of(512)
             .filter(|&s| s <= i64::MAX as u64)
             .ok_or(OptionError::SizeTooLarge)?;
-        let l2_entry_size: u64 = if self.extended_l2 { 16 } else { 8 };
-        let l2_entries = div(cs, l2_entry_size);
-        let l2_span = cs.saturating_mul(l2_entries);
-        let l1_size = size.div_ceil(l2_span);
-        if l1_size > MAX_L1_BYTES / 8 {
-            return Err(OptionError::SizeTooLarge);
+        let mut incompatible_features = IncompatibleFeatures::empty();
+        if self.data_file.is_some() {
+            incompatible_features |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
         }
-        if self.header_layout(cs).end > cs {
+        if self.compression_type != CompressionType::Deflate {
+            incompatible_features |= IncompatibleFeatures::COMPRESSION_TYPE;
+        }
+        if self.extended_l2 {
+            incompatible_features |= IncompatibleFeatures::EXTENDED_L2;
+        }
+        let mut compatible_features = CompatibleFeatures::empty();
+        if self.lazy_refcounts {
+            compatible_features |= CompatibleFeatures::LAZY_REFCOUNTS;
+        }
+        let mut autoclear_features = AutoclearFeatures::empty();
+        if self.data_file_raw {
+            autoclear_features |= AutoclearFeatures::DATA_FILE_RAW;
+        }
+        let mut header = Header {
+            version: if v2 { 2 } else { 3 },
+            backing_file_offset: 0,
+            backing_file_size: self.backing_file.map_or(0, |name| name.len() as u32),
+            cluster_bits,
+            size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features,
+            compatible_features,
+            autoclear_features,
+            refcount_order,
+            header_length: V3_HEADER_LEN as u32,
+            compression_type: self.compression_type,
+        };
+        header.l1_size = header
+            .l1_entries_needed()
+            .filter(|&entries| entries <= MAX_L1_BYTES / 8)
+            .and_then(|entries| u32::try_from(entries).ok())
+            .ok_or(OptionError::SizeTooLarge)?;
+        let header_cluster = self.header_cluster();
+        if header_cluster.end > cluster_size {
             return Err(OptionError::HeaderTooLarge);
         }
-        Ok(Geometry {
-            cluster_bits,
-            refcount_order,
-            l2_entries,
-            l2_entry_size,
-            l1_size,
-            size,
-            guest_clusters: size.div_ceil(cs),
-        })
+        header.backing_file_offset = header_cluster.backing_file.map_or(0, |(at, _)| at);
+        Ok(header)
     }
 }
 
