@@ -49,9 +49,10 @@
 //! # Ok::<(), qcow2_core::Error<qcow2_core::io::MemDeviceFull>>(())
 //! ```
 
-// The files, bottom to top (each uses only those above it): `options` and `header_cluster` say what the
-// image will be; `builder` holds it while it is made; `refcounts` reads and sets refcount entries;
-// `allocation` replays QEMU's cluster allocator; `preallocation` allocates L2 tables and data.
+// The files: `options` (what may be asked, and the header it gives) and `header_cluster` (cluster 0's layout,
+// and writing it) say what the image will be; `builder` holds it while it is made and does the device I/O;
+// `refcounts` reads and sets refcount entries with it; `allocation` replays QEMU's cluster allocator on
+// those; `preallocation` allocates L2 tables and data clusters with that. No file uses one that uses it.
 mod allocation;
 mod builder;
 mod header_cluster;
