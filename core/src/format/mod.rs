@@ -167,12 +167,30 @@ impl ExtensionHeader {
         let next = data.saturating_add(u64::from(len).next_multiple_of(8));
         Ok((ExtensionHeader { magic, len }, next))
     }
+
+    /// The 8 bytes on disk: type, then length, big-endian.
+    pub fn emit(self) -> [u8; 8] {
+        ((u64::from(self.magic) << 32) | u64::from(self.len)).to_be_bytes()
+    }
 }
 
 /// Length of one feature name table entry.
 pub const FEATURE_NAME_ENTRY_LEN: usize = 48;
 /// Longest feature name.
 pub const FEATURE_NAME_LEN: usize = 46;
+
+/// The feature name table QEMU writes, in its order: `(type, bit, name)`, type 0 for incompatible, 1 for
+/// compatible and 2 for autoclear features.
+pub const FEATURE_NAMES: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
 
 /// A feature's name from the feature name table (empty when the table does not name it).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -210,6 +228,19 @@ impl FeatureName {
                 len: len as u8,
             },
         )
+    }
+
+    /// Encodes a feature table entry: `kind` (the type), `bit`, and `name` zero-padded (cut at
+    /// [`FEATURE_NAME_LEN`] bytes).
+    pub fn emit_entry(kind: u8, bit: u8, name: &str) -> [u8; FEATURE_NAME_ENTRY_LEN] {
+        let mut entry = [0u8; FEATURE_NAME_ENTRY_LEN];
+        for (dst, src) in entry
+            .iter_mut()
+            .zip([kind, bit].iter().chain(name.as_bytes()))
+        {
+            *dst = *src;
+        }
+        entry
     }
 
     /// Whether there is no name.
