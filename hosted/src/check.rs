@@ -1,12 +1,10 @@
 //! `qcow2 check`: qemu-img check's output (human and JSON) and exit codes over [`qcow2_core::check`].
 
-use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 
 use qcow2_core::Error;
 use qcow2_core::check::{CheckReport, CheckSink, Problem, RepairMode};
 
-use crate::disk::DiskError;
 use crate::file::FileDevice;
 use crate::json::Value;
 use crate::open::QCOW2_MAGIC;
@@ -155,26 +153,17 @@ pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) 
             );
         }
     }
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        return failed(
-            1,
-            format!(
-                "Could not open '{path}': 'file' driver requires '{path}' to be a regular file"
-            ),
-        );
-    }
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(opts.repair.is_some())
-        .open(path)
-    {
+    let file = match crate::file::open_image_file(path, opts.repair.is_some()) {
         Ok(f) => f,
+        Err(e @ crate::file::OpenImageError::NotRegular) => {
+            return failed(1, format!("Could not open '{path}': {}", e.text(path)));
+        }
         Err(e) => {
             return failed(
                 1,
                 format!(
                     "Could not open '{path}': Could not open '{path}': {}",
-                    DiskError::os_text(&e)
+                    e.text(path)
                 ),
             );
         }

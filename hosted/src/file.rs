@@ -3,11 +3,71 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use qcow2_core::device::{BlockDevice, BlockDeviceWrite, DeviceExtent};
 
 /// Block size [`FileDevice`] reports.
 pub const FILE_BLOCK_SIZE: usize = 512;
+
+/// Why [`open_image_file`] did not give a file.
+#[derive(Debug)]
+pub enum OpenImageError {
+    /// The name is not a regular file (a FIFO, directory, socket or device): it is not read as an image.
+    NotRegular,
+    /// The open itself failed (no such file, permission denied, ...).
+    Io(io::Error),
+}
+
+impl OpenImageError {
+    /// QEMU's text for the problem with `path`: "'file' driver requires 'x' to be a regular file", or the
+    /// system's reason ("No such file or directory").
+    pub fn text(&self, path: &str) -> String {
+        match self {
+            OpenImageError::NotRegular => {
+                format!("'file' driver requires '{path}' to be a regular file")
+            }
+            OpenImageError::Io(e) => crate::disk::DiskError::os_text(e),
+        }
+    }
+}
+
+/// Opens the image, backing or data file `path` (read-only, or read-write when `write`) as a regular file,
+/// and never blocks doing so: a FIFO would block an open until a writer comes (and every read after it), and
+/// a device or directory is no image. A name that does not stat as a regular file is refused before it is
+/// opened (opening some devices has effects of its own); the open itself is non-blocking and the opened file
+/// is checked again (`fstat`), so a name swapped for a FIFO between the two is refused too. The file is
+/// returned in blocking mode.
+pub fn open_image_file(path: impl AsRef<Path>, write: bool) -> Result<File, OpenImageError> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.as_ref();
+    let not_regular = |path: &Path| std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    if not_regular(path) {
+        return Err(OpenImageError::NotRegular);
+    }
+    let nonblock = OFlags::NONBLOCK | OFlags::NOCTTY;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nonblock.bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            // EISDIR, ENXIO (a socket) and the like: the name changed kind since the stat above.
+            if not_regular(path) {
+                OpenImageError::NotRegular
+            } else {
+                OpenImageError::Io(e)
+            }
+        })?;
+    if !file.metadata().map_err(OpenImageError::Io)?.is_file() {
+        return Err(OpenImageError::NotRegular);
+    }
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| OpenImageError::Io(e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - OFlags::NONBLOCK)
+        .map_err(|e| OpenImageError::Io(e.into()))?;
+    Ok(file)
+}
 
 /// Whether the bytes of `file` starting at `offset` are data or a hole, and for how many bytes (at most `len`,
 /// at least 1 when `len > 0`). Bytes at or past `file_len` are a hole. Filesystems that cannot tell report data.
@@ -143,6 +203,47 @@ mod tests {
 
     fn temp_path(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("qcow2-hosted-file-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn image_files_open_regular_only_and_blocking() {
+        let dir = temp_path("kinds");
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let regular = dir.join("regular");
+        std::fs::write(&regular, b"x").unwrap();
+        for write in [false, true] {
+            // A FIFO without a writer (or reader) would block a plain open; this returns at once.
+            assert!(matches!(
+                open_image_file(&fifo, write),
+                Err(OpenImageError::NotRegular)
+            ));
+            assert!(matches!(
+                open_image_file(&dir, write),
+                Err(OpenImageError::NotRegular)
+            ));
+            assert!(matches!(
+                open_image_file("/dev/null", write),
+                Err(OpenImageError::NotRegular)
+            ));
+            assert!(matches!(
+                open_image_file(dir.join("missing"), write),
+                Err(OpenImageError::Io(_))
+            ));
+            let f = open_image_file(&regular, write).unwrap();
+            let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+            assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK));
+        }
+        assert_eq!(
+            OpenImageError::NotRegular.text("a b"),
+            "'file' driver requires 'a b' to be a regular file"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod create;
 pub mod disk;
 pub mod file;
+pub mod help;
 pub mod info;
 pub mod io;
 pub mod json;
@@ -34,19 +35,6 @@ use crate::map::{MapError, OutputFormat};
 /// Program name used in messages.
 const PROG: &str = "qcow2";
 
-const USAGE: &str = "usage: qcow2 COMMAND [OPTIONS]
-Commands:
-  info [--output=human|json] [--backing-chain] [-f FMT] FILE
-  check [-q] [-f FMT] [--output=human|json] [-r leaks|all] FILE
-  map [--output=human|json] [-f FMT] FILE
-  convert [-p] [-q] [-f FMT] [-O raw|qcow2] [-c] [-o OPTIONS] SRC DST
-  compare [-f FMT] [-F FMT] [-s] [-q] [-p] FILE1 FILE2
-  create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]
-  io [-f FMT] [-r] [-n] [-t CACHE] -c CMD [-c CMD ...] FILE
-  bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N] [-i AIO] [-n] [--no-drain] [-o OFFSET]
-        [--pattern=PATTERN] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE
-";
-
 /// A command-line problem: the one-line message (without the program name) and the exit code.
 struct Fail {
     msg: String,
@@ -60,35 +48,79 @@ fn fail(msg: impl Into<String>) -> Fail {
     }
 }
 
-/// Turns a lexopt error into qemu-img's getopt wording for command `cmd`.
+/// The program name as getopt prints it for command `cmd` ("qcow2 info"; "qcow2" before any command).
+fn who(cmd: &str) -> String {
+    if cmd.is_empty() {
+        PROG.to_string()
+    } else {
+        format!("{PROG} {cmd}")
+    }
+}
+
+/// Turns a lexopt error into qemu-img's getopt wording for command `cmd` ("" before any command).
 fn opt_error(cmd: &str, e: lexopt::Error) -> Fail {
+    let prog = who(cmd);
     let msg = match e {
         lexopt::Error::MissingValue { option: Some(o) } if o.starts_with("--") => {
-            format!("{PROG} {cmd}: option '{o}' requires an argument")
+            format!("{prog}: option '{o}' requires an argument")
         }
         lexopt::Error::MissingValue { option: Some(o) } => {
             format!(
-                "{PROG} {cmd}: option requires an argument -- '{}'",
+                "{prog}: option requires an argument -- '{}'",
                 o.trim_start_matches('-')
             )
         }
         lexopt::Error::UnexpectedValue { option, .. } => {
-            format!("{PROG} {cmd}: option '{option}' doesn't allow an argument")
+            format!("{prog}: option '{option}' doesn't allow an argument")
         }
-        other => format!("{PROG} {cmd}: {other}"),
+        other => format!("{prog}: {other}"),
     };
     fail(msg)
 }
 
 fn unknown_option(cmd: &str, arg: Arg<'_>) -> Fail {
+    let prog = who(cmd);
     match arg {
-        Arg::Short(c) => fail(format!("{PROG} {cmd}: invalid option -- '{c}'")),
-        Arg::Long(l) => fail(format!("{PROG} {cmd}: unrecognized option '--{l}'")),
+        Arg::Short(c) => fail(format!("{prog}: invalid option -- '{c}'")),
+        Arg::Long(l) => fail(format!("{prog}: unrecognized option '--{l}'")),
         Arg::Value(v) => fail(format!(
-            "{PROG} {cmd}: unexpected argument '{}'",
+            "{prog}: unexpected argument '{}'",
             v.to_string_lossy()
         )),
     }
+}
+
+/// `qcow2 CMD --help`: the command's help on stdout, exit 0 (as qemu-img).
+fn print_help(cmd: &str, out: &mut dyn Write) -> Result<i32, Fail> {
+    let text = help::command_help(cmd).unwrap_or_default();
+    out.write_all(text.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+/// A long option without a value ("--help"): getopt's error for "--help=x".
+fn no_value(cmd: &str, name: &str, p: &mut lexopt::Parser) -> Result<(), Fail> {
+    match p.optional_value() {
+        Some(_) => Err(fail(format!(
+            "{}: option '--{name}' doesn't allow an argument",
+            who(cmd)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `qcow2 --help`: the tool's help on stdout, exit 0.
+fn print_main_help(out: &mut dyn Write) -> Result<i32, Fail> {
+    out.write_all(help::main_help().as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+/// `--version`: the version banner on stdout, exit 0 (as qemu-img and qemu-io).
+fn print_version(out: &mut dyn Write) -> Result<i32, Fail> {
+    out.write_all(help::version().as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
 }
 
 fn os_to_string(v: OsString) -> Result<String, Fail> {
@@ -124,9 +156,13 @@ fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
         (None, OutputFormat::Human, false, Vec::new());
     while let Some(arg) = p.next().map_err(|e| opt_error("info", e))? {
         match arg {
+            Arg::Short('h') => return print_help("info", out),
+            Arg::Long("help") => {
+                return no_value("info", "help", p).and_then(|()| print_help("info", out));
+            }
             Arg::Short('f') | Arg::Long("format") => fmt = Some(value("info", p)?),
             Arg::Long("output") => output = parse_output(&value("info", p)?)?,
-            Arg::Long("backing-chain") => chain = true,
+            Arg::Short('b') | Arg::Long("backing-chain") => chain = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("info", other)),
@@ -165,6 +201,10 @@ fn cmd_check(
     let mut files = Vec::new();
     while let Some(arg) = p.next().map_err(|e| opt_error("check", e))? {
         match arg {
+            Arg::Short('h') => return print_help("check", out),
+            Arg::Long("help") => {
+                return no_value("check", "help", p).and_then(|()| print_help("check", out));
+            }
             Arg::Short('f') | Arg::Long("format") => opts.format = Some(value("check", p)?),
             Arg::Long("output") => {
                 opts.output = match parse_output(&value("check", p)?)? {
@@ -207,6 +247,10 @@ fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt, mut output, mut files) = (None, OutputFormat::Human, Vec::new());
     while let Some(arg) = p.next().map_err(|e| opt_error("map", e))? {
         match arg {
+            Arg::Short('h') => return print_help("map", out),
+            Arg::Long("help") => {
+                return no_value("map", "help", p).and_then(|()| print_help("map", out));
+            }
             Arg::Short('f') | Arg::Long("format") => fmt = Some(value("map", p)?),
             Arg::Long("output") => output = parse_output(&value("map", p)?)?,
             Arg::Short('U') | Arg::Long("force-share") => {}
@@ -234,12 +278,16 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     let (mut compress, mut options) = (false, Vec::new());
     while let Some(arg) = p.next().map_err(|e| opt_error("convert", e))? {
         match arg {
-            Arg::Short('f') => fmt = Some(value("convert", p)?),
+            Arg::Short('h') => return print_help("convert", out),
+            Arg::Long("help") => {
+                return no_value("convert", "help", p).and_then(|()| print_help("convert", out));
+            }
+            Arg::Short('f') | Arg::Long("source-format") => fmt = Some(value("convert", p)?),
             Arg::Short('O') => out_fmt = Some(value("convert", p)?),
             Arg::Short('o') => options.push(value("convert", p)?),
             Arg::Short('c') => compress = true,
             Arg::Short('p') => progress = true,
-            Arg::Short('q') => quiet = true,
+            Arg::Short('q') | Arg::Long("quiet") => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("convert", other)),
@@ -294,46 +342,50 @@ fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let mut files = Vec::new();
     while let Some(arg) = p.next().map_err(|e| opt_error("bench", e))? {
         match arg {
-            Arg::Short('c') => {
+            Arg::Short('h') => return print_help("bench", out),
+            Arg::Long("help") => {
+                return no_value("bench", "help", p).and_then(|()| print_help("bench", out));
+            }
+            Arg::Short('c') | Arg::Long("count") => {
                 o.count = bench_int(&value("bench", p)?, true)
                     .ok_or_else(|| fail("Invalid request count specified"))?
             }
-            Arg::Short('d') => {
+            Arg::Short('d') | Arg::Long("depth") => {
                 o.depth = bench_int(&value("bench", p)?, false)
                     .ok_or_else(|| fail("Invalid queue depth specified"))?
             }
-            Arg::Short('f') => o.format = Some(value("bench", p)?),
-            Arg::Short('n') => {}
-            Arg::Short('i') => {
+            Arg::Short('f') | Arg::Long("format") => o.format = Some(value("bench", p)?),
+            Arg::Short('n') | Arg::Long("native") => {}
+            Arg::Short('i') | Arg::Long("aio") => {
                 let v = value("bench", p)?;
                 if !matches!(v.as_str(), "threads" | "native" | "io_uring") {
                     return Err(fail(format!("Invalid aio option: {v}")));
                 }
             }
-            Arg::Short('o') => {
+            Arg::Short('o') | Arg::Long("offset") => {
                 o.offset = size::parse_size(&value("bench", p)?)
                     .map_err(|_| fail("Invalid offset specified"))?
             }
             Arg::Short('q') => o.quiet = true,
-            Arg::Short('s') => {
+            Arg::Short('s') | Arg::Long("buffer-size") => {
                 o.buffer_size = size::parse_size(&value("bench", p)?)
                     .ok()
                     .filter(|&n| n > 0 && n <= i32::MAX as u64)
                     .ok_or_else(|| fail("Invalid buffer size specified"))?
             }
-            Arg::Short('S') => {
+            Arg::Short('S') | Arg::Long("step-size") => {
                 o.step_size = size::parse_size(&value("bench", p)?)
                     .ok()
                     .filter(|&n| n <= i32::MAX as u64)
                     .ok_or_else(|| fail("Invalid step size specified"))?
             }
-            Arg::Short('t') => {
+            Arg::Short('t') | Arg::Long("cache") => {
                 let v = value("bench", p)?;
                 o.write_through = cache::CacheMode::parse(&v)
                     .ok_or_else(|| fail("Invalid cache mode"))?
                     .writethrough;
             }
-            Arg::Short('w') => o.write = true,
+            Arg::Short('w') | Arg::Long("write") => o.write = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Long("pattern") => {
                 o.pattern = size::parse_pattern(&value("bench", p)?)
@@ -367,11 +419,15 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     // Usage errors exit with 1 like qemu-img's; only failures to open or read exit with 2 and up.
     while let Some(arg) = p.next().map_err(|e| opt_error("compare", e))? {
         match arg {
-            Arg::Short('f') => fmt1 = Some(value("compare", p)?),
-            Arg::Short('F') => fmt2 = Some(value("compare", p)?),
-            Arg::Short('s') => opts.strict = true,
-            Arg::Short('q') => opts.quiet = true,
-            Arg::Short('p') => opts.progress = true,
+            Arg::Short('h') => return print_help("compare", out),
+            Arg::Long("help") => {
+                return no_value("compare", "help", p).and_then(|()| print_help("compare", out));
+            }
+            Arg::Short('f') | Arg::Long("a-format") => fmt1 = Some(value("compare", p)?),
+            Arg::Short('F') | Arg::Long("b-format") => fmt2 = Some(value("compare", p)?),
+            Arg::Short('s') | Arg::Long("strict") => opts.strict = true,
+            Arg::Short('q') | Arg::Long("quiet") => opts.quiet = true,
+            Arg::Short('p') | Arg::Long("progress") => opts.progress = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("compare", other)),
@@ -411,12 +467,18 @@ fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> 
     let mut files = Vec::new();
     while let Some(arg) = p.next().map_err(|e| opt_error("create", e))? {
         match arg {
-            Arg::Short('q') => args.quiet = true,
-            Arg::Short('f') => args.format = Some(value("create", p)?),
-            Arg::Short('o') => args.options.push(value("create", p)?),
-            Arg::Short('b') => args.backing = Some(value("create", p)?),
-            Arg::Short('F') => args.backing_fmt = Some(value("create", p)?),
-            Arg::Short('u') => args.unsafe_backing = true,
+            Arg::Short('h') => return print_help("create", out),
+            Arg::Long("help") => {
+                return no_value("create", "help", p).and_then(|()| print_help("create", out));
+            }
+            Arg::Short('q') | Arg::Long("quiet") => args.quiet = true,
+            Arg::Short('f') | Arg::Long("format") => args.format = Some(value("create", p)?),
+            Arg::Short('o') | Arg::Long("options") => args.options.push(value("create", p)?),
+            Arg::Short('b') | Arg::Long("backing") => args.backing = Some(value("create", p)?),
+            Arg::Short('F') | Arg::Long("backing-format") => {
+                args.backing_fmt = Some(value("create", p)?)
+            }
+            Arg::Short('u') | Arg::Long("backing-unsafe") => args.unsafe_backing = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("create", other)),
         }
@@ -440,6 +502,14 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     let mut cache = cache::CacheMode::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("io", e))? {
         match arg {
+            Arg::Short('h') => return print_help("io", out),
+            Arg::Long("help") => {
+                return no_value("io", "help", p).and_then(|()| print_help("io", out));
+            }
+            Arg::Short('V') => return print_version(out),
+            Arg::Long("version") => {
+                return no_value("io", "version", p).and_then(|()| print_version(out));
+            }
             Arg::Short('f') | Arg::Long("format") => fmt = Some(value("io", p)?),
             Arg::Short('c') | Arg::Long("cmd") => cmds.push(value("io", p)?),
             Arg::Short('r') | Arg::Long("read-only") => read_only = true,
@@ -521,19 +591,27 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
                 cmd.to_string_lossy()
             ))),
         },
-        Ok(Some(Arg::Short('h') | Arg::Long("help"))) => {
-            let _ = out.write_all(USAGE.as_bytes());
-            Ok(0)
+        // Like qemu-img's, the standard options end the run at once, whatever follows them.
+        Ok(Some(Arg::Short('h'))) => print_main_help(out),
+        Ok(Some(Arg::Long("help"))) => {
+            no_value("", "help", &mut p).and_then(|()| print_main_help(out))
+        }
+        Ok(Some(Arg::Short('V'))) => print_version(out),
+        Ok(Some(Arg::Long("version"))) => {
+            no_value("", "version", &mut p).and_then(|()| print_version(out))
         }
         Ok(Some(other)) => Err(unknown_option("", other)),
         Ok(None) => Err(fail("Not enough arguments")),
-        Err(e) => Err(fail(e.to_string())),
+        Err(e) => Err(opt_error("", e)),
     };
     let _ = out.flush();
     match result {
         Ok(code) => code,
         Err(f) => {
-            let msg = if f.msg.starts_with(&format!("{PROG} ")) {
+            // getopt's messages name the program themselves ("qcow2 info: ...", "qcow2: ...").
+            let msg = if f.msg.starts_with(&format!("{PROG} "))
+                || f.msg.starts_with(&format!("{PROG}:"))
+            {
                 f.msg
             } else {
                 format!("{PROG}: {}", f.msg)

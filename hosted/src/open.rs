@@ -5,6 +5,7 @@ use std::io::Read;
 
 use crate::cache::CacheMode;
 use crate::disk::{DiskError, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
+use crate::file::OpenImageError;
 use crate::raw_disk::RawDisk;
 
 /// The first four bytes of every qcow2 image.
@@ -56,27 +57,10 @@ fn open_probed(
         None | Some("raw") | Some("qcow2") => {}
         Some(other) => return Err(fail(format!("Unknown driver '{other}'"))),
     }
-    let md = std::fs::metadata(path).map_err(|e| {
-        fail(format!(
-            "Could not open '{path}': {}",
-            DiskError::os_text(&e)
-        ))
+    let mut file = crate::file::open_image_file(path, write).map_err(|e| match e {
+        OpenImageError::NotRegular => fail(e.text(path)),
+        OpenImageError::Io(_) => fail(format!("Could not open '{path}': {}", e.text(path))),
     })?;
-    if !md.is_file() {
-        return Err(fail(format!(
-            "'file' driver requires '{path}' to be a regular file"
-        )));
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| {
-            fail(format!(
-                "Could not open '{path}': {}",
-                DiskError::os_text(&e)
-            ))
-        })?;
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < 4 {

@@ -5,9 +5,11 @@
 //!   name is used as it is.
 //! - Names that look like a protocol (`json:{...}`, `nbd://...`, anything with a `:` before the first `/`)
 //!   are refused: the tool opens plain files only.
+//! - Only regular files are opened ([`crate::file::open_image_file`]): a FIFO, directory, socket or device is
+//!   refused at once, with QEMU's message.
 //! - A backing file's format is the one the image declares (`backing_fmt`); without one it is probed (qcow2
-//!   magic, else raw), and the engine refuses to follow the backing name of a qcow2 file whose format was
-//!   probed, so a guest-written header inside a raw disk can never point the tool at a host file.
+//!   magic, else raw), and the engine refuses to follow the backing or data file name of a qcow2 file whose
+//!   format was probed, so a guest-written header inside a raw disk can never point the tool at a host file.
 //! - A file that appears twice in one chain is refused (a loop).
 
 use std::fs::File;
@@ -26,7 +28,7 @@ use crate::disk::{
     DiskError, ENOTSUP, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, SnapshotInfo,
     VirtualDisk, VirtualDiskWrite,
 };
-use crate::file::FileDevice;
+use crate::file::{FileDevice, OpenImageError, open_image_file};
 
 /// Where each image of a chain came from, as the resolver opened it.
 #[derive(Debug, Default)]
@@ -99,16 +101,21 @@ impl ChainResolver {
         }
         let base = self.names.get(depth).cloned().unwrap_or_default();
         let full = combine(&base, &name);
-        let file = File::options()
-            .read(true)
-            .write(write)
-            .open(&full)
-            .map_err(|e| {
-                io_err(format!(
-                    "Could not open {what}: Could not open '{full}': {}",
-                    DiskError::os_text(&e)
-                ))
-            })?;
+        // QEMU's words: "Could not open backing file: 'file' driver requires 'x' to be a regular file",
+        // "Could not open backing file: Could not open 'x': No such file or directory"; for a data file the
+        // same without the "Could not open backing file: ".
+        let prefix = if what == "backing file" {
+            "Could not open backing file: "
+        } else {
+            ""
+        };
+        let file = open_image_file(&full, write).map_err(|e| match e {
+            OpenImageError::NotRegular => io_err(format!("{prefix}{}", e.text(&full))),
+            OpenImageError::Io(_) => io_err(format!(
+                "{prefix}Could not open '{full}': {}",
+                e.text(&full)
+            )),
+        })?;
         let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
         if self.seen.contains(&canon) {
             return Err(io_err(format!(
@@ -211,11 +218,11 @@ impl Qcow2Disk {
         match qcow2_alloc::open_writable(dev, &mut resolver) {
             Ok(image) => Qcow2Disk::finish(image, resolver, true),
             Err(Error::ReadOnly) => {
-                let file = File::open(path).map_err(|e| {
-                    DiskError::new(format!(
-                        "Could not open '{path}': {}",
-                        DiskError::os_text(&e)
-                    ))
+                let file = open_image_file(path, false).map_err(|e| match e {
+                    OpenImageError::NotRegular => DiskError::new(e.text(path)),
+                    OpenImageError::Io(_) => {
+                        DiskError::new(format!("Could not open '{path}': {}", e.text(path)))
+                    }
                 })?;
                 Qcow2Disk::open(path, file)
             }

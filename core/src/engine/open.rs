@@ -229,8 +229,8 @@ where
     ///
     /// Validates the header, the extensions and every table's placement; refuses unknown incompatible
     /// features (naming them), encryption, and chains longer than `DEPTH`. A backing file whose format is not
-    /// declared is probed (qcow2 magic, else raw); a probed qcow2 backing file that names a backing file of its
-    /// own is refused rather than followed.
+    /// declared is probed (qcow2 magic, else raw); a probed qcow2 backing file that names a backing file or an
+    /// external data file of its own is refused rather than followed.
     pub fn open<R: Resolver<D>>(
         dev: D,
         buffers: Buffers<B>,
@@ -357,6 +357,13 @@ where
             .insert(open_qcow2(&mut layer.dev, bounce, file_size)?);
         layer.size = meta.header.size;
         match meta.data_file_name {
+            // The rule for a probed backing file's own backing name holds for every name it stores.
+            Some(_) if meta.l2.external_data && probed => {
+                return Err(Error::Unavailable {
+                    what: "a backing file whose format was probed as qcow2 names an external data file; \
+                           refusing to follow it (declare the format with backing_fmt)",
+                });
+            }
             Some(stored) if meta.l2.external_data => {
                 let request = FileRequest {
                     depth,

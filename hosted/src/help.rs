@@ -1,0 +1,253 @@
+//! `--version` and `--help` texts, laid out as qemu-img's and qemu-io's: the version banner (this tool's name
+//! and version, not QEMU's), the tool's usage with its standard options and commands, and for each command its
+//! usage line and the options it takes. Only options the tool accepts are listed; their long forms are the
+//! ones qemu-img accepts too.
+
+/// `qcow2 --version` (and `-V`, also `qcow2 io -V`): two lines, as qemu-img's.
+pub fn version() -> String {
+    format!(
+        "qcow2 version {} ({})\nCopyright (c) the {} developers; licensed under {}\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_LICENSE"),
+    )
+}
+
+/// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
+pub const COMMANDS: [(&str, &str); 8] = [
+    ("bench", "Run simple image benchmark"),
+    ("check", "Check basic image integrity"),
+    ("compare", "Check if two images have the same contents"),
+    (
+        "convert",
+        "Copy one image to another with optional format conversion",
+    ),
+    ("create", "Create and format new image file"),
+    ("info", "Display information about image"),
+    (
+        "io",
+        "Run qemu-io commands on an image (qemu-io's command line)",
+    ),
+    ("map", "Dump image metadata"),
+];
+
+/// `qcow2 --help` (and `-h`).
+pub fn main_help() -> String {
+    let mut s = version();
+    s.push_str(
+        "qcow2 disk image utility (qemu-img and qemu-io commands for qcow2 and raw images).  Usage:
+
+  qcow2 [standard options] COMMAND [--help | command options]
+
+Standard options:
+  -h, --help
+     display this help and exit
+  -V, --version
+     display version info and exit
+
+Recognized commands (run qcow2 COMMAND --help for command-specific help):
+
+",
+    );
+    for (name, what) in COMMANDS {
+        s.push_str(&format!("  {name} - {what}\n"));
+    }
+    s.push_str(
+        "
+Supported image formats:
+
+  qcow2 raw
+
+See README.md for what each command compares with.
+",
+    );
+    s
+}
+
+/// One command's help: "Usage:", its description, its usage line(s), and its arguments.
+fn command(description: &str, usage: &str, arguments: &str) -> String {
+    format!(
+        "Usage:\n{description}.  Usage:\n\n{usage}\nArguments:\n  -h, --help\n     print this help and exit\n{arguments}\n"
+    )
+}
+
+/// `qcow2 COMMAND --help` (and `-h`); `None` for a command the tool does not have.
+pub fn command_help(cmd: &str) -> Option<String> {
+    let description = COMMANDS.iter().find(|(n, _)| *n == cmd)?.1;
+    Some(match cmd {
+        "info" => command(
+            description,
+            "  qcow2 info [-f FMT] [-b] [-U] [--output human|json] FILENAME\n",
+            "  -f, --format FMT
+     the format of FILENAME (qcow2 or raw; probed when not given)
+  -b, --backing-chain
+     also show every image of the backing chain
+  -U, --force-share
+     accepted for compatibility (images are opened read-only)
+  --output human|json
+     output format (default human)
+  FILENAME
+     image file name
+",
+        ),
+        "check" => command(
+            description,
+            "  qcow2 check [-f FMT] [-q] [-r leaks|all] [-U] [--output human|json] FILENAME\n",
+            "  -q, --quiet
+     print nothing but errors
+  -f, --format FMT
+     the format of FILENAME (qcow2 or raw; probed when not given)
+  -U, --force-share
+     accepted for compatibility
+  --output human|json
+     output format (default human)
+  -r, --repair leaks|all
+     repair leaked clusters only, or all errors (opens the image read-write)
+  FILENAME
+     image file name
+",
+        ),
+        "map" => command(
+            description,
+            "  qcow2 map [-f FMT] [--output human|json] [-U] FILENAME\n",
+            "  -f, --format FMT
+     the format of FILENAME (qcow2 or raw; probed when not given)
+  --output human|json
+     output format (default human)
+  -U, --force-share
+     accepted for compatibility
+  FILENAME
+     image file name
+",
+        ),
+        "compare" => command(
+            description,
+            "  qcow2 compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] FILENAME1 FILENAME2\n",
+            "  -q, --quiet
+     print nothing; the exit code tells
+  -p, --progress
+     show progress
+  -f, --a-format FMT
+     the format of FILENAME1
+  -F, --b-format FMT
+     the format of FILENAME2
+  -s, --strict
+     strict mode: images of different sizes differ
+  -U, --force-share
+     accepted for compatibility
+  FILENAME1, FILENAME2
+     the images to compare
+",
+        ),
+        "convert" => command(
+            description,
+            "  qcow2 convert [-f SRC_FMT] [-O TGT_FMT] [-o TGT_OPTS] [-c] [-p] [-q] [-U]
+        SRC_FILENAME TGT_FILENAME
+",
+            "  -q, --quiet
+     print nothing
+  -p
+     show progress
+  -f, --source-format SRC_FMT
+     the format of SRC_FILENAME (qcow2 or raw; probed when not given)
+  -O TGT_FMT
+     the format of TGT_FILENAME: raw (default) or qcow2
+  -o TGT_OPTS
+     qcow2 creation options for TGT_FILENAME (as for create)
+  -c
+     compress every cluster of the qcow2 output
+  -U, --force-share
+     accepted for compatibility
+  SRC_FILENAME
+     source image file name
+  TGT_FILENAME
+     target image file name
+",
+        ),
+        "create" => command(
+            description,
+            "  qcow2 create [-q] [-f FMT] [-o FMT_OPTS] [-b BACKING_FILENAME [-F BACKING_FMT]] [-u]
+        FILENAME [SIZE[bkKMGTPE]]
+",
+            "  -q, --quiet
+     print nothing
+  -f, --format FMT
+     the format of the new image: raw (default) or qcow2
+  -o, --options FMT_OPTS
+     format-specific options
+  -b, --backing BACKING_FILENAME
+     the new image's backing file
+  -F, --backing-format BACKING_FMT
+     the format of BACKING_FILENAME
+  -u, --backing-unsafe
+     do not open BACKING_FILENAME (SIZE is then required)
+  FILENAME
+     the image file to create (an existing file is overwritten)
+  SIZE
+     virtual size, with an optional suffix (powers of 1024); taken from
+     BACKING_FILENAME when not given
+",
+        ),
+        "bench" => command(
+            description,
+            "  qcow2 bench [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH]
+        [-o OFFSET] [-s BUFFER_SIZE] [-S STEP_SIZE] [-i AIO] [-n]
+        [-w [--pattern PATTERN] [--flush-interval INTERVAL [--no-drain]]] [-q] [-U] FILENAME
+",
+            "  -q
+     print nothing
+  -f, --format FMT
+     the format of FILENAME (qcow2 or raw; probed when not given)
+  -t, --cache CACHE
+     cache mode: writethrough and directsync flush after every write
+  -c, --count COUNT
+     number of requests
+  -s, --buffer-size BUFFER_SIZE
+     size of each request
+  -d, --depth DEPTH
+     number of requests in flight
+  -o, --offset OFFSET
+     offset of the first request
+  -S, --step-size STEP_SIZE
+     distance from one request's offset to the next
+  -i, --aio AIO
+     accepted for compatibility (threads, native, io_uring)
+  -n, --native
+     accepted for compatibility
+  -w, --write
+     write (default: read)
+  --pattern PATTERN
+     the byte written
+  --flush-interval FLUSH_INTERVAL
+     flush after this many requests
+  --no-drain
+     do not wait for requests in flight before a flush
+  -U, --force-share
+     accepted for compatibility
+  FILENAME
+     image file name
+",
+        ),
+        "io" => IO_HELP.to_string(),
+        _ => return None,
+    })
+}
+
+/// `qcow2 io --help` (and `-h`), laid out as qemu-io's.
+const IO_HELP: &str = "Usage: qcow2 io [OPTIONS]... [-c STRING]... [file]
+qcow2 disk exerciser (qemu-io's commands)
+
+  -c, --cmd STRING     execute command with its arguments
+                       from the given string
+  -f, --format FMT     the format of the image (qcow2 or raw)
+  -r, --read-only      open the image read-only
+  -n, --nocache        short for -t none
+  -t, --cache=MODE     the cache mode (none, writeback, writethrough,
+                       directsync, unsafe; default writethrough)
+  -U, --force-share    accepted for compatibility
+  -h, --help           display this help and exit
+  -V, --version        output version information and exit
+
+See 'qcow2 io -c help' for information on available commands.
+";
