@@ -1,57 +1,40 @@
-//! The `qcow2` tool against the real qemu-img / qemu-io on raw images: same stdout, same exit codes.
-//! qemu-img and qemu-io must be installed; these tests fail (they do not skip) when they are missing.
+//! The `qcow2` tool against the real qemu-img / qemu-io on raw images: same stdout, same exit codes, one-line
+//! errors. qemu-img and qemu-io must be installed; these tests fail (they do not skip) when they are missing.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-struct TempDir(PathBuf);
+use qcow2_tests::{Scratch, qcow2, qemu_img, qemu_io};
 
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("qcow2-hosted-it-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+/// A scratch directory whose paths are strings (the tools' arguments here).
+struct Dir(Scratch);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(Scratch::new())
     }
     fn path(&self, f: &str) -> String {
-        self.0.join(f).to_str().unwrap().to_string()
+        self.0.path(f).to_str().unwrap().to_string()
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs a QEMU tool; panics if it is not installed.
+/// Runs a QEMU tool through the shared harness (which fails the test when the tool is missing).
 fn qemu(tool: &str, args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is required for these tests and could not be run: {e}"));
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    let o = match tool {
+        "qemu-img" => qemu_img(args),
+        "qemu-io" => qemu_io(args),
+        other => panic!("unknown QEMU tool {other}"),
+    };
+    (o.code.unwrap_or(-1), o.stdout_str(), o.stderr_str())
 }
 
-/// Runs our tool in-process.
+/// Runs our tool (the built binary, through the shared harness).
 fn tool(args: &[&str]) -> (i32, String, String) {
-    let mut argv = vec![std::ffi::OsString::from("qcow2")];
-    argv.extend(args.iter().map(std::ffi::OsString::from));
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = qcow2_hosted::run(argv, &mut out, &mut err);
-    (
-        code,
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-    )
+    let o = qcow2(args);
+    (o.code.unwrap_or(-1), o.stdout_str(), o.stderr_str())
 }
 
 /// A 4 MiB raw image with data at 1 MiB (0xab), an explicit zero block at 2 MiB and a byte near the end.
-fn make_raw(dir: &TempDir, name: &str) -> String {
+fn make_raw(dir: &Dir, name: &str) -> String {
     let p = dir.path(name);
     assert_eq!(
         qemu("qemu-img", &["create", "-q", "-f", "raw", &p, "4M"]).0,
@@ -85,7 +68,7 @@ fn without_timing(s: &str) -> String {
 
 #[test]
 fn info_and_map_match_qemu_img() {
-    let dir = TempDir::new("info");
+    let dir = Dir::new();
     let img = make_raw(&dir, "a.raw");
     for args in [
         vec!["info", img.as_str()],
@@ -120,7 +103,7 @@ fn info_and_map_match_qemu_img() {
 
 #[test]
 fn convert_matches_qemu_img() {
-    let dir = TempDir::new("convert");
+    let dir = Dir::new();
     let img = make_raw(&dir, "a.raw");
     let (ours, theirs) = (dir.path("ours.raw"), dir.path("theirs.raw"));
     let (qcode, qout, _) = qemu("qemu-img", &["convert", "-p", "-O", "raw", &img, &theirs]);
@@ -138,7 +121,7 @@ fn convert_matches_qemu_img() {
 
 #[test]
 fn compare_matches_qemu_img() {
-    let dir = TempDir::new("compare");
+    let dir = Dir::new();
     let a = make_raw(&dir, "a.raw");
     let b = make_raw(&dir, "b.raw");
     let c = make_raw(&dir, "c.raw");
@@ -179,7 +162,7 @@ fn compare_matches_qemu_img() {
 
 #[test]
 fn io_read_matches_qemu_io() {
-    let dir = TempDir::new("io");
+    let dir = Dir::new();
     let img = make_raw(&dir, "a.raw");
     for cmds in [
         vec!["read -P 0xab 1M 64k"],
@@ -224,7 +207,7 @@ fn io_read_matches_qemu_io() {
 
 #[test]
 fn bad_input_gives_one_line_errors() {
-    let dir = TempDir::new("errors");
+    let dir = Dir::new();
     let img = make_raw(&dir, "a.raw");
     let missing = dir.path("missing");
     let cases: Vec<(Vec<&str>, String)> = vec![
