@@ -3,7 +3,7 @@
 fn main() {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
-    let code = qcow2_hosted::run(
+    let code = qcow2_hosted::cli::run(
         std::env::args_os().collect(),
         &mut stdout.lock(),
         &mut stderr.lock(),

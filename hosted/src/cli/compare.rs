@@ -2,8 +2,8 @@
 
 use std::io::Write;
 
+use crate::cli::progress::Progress;
 use crate::disk::{DiskError, MapExtent, VirtualDisk};
-use crate::progress::Progress;
 
 /// qemu-img's compare buffer: 2 MiB.
 const IO_BUF: u64 = 2 << 20;

@@ -5,8 +5,8 @@ use std::io::{self, Read, Write};
 use qcow2_core::Error;
 use qcow2_core::check::{CheckReport, CheckSink, Problem, RepairMode};
 
+use crate::cli::json::Value;
 use crate::file::FileDevice;
-use crate::json::Value;
 use crate::open::QCOW2_MAGIC;
 use crate::qcow2_disk::engine_error;
 

@@ -2,9 +2,9 @@
 
 use std::fmt::Write as _;
 
+use crate::cli::json::{Value, human_dump_object};
+use crate::cli::size::size_to_str;
 use crate::disk::{FileChildInfo, ImageInfo, Qcow2Specific, SnapshotInfo};
-use crate::json::{Value, human_dump_object};
-use crate::size::size_to_str;
 
 fn kv(k: &str, v: Value) -> (String, Value) {
     (k.to_string(), v)

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use qcow2_core::create::{Compat, CreateOptions, Preallocation, create};
 use qcow2_core::format::CompressionType;
 
+use crate::cli::size::{SizeError, parse_size};
 use crate::file::FileDevice;
-use crate::size::{SizeError, parse_size};
 
 /// What the command line asked for.
 #[derive(Debug, Default, Clone)]

@@ -9,8 +9,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::cache::CacheMode;
+use crate::cli::size::{SizeError, cvtstr, parse_pattern, parse_size, timestr};
 use crate::disk::{VirtualDisk, VirtualDiskWrite, in_range, write_compressed_range};
-use crate::size::{SizeError, cvtstr, parse_pattern, parse_size, timestr};
 
 /// qemu-io's largest request (BDRV_REQUEST_MAX_BYTES).
 const MAX_REQUEST: u64 = 2_147_483_136;

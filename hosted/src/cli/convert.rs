@@ -8,8 +8,8 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
+use crate::cli::progress::Progress;
 use crate::disk::{DiskError, VirtualDisk, VirtualDiskWrite, write_compressed_range};
-use crate::progress::Progress;
 use crate::raw_disk::RawDisk;
 
 const SECTOR: u64 = 512;
@@ -178,7 +178,7 @@ pub fn convert_to_qcow2(
     progress: bool,
     out: &mut dyn Write,
 ) -> Result<(), ConvertError> {
-    let args = crate::create::CreateArgs {
+    let args = crate::cli::create::CreateArgs {
         quiet: true,
         format: Some("qcow2".to_string()),
         options: options.to_vec(),
@@ -186,7 +186,7 @@ pub fn convert_to_qcow2(
         size: Some(disk.virtual_size().to_string()),
         ..Default::default()
     };
-    crate::create::run_create(&args, &mut std::io::sink()).map_err(|e| ConvertError(e.0))?;
+    crate::cli::create::run_create(&args, &mut std::io::sink()).map_err(|e| ConvertError(e.0))?;
     let mut target =
         crate::open::open_disk_writable(dst, Some("qcow2")).map_err(|e| ConvertError(e.0))?;
     copy_guest_data(

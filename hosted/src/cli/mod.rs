@@ -1,0 +1,615 @@
+//! The `qcow2` command-line tool: argument parsing, and qemu-img's and qemu-io's text, JSON and exit codes,
+//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `bench`, `io`) plus their
+//! shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only through its public
+//! API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`], [`crate::shared`].
+
+pub mod bench;
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod help;
+pub mod info;
+pub mod io;
+pub mod json;
+pub mod map;
+pub mod progress;
+pub mod size;
+
+use crate::{cache, disk, open};
+use std::ffi::OsString;
+use std::io::Write;
+
+use lexopt::Arg;
+
+use crate::cli::map::{MapError, OutputFormat};
+
+/// Program name used in messages.
+const PROG: &str = "qcow2";
+
+/// A command-line problem: the one-line message (without the program name) and the exit code.
+struct Fail {
+    msg: String,
+    code: i32,
+}
+
+fn fail(msg: impl Into<String>) -> Fail {
+    Fail {
+        msg: msg.into(),
+        code: 1,
+    }
+}
+
+/// The program name as getopt prints it for command `cmd` ("qcow2 info"; "qcow2" before any command).
+fn who(cmd: &str) -> String {
+    if cmd.is_empty() {
+        PROG.to_string()
+    } else {
+        format!("{PROG} {cmd}")
+    }
+}
+
+/// Turns a lexopt error into qemu-img's getopt wording for command `cmd` ("" before any command).
+fn opt_error(cmd: &str, e: lexopt::Error) -> Fail {
+    let prog = who(cmd);
+    let msg = match e {
+        lexopt::Error::MissingValue { option: Some(o) } if o.starts_with("--") => {
+            format!("{prog}: option '{o}' requires an argument")
+        }
+        lexopt::Error::MissingValue { option: Some(o) } => {
+            format!(
+                "{prog}: option requires an argument -- '{}'",
+                o.trim_start_matches('-')
+            )
+        }
+        lexopt::Error::UnexpectedValue { option, .. } => {
+            format!("{prog}: option '{option}' doesn't allow an argument")
+        }
+        other => format!("{prog}: {other}"),
+    };
+    fail(msg)
+}
+
+fn unknown_option(cmd: &str, arg: Arg<'_>) -> Fail {
+    let prog = who(cmd);
+    match arg {
+        Arg::Short(c) => fail(format!("{prog}: invalid option -- '{c}'")),
+        Arg::Long(l) => fail(format!("{prog}: unrecognized option '--{l}'")),
+        Arg::Value(v) => fail(format!(
+            "{prog}: unexpected argument '{}'",
+            v.to_string_lossy()
+        )),
+    }
+}
+
+/// `qcow2 CMD --help`: the command's help on stdout, exit 0 (as qemu-img).
+fn print_help(cmd: &str, out: &mut dyn Write) -> Result<i32, Fail> {
+    let text = help::command_help(cmd).unwrap_or_default();
+    out.write_all(text.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+/// A long option without a value ("--help"): getopt's error for "--help=x".
+fn no_value(cmd: &str, name: &str, p: &mut lexopt::Parser) -> Result<(), Fail> {
+    match p.optional_value() {
+        Some(_) => Err(fail(format!(
+            "{}: option '--{name}' doesn't allow an argument",
+            who(cmd)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `qcow2 --help`: the tool's help on stdout, exit 0.
+fn print_main_help(out: &mut dyn Write) -> Result<i32, Fail> {
+    out.write_all(help::main_help().as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+/// `--version`: the version banner on stdout, exit 0 (as qemu-img and qemu-io).
+fn print_version(out: &mut dyn Write) -> Result<i32, Fail> {
+    out.write_all(help::version().as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+fn os_to_string(v: OsString) -> Result<String, Fail> {
+    v.into_string().map_err(|v| {
+        fail(format!(
+            "invalid UTF-8 in argument '{}'",
+            v.to_string_lossy()
+        ))
+    })
+}
+
+fn value(cmd: &str, p: &mut lexopt::Parser) -> Result<String, Fail> {
+    os_to_string(p.value().map_err(|e| opt_error(cmd, e))?)
+}
+
+fn parse_output(v: &str) -> Result<OutputFormat, Fail> {
+    match v {
+        "human" => Ok(OutputFormat::Human),
+        "json" => Ok(OutputFormat::Json),
+        other => Err(fail(format!(
+            "--output expects 'human' or 'json' not '{other}'"
+        ))),
+    }
+}
+
+/// qemu-img's message for an image that did not open.
+fn open_error(path: &str, e: disk::DiskError) -> Fail {
+    fail(format!("Could not open '{path}': {e}"))
+}
+
+fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut output, mut chain, mut files) =
+        (None, OutputFormat::Human, false, Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("info", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("info", out),
+            Arg::Long("help") => {
+                return no_value("info", "help", p).and_then(|()| print_help("info", out));
+            }
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("info", p)?),
+            Arg::Long("output") => output = parse_output(&value("info", p)?)?,
+            Arg::Short('b') | Arg::Long("backing-chain") => chain = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("info", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    let img = open::open_disk(file, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    if img.chain.is_empty() {
+        return Err(fail(format!(
+            "Could not open '{file}': no image information"
+        )));
+    }
+    let text = match output {
+        OutputFormat::Json => info::format_info_json(&img.chain, chain),
+        OutputFormat::Human => info::format_info_human_chain(&img.chain, chain),
+    };
+    out.write_all(text.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+fn cmd_check(
+    p: &mut lexopt::Parser,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Fail> {
+    let mut opts = check::CheckOptions {
+        file: String::new(),
+        format: None,
+        output: check::CheckOutput::Human,
+        quiet: false,
+        repair: None,
+    };
+    let mut files = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| opt_error("check", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("check", out),
+            Arg::Long("help") => {
+                return no_value("check", "help", p).and_then(|()| print_help("check", out));
+            }
+            Arg::Short('f') | Arg::Long("format") => opts.format = Some(value("check", p)?),
+            Arg::Long("output") => {
+                opts.output = match parse_output(&value("check", p)?)? {
+                    OutputFormat::Json => check::CheckOutput::Json,
+                    OutputFormat::Human => check::CheckOutput::Human,
+                }
+            }
+            Arg::Short('q') | Arg::Long("quiet") => opts.quiet = true,
+            Arg::Short('r') | Arg::Long("repair") => {
+                opts.repair = Some(match value("check", p)?.as_str() {
+                    "leaks" => qcow2_core::check::RepairMode::Leaks,
+                    "all" => qcow2_core::check::RepairMode::All,
+                    _ => {
+                        return Err(fail(
+                            "Unknown option value for -r (expecting 'leaks' or 'all')",
+                        ));
+                    }
+                })
+            }
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("check", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    opts.file = file.clone();
+    let end = check::run_check(&opts, out, err);
+    match end.error {
+        Some(msg) => Err(Fail {
+            msg,
+            code: end.code,
+        }),
+        None => Ok(end.code),
+    }
+}
+
+fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut output, mut files) = (None, OutputFormat::Human, Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("map", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("map", out),
+            Arg::Long("help") => {
+                return no_value("map", "help", p).and_then(|()| print_help("map", out));
+            }
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("map", p)?),
+            Arg::Long("output") => output = parse_output(&value("map", p)?)?,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("map", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    let mut img = open::open_disk(file, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    match map::write_map(img.disk.as_mut(), output, out) {
+        Ok(()) => Ok(0),
+        Err(MapError::Message(m)) => {
+            let _ = out.flush();
+            Err(fail(m))
+        }
+        Err(MapError::Io(e)) => Err(fail(e.to_string())),
+    }
+}
+
+fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut out_fmt, mut progress, mut quiet, mut files) =
+        (None, None, false, false, Vec::new());
+    let (mut compress, mut options) = (false, Vec::new());
+    while let Some(arg) = p.next().map_err(|e| opt_error("convert", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("convert", out),
+            Arg::Long("help") => {
+                return no_value("convert", "help", p).and_then(|()| print_help("convert", out));
+            }
+            Arg::Short('f') | Arg::Long("source-format") => fmt = Some(value("convert", p)?),
+            Arg::Short('O') => out_fmt = Some(value("convert", p)?),
+            Arg::Short('o') => options.push(value("convert", p)?),
+            Arg::Short('c') => compress = true,
+            Arg::Short('p') => progress = true,
+            Arg::Short('q') | Arg::Long("quiet") => quiet = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("convert", other)),
+        }
+    }
+    let qcow2 = match out_fmt.as_deref() {
+        None | Some("raw") => false,
+        Some("qcow2") => true,
+        Some(other) => return Err(fail(format!("Unknown file format '{other}'"))),
+    };
+    if files.len() < 2 {
+        return Err(fail("Must specify image file name"));
+    }
+    if files.len() > 2 {
+        return Err(fail("Only one source image is supported"));
+    }
+    if compress && !qcow2 {
+        return Err(fail("Compression not supported for this file format"));
+    }
+    if !qcow2 && !options.is_empty() {
+        return Err(fail(
+            "Invalid option for raw output: this tool takes -o for qcow2 output only",
+        ));
+    }
+    let (src, dst) = (&files[0], &files[1]);
+    let mut img = open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?;
+    let progress = progress && !quiet;
+    if qcow2 {
+        convert::convert_to_qcow2(img.disk.as_mut(), dst, &options, compress, progress, out)
+    } else {
+        convert::convert_to_raw(img.disk.as_mut(), dst, progress, out)
+    }
+    .map_err(|e| fail(e.0))?;
+    Ok(0)
+}
+
+/// A qemu-img bench number (`qemu_strtoul` base 0, at most INT_MAX; 0 only where `zero_ok`).
+fn bench_int(v: &str, zero_ok: bool) -> Option<u64> {
+    let t = v.trim();
+    let n = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()?
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8).ok()?
+    } else {
+        t.parse().ok()?
+    };
+    (n <= i32::MAX as u64 && (zero_ok || n > 0)).then_some(n)
+}
+
+fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut o = bench::BenchOptions::default();
+    let mut files = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| opt_error("bench", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("bench", out),
+            Arg::Long("help") => {
+                return no_value("bench", "help", p).and_then(|()| print_help("bench", out));
+            }
+            Arg::Short('c') | Arg::Long("count") => {
+                o.count = bench_int(&value("bench", p)?, true)
+                    .ok_or_else(|| fail("Invalid request count specified"))?
+            }
+            Arg::Short('d') | Arg::Long("depth") => {
+                o.depth = bench_int(&value("bench", p)?, false)
+                    .ok_or_else(|| fail("Invalid queue depth specified"))?
+            }
+            Arg::Short('f') | Arg::Long("format") => o.format = Some(value("bench", p)?),
+            Arg::Short('n') | Arg::Long("native") => {}
+            Arg::Short('i') | Arg::Long("aio") => {
+                let v = value("bench", p)?;
+                if !matches!(v.as_str(), "threads" | "native" | "io_uring") {
+                    return Err(fail(format!("Invalid aio option: {v}")));
+                }
+            }
+            Arg::Short('o') | Arg::Long("offset") => {
+                o.offset = size::parse_size(&value("bench", p)?)
+                    .map_err(|_| fail("Invalid offset specified"))?
+            }
+            Arg::Short('q') => o.quiet = true,
+            Arg::Short('s') | Arg::Long("buffer-size") => {
+                o.buffer_size = size::parse_size(&value("bench", p)?)
+                    .ok()
+                    .filter(|&n| n > 0 && n <= i32::MAX as u64)
+                    .ok_or_else(|| fail("Invalid buffer size specified"))?
+            }
+            Arg::Short('S') | Arg::Long("step-size") => {
+                o.step_size = size::parse_size(&value("bench", p)?)
+                    .ok()
+                    .filter(|&n| n <= i32::MAX as u64)
+                    .ok_or_else(|| fail("Invalid step size specified"))?
+            }
+            Arg::Short('t') | Arg::Long("cache") => {
+                let v = value("bench", p)?;
+                o.write_through = cache::CacheMode::parse(&v)
+                    .ok_or_else(|| fail("Invalid cache mode"))?
+                    .writethrough;
+            }
+            Arg::Short('w') | Arg::Long("write") => o.write = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("pattern") => {
+                o.pattern = size::parse_pattern(&value("bench", p)?)
+                    .ok_or_else(|| fail("Invalid pattern byte specified"))?
+            }
+            Arg::Long("flush-interval") => {
+                o.flush_interval = bench_int(&value("bench", p)?, true)
+                    .ok_or_else(|| fail("Invalid flush interval specified"))?
+            }
+            Arg::Long("no-drain") => o.no_drain = true,
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("bench", other)),
+        }
+    }
+    if o.flush_interval > 0 && !o.write {
+        return Err(fail("--flush-interval is only available in write tests"));
+    }
+    if o.no_drain && o.flush_interval == 0 {
+        return Err(fail("--no-drain requires --flush-interval"));
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    bench::run_bench(file, &o, out).map_err(|e| fail(e.0))?;
+    Ok(0)
+}
+
+fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt1, mut fmt2, mut files) = (None, None, Vec::new());
+    let mut opts = compare::CompareOptions::default();
+    // Usage errors exit with 1 like qemu-img's; only failures to open or read exit with 2 and up.
+    while let Some(arg) = p.next().map_err(|e| opt_error("compare", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("compare", out),
+            Arg::Long("help") => {
+                return no_value("compare", "help", p).and_then(|()| print_help("compare", out));
+            }
+            Arg::Short('f') | Arg::Long("a-format") => fmt1 = Some(value("compare", p)?),
+            Arg::Short('F') | Arg::Long("b-format") => fmt2 = Some(value("compare", p)?),
+            Arg::Short('s') | Arg::Long("strict") => opts.strict = true,
+            Arg::Short('q') | Arg::Long("quiet") => opts.quiet = true,
+            Arg::Short('p') | Arg::Long("progress") => opts.progress = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("compare", other)),
+        }
+    }
+    let [f1, f2] = files.as_slice() else {
+        return Err(fail("Expecting two image file names"));
+    };
+    let mut a = open::open_disk(f1, fmt1.as_deref()).map_err(|e| Fail {
+        code: 2,
+        ..open_error(f1, e)
+    })?;
+    let mut b = open::open_disk(f2, fmt2.as_deref()).map_err(|e| Fail {
+        code: 2,
+        ..open_error(f2, e)
+    })?;
+    let r = compare::compare(
+        &mut compare::Side {
+            name: f1,
+            disk: a.disk.as_mut(),
+        },
+        &mut compare::Side {
+            name: f2,
+            disk: b.disk.as_mut(),
+        },
+        &opts,
+        out,
+    );
+    match r.error {
+        Some(msg) => Err(Fail { msg, code: r.code }),
+        None => Ok(r.code),
+    }
+}
+
+fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut args = create::CreateArgs::default();
+    let mut files = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| opt_error("create", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("create", out),
+            Arg::Long("help") => {
+                return no_value("create", "help", p).and_then(|()| print_help("create", out));
+            }
+            Arg::Short('q') | Arg::Long("quiet") => args.quiet = true,
+            Arg::Short('f') | Arg::Long("format") => args.format = Some(value("create", p)?),
+            Arg::Short('o') | Arg::Long("options") => args.options.push(value("create", p)?),
+            Arg::Short('b') | Arg::Long("backing") => args.backing = Some(value("create", p)?),
+            Arg::Short('F') | Arg::Long("backing-format") => {
+                args.backing_fmt = Some(value("create", p)?)
+            }
+            Arg::Short('u') | Arg::Long("backing-unsafe") => args.unsafe_backing = true,
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("create", other)),
+        }
+    }
+    let mut files = files.into_iter();
+    args.file = files
+        .next()
+        .ok_or_else(|| fail("Expecting image file name"))?;
+    args.size = files.next();
+    if let Some(extra) = files.next() {
+        return Err(fail(format!("Unexpected argument: {extra}")));
+    }
+    create::run_create(&args, out).map_err(|e| fail(e.0))?;
+    Ok(0)
+}
+
+fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fail> {
+    let (mut fmt, mut cmds, mut files) = (None, Vec::new(), Vec::new());
+    let mut read_only = false;
+    // qemu-io's default: every write is durable before it is reported.
+    let mut cache = cache::CacheMode::default();
+    while let Some(arg) = p.next().map_err(|e| opt_error("io", e))? {
+        match arg {
+            Arg::Short('h') => return print_help("io", out),
+            Arg::Long("help") => {
+                return no_value("io", "help", p).and_then(|()| print_help("io", out));
+            }
+            Arg::Short('V') => return print_version(out),
+            Arg::Long("version") => {
+                return no_value("io", "version", p).and_then(|()| print_version(out));
+            }
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("io", p)?),
+            Arg::Short('c') | Arg::Long("cmd") => cmds.push(value("io", p)?),
+            Arg::Short('r') | Arg::Long("read-only") => read_only = true,
+            Arg::Short('t') | Arg::Long("cache") => {
+                let v = value("io", p)?;
+                cache = cache::CacheMode::parse(&v)
+                    .ok_or_else(|| fail(format!("Invalid cache option: {v}")))?;
+            }
+            Arg::Short('n') | Arg::Long("nocache") => cache = cache.nocache(),
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("io", other)),
+        }
+    }
+    if files.len() > 1 {
+        return Err(fail(
+            "Usage: qcow2 io [-f FMT] [-r] [-n] [-t CACHE] -c CMD [-c CMD ...] [FILE]",
+        ));
+    }
+    if cmds.is_empty() {
+        return Err(fail("io: no command given (use -c)"));
+    }
+    // Like qemu-io, `io` opens images read-write unless -r.
+    let mut img = match files.first() {
+        Some(f) if read_only => Some(io::OpenedIo::ReadOnly(
+            open::open_disk(f, fmt.as_deref())
+                .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
+        )),
+        Some(f) => Some(io::OpenedIo::Writable(
+            open::open_disk_writable_cache(f, fmt.as_deref(), cache)
+                .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
+        )),
+        None => None,
+    };
+    // An image marked corrupt may only be read.
+    if let (Some(i), Some(f)) = (&img, files.first())
+        && !read_only
+        && i.chain()
+            .first()
+            .and_then(|c| c.qcow2.as_ref())
+            .is_some_and(|q| q.corrupt == Some(true))
+    {
+        return Err(fail(format!(
+            "can't open device {f}: qcow2: Image is corrupt; cannot be opened read/write"
+        )));
+    }
+    let mut failed = false;
+    for c in &cmds {
+        let disk = img.as_mut().map(|i| i.disk());
+        match io::run_command_cached(disk, c, cache, out, err) {
+            io::CmdStatus::Ok => {}
+            io::CmdStatus::Failed => failed = true,
+            io::CmdStatus::Quit => break,
+        }
+    }
+    if let Some(i) = img {
+        i.close().map_err(|e| fail(e.0))?;
+    }
+    Ok(i32::from(failed))
+}
+
+/// Runs the tool with `args` (program name first), writing normal output to `out` and messages to `err`;
+/// returns the exit code.
+pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let mut p = lexopt::Parser::from_args(args.into_iter().skip(1));
+    let result = match p.next() {
+        Ok(Some(Arg::Value(cmd))) => match cmd.to_str() {
+            Some("info") => cmd_info(&mut p, out),
+            Some("check") => cmd_check(&mut p, out, err),
+            Some("map") => cmd_map(&mut p, out),
+            Some("convert") => cmd_convert(&mut p, out),
+            Some("compare") => cmd_compare(&mut p, out),
+            Some("io") => cmd_io(&mut p, out, err),
+            Some("create") => cmd_create(&mut p, out),
+            Some("bench") => cmd_bench(&mut p, out),
+            Some(other) => Err(fail(format!("Command not found: {other}"))),
+            None => Err(fail(format!(
+                "Command not found: {}",
+                cmd.to_string_lossy()
+            ))),
+        },
+        // Like qemu-img's, the standard options end the run at once, whatever follows them.
+        Ok(Some(Arg::Short('h'))) => print_main_help(out),
+        Ok(Some(Arg::Long("help"))) => {
+            no_value("", "help", &mut p).and_then(|()| print_main_help(out))
+        }
+        Ok(Some(Arg::Short('V'))) => print_version(out),
+        Ok(Some(Arg::Long("version"))) => {
+            no_value("", "version", &mut p).and_then(|()| print_version(out))
+        }
+        Ok(Some(other)) => Err(unknown_option("", other)),
+        Ok(None) => Err(fail("Not enough arguments")),
+        Err(e) => Err(opt_error("", e)),
+    };
+    let _ = out.flush();
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            // getopt's messages name the program themselves ("qcow2 info: ...", "qcow2: ...").
+            let msg = if f.msg.starts_with(&format!("{PROG} "))
+                || f.msg.starts_with(&format!("{PROG}:"))
+            {
+                f.msg
+            } else {
+                format!("{PROG}: {}", f.msg)
+            };
+            let _ = writeln!(err, "{msg}");
+            f.code
+        }
+    }
+}
