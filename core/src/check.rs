@@ -69,8 +69,11 @@ use core::fmt;
 
 use crate::Error;
 use crate::device::{BlockDevice, BlockDeviceWrite};
+use crate::format::bitmap::{
+    BitmapDirEntry, BitmapsExtension, DIR_ENTRY_LEN, DirectoryWalk, bitmap_table_entry,
+};
 use crate::format::{
-    AutoclearFeatures, ExtensionHeader, HEADER_READ_LEN, Header, IncompatibleFeatures,
+    AutoclearFeatures, ExtensionWalk, HEADER_READ_LEN, Header, IncompatibleFeatures,
     L1_RESERVED_MASK, L2_RESERVED_MASK, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK, be32, be64, extension, refcount_get,
     refcount_set,
@@ -95,12 +98,6 @@ const CHUNK: usize = 1024;
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 /// QEMU's limit on a snapshot entry's extra data.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
-/// Header extensions looked at, at most.
-const MAX_EXTENSIONS: u32 = 1024;
-/// Reserved bits of a bitmap table entry.
-const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
-/// Host offset bits of a bitmap table entry.
-const BITMAP_ENTRY_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
 /// Longest snapshot id or name a [`Problem`] carries (longer ones are cut).
 pub const SNAPSHOT_NAME_LEN: usize = 32;
 
@@ -649,7 +646,7 @@ struct Geo {
     reftable_entries: u64,
     snapshots_size: u64,
     /// Bitmaps extension: (number of bitmaps, directory size, directory offset).
-    bitmaps: Option<(u32, u64, u64)>,
+    bitmaps: Option<BitmapsExtension>,
 }
 
 fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
@@ -721,29 +718,51 @@ fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Error<A::E>> {
         at = next;
     }
     geo.snapshots_size = at.saturating_sub(h.snapshots_offset);
-    // The bitmaps extension, when the autoclear bit says it is valid.
-    if h.autoclear_features.contains(AutoclearFeatures::BITMAPS) {
-        let end = h.extensions_end();
-        let mut off = u64::from(h.header_length);
-        let mut count = 0u32;
-        while off.checked_add(8).is_some_and(|e| e <= end) && count < MAX_EXTENSIONS {
-            count = count.saturating_add(1);
-            let mut raw = [0u8; 8];
-            io.read(bounce, off, &mut raw)?;
-            let (ext, next) = ExtensionHeader::parse::<A::E>(raw, off, end)?;
-            if ext.magic == extension::END {
-                break;
-            }
-            if ext.magic == extension::BITMAPS && ext.len == 24 {
-                let mut b = [0u8; 24];
-                io.read(bounce, off.saturating_add(8), &mut b)?;
-                let nb = be32(&b, 0);
-                if nb > 0 && nb <= 65535 && be32(&b, 4) == 0 {
-                    geo.bitmaps = Some((nb, be64(&b, 8), be64(&b, 16)));
-                }
-            }
-            off = next;
+    // Header extensions: the same walk and the same validation as the engine's open, so that the check sees
+    // the bitmaps that the image holds (and refuses what QEMU's open refuses).
+    let mut walk = ExtensionWalk::new(&h);
+    while let Some(off) = walk.next_at() {
+        let mut raw = [0u8; 8];
+        io.read(bounce, off, &mut raw)?;
+        let Some(ext) = walk.advance::<A::E>(raw)? else {
+            break;
+        };
+        if ext.magic != extension::BITMAPS {
+            continue;
         }
+        if ext.len != BitmapsExtension::LEN {
+            return Err(Error::InvalidHeader {
+                field: "bitmaps extension length",
+                value: ext.len.into(),
+                problem: "must be 24",
+            });
+        }
+        if !h.autoclear_features.contains(AutoclearFeatures::BITMAPS) {
+            continue;
+        }
+        let mut b = [0u8; 24];
+        io.read(bounce, ext.data_at, &mut b)?;
+        let bitmaps =
+            BitmapsExtension::parse(&b, cs, ext.header_at).map_err(|(problem, value)| {
+                Error::InvalidHeader {
+                    field: "bitmaps extension",
+                    value,
+                    problem,
+                }
+            })?;
+        let mut dir = DirectoryWalk::new(&bitmaps, cs, h.size);
+        let invalid = |(problem, value)| Error::InvalidHeader {
+            field: "bitmap directory entry",
+            value,
+            problem,
+        };
+        while let Some(at) = dir.next_at() {
+            let mut raw = [0u8; DIR_ENTRY_LEN];
+            io.read(bounce, at, &mut raw)?;
+            dir.advance(&raw).map_err(invalid)?;
+        }
+        dir.finish().map_err(invalid)?;
+        geo.bitmaps = Some(bitmaps);
     }
     Ok(geo)
 }
@@ -1408,14 +1427,16 @@ impl<A: Access> Ctx<'_, A> {
     /// QEMU's `qcow2_check_bitmaps_refcounts`.
     fn check_bitmaps(&mut self, p: &mut Pass<'_>) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        let Some((nb, dir_size, dir_offset)) = g.bitmaps else {
+        let Some(ext) = g.bitmaps else {
             return Ok(());
         };
+        let (dir_offset, dir_size) = (ext.directory_offset, ext.directory_size);
         self.inc(p, dir_offset, dir_size);
         let dir_end = dir_offset.saturating_add(dir_size);
         let mut at = dir_offset;
-        for _ in 0..nb {
-            let mut e = [0u8; 24];
+        // The directory was validated when the image was loaded (format::bitmap::DirectoryWalk).
+        for _ in 0..ext.nb_bitmaps {
+            let mut e = [0u8; DIR_ENTRY_LEN];
             if at.saturating_add(24) > dir_end || dir_end.saturating_sub(g.file_len) >= g.cs {
                 if p.reports() {
                     bump(&mut p.res.corruptions);
@@ -1424,24 +1445,10 @@ impl<A: Access> Ctx<'_, A> {
                 return Ok(());
             }
             self.io.read(self.bounce, at, &mut e)?;
-            let table_offset = be64(&e, 0);
-            let table_size = be32(&e, 8);
-            let name_size = be32(&e, 16) & 0xffff;
-            let extra = be32(&e, 20);
-            let next = align8(
-                at.saturating_add(24)
-                    .saturating_add(extra.into())
-                    .saturating_add(name_size.into()),
-            );
-            if next > dir_end {
-                if p.reports() {
-                    bump(&mut p.res.corruptions);
-                    self.sink.report(Problem::BitmapCorrupt { offset: at });
-                }
-                return Ok(());
-            }
-            at = next;
-            let bytes = u64::from(table_size).saturating_mul(8);
+            let entry = BitmapDirEntry::parse(&e);
+            let table_offset = entry.table_offset;
+            at = at.saturating_add(entry.len());
+            let bytes = entry.table_bytes();
             self.inc(p, table_offset, bytes);
             if table_offset & g.cs.wrapping_sub(1) != 0
                 || table_offset
@@ -1465,18 +1472,14 @@ impl<A: Access> Ctx<'_, A> {
                 self.io
                     .read(self.bounce, table_offset.saturating_add(pos), chunk)?;
                 for k in 0..n / 8 {
-                    let entry = be64(&buf, k.saturating_mul(8));
-                    let off = entry & BITMAP_ENTRY_OFFSET;
-                    let bad = entry & BITMAP_ENTRY_RESERVED != 0
-                        || (off != 0 && (entry & 1 != 0 || off & g.cs.wrapping_sub(1) != 0));
-                    if bad {
-                        if p.reports() {
-                            bump(&mut p.res.corruptions);
+                    match bitmap_table_entry(be64(&buf, k.saturating_mul(8)), g.cs) {
+                        Err(()) => {
+                            if p.reports() {
+                                bump(&mut p.res.corruptions);
+                            }
                         }
-                        continue;
-                    }
-                    if off != 0 {
-                        self.inc(p, off, g.cs);
+                        Ok(Some(off)) => self.inc(p, off, g.cs),
+                        Ok(None) => {}
                     }
                 }
                 pos = pos.saturating_add(n as u64);
