@@ -98,6 +98,14 @@ const CHUNK: usize = 1024;
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 /// QEMU's limit on a snapshot entry's extra data.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+/// QEMU's limit on the host clusters of a checked image file (`INT_MAX`): a larger file is refused at once
+/// ([`FILE_TOO_LARGE`]), as `qemu-img check` refuses it ("Check failed: File too large").
+pub const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
+/// The [`Error::Unsupported`] `what` of a file with more than [`MAX_CHECK_CLUSTERS`] host clusters.
+pub const FILE_TOO_LARGE: &str = "File too large";
+/// Counting ranges up to this many host clusters are not cut to what the image references (see
+/// [`Ctx::count_end`]): finding the cut costs a walk of the metadata.
+const UNCUT_COUNT_CLUSTERS: u64 = 1 << 20;
 /// Longest snapshot id or name a [`Problem`] carries (longer ones are cut).
 pub const SNAPSHOT_NAME_LEN: usize = 32;
 
@@ -944,6 +952,18 @@ impl Pass<'_> {
         count_get(self.counts, cluster.saturating_sub(self.lo)).into()
     }
 
+    /// The first cluster of `from..to` (inside the pass's range) with a reference count above 0.
+    fn next_counted(&self, from: u64, to: u64) -> Option<u64> {
+        let a = from.max(self.lo).saturating_sub(self.lo);
+        let b = to.min(self.hi).saturating_sub(self.lo);
+        let (sa, sb) = (slot(a)?.start, slot(b)?.start);
+        let counts = self.counts.get(sa..sb.min(self.counts.len()))?;
+        counts
+            .chunks_exact(COUNT_BYTES)
+            .position(|c| c.iter().any(|&x| x != 0))
+            .map(|i| from.max(self.lo).saturating_add(i as u64))
+    }
+
     fn reports(&self) -> bool {
         self.first && !self.quiet
     }
@@ -1014,6 +1034,28 @@ impl RefReader {
             self.piece_at = piece_at;
         }
         Ok(Ok(Some((piece_at, in_piece))))
+    }
+
+    /// When no refcount block covers `cluster` (its refcount table entry is 0, or it is past the table): one
+    /// past the last cluster that shares that fate with it (every refcount there reads as 0).
+    fn uncovered_until<A: Access>(
+        &mut self,
+        io: &mut A,
+        bounce: &mut [u8],
+        geo: &Geo,
+        cluster: u64,
+    ) -> Result<Option<u64>, Error<A::E>> {
+        let ti = cluster >> geo.block_bits;
+        if ti >= geo.reftable_entries {
+            return Ok(Some(u64::MAX));
+        }
+        // locate() reads the table entry (and the block's piece, when there is a block).
+        let _ = self.locate(io, bounce, geo, cluster)?;
+        Ok((self.block == 0).then(|| {
+            ti.saturating_add(1)
+                .checked_shl(geo.block_bits)
+                .unwrap_or(u64::MAX)
+        }))
     }
 
     /// The refcount of `cluster`, `None` if it cannot be read.
@@ -1578,6 +1620,18 @@ impl<A: Access> Ctx<'_, A> {
         let mut rr = RefReader::new();
         let mut c = p.lo;
         while c < end {
+            // Where no refcount block covers the clusters, only those with references can differ: skip to the
+            // next one (a sparse file's tail costs a scan of the counts, not a lookup per cluster).
+            if let Some(until) = rr.uncovered_until(&mut self.io, self.bounce, &g, c)? {
+                let stop = until.min(end);
+                match p.next_counted(c, stop) {
+                    Some(next) => c = next,
+                    None => {
+                        c = stop;
+                        continue;
+                    }
+                }
+            }
             let cluster = c;
             c = c.saturating_add(1);
             let Some(r1) = rr.get(&mut self.io, self.bounce, &g, cluster)? else {
@@ -1678,11 +1732,11 @@ impl<A: Access> Ctx<'_, A> {
         passes: &mut u32,
     ) -> Result<(), Error<A::E>> {
         let len = self.pass_len(scratch.len());
-        let total = self.geo.nb_file.saturating_add(1);
+        let total = self.count_end()?;
         *highest = 0;
         let mut lo = 0u64;
         while lo < total {
-            let hi = lo.saturating_add(len);
+            let hi = lo.saturating_add(len).min(total);
             let used = (hi.min(total).saturating_sub(lo) as usize).saturating_mul(COUNT_BYTES);
             scratch.get_mut(..used).unwrap_or(&mut []).fill(0);
             let mut p = Pass {
@@ -1706,6 +1760,68 @@ impl<A: Access> Ctx<'_, A> {
             lo = hi;
         }
         Ok(())
+    }
+
+    /// One past the last host cluster the counting passes cover. QEMU counts `nb_file + 1` clusters (the whole
+    /// file, and one past its end); past both the highest cluster any reference names and the last cluster any
+    /// refcount table entry covers, the refcount on disk and the reference count are both 0, so nothing there
+    /// can be reported. Cutting the range there makes the work follow what the image holds, not a sparse
+    /// file's apparent length. Small files are not cut (finding the cut costs a walk of the metadata).
+    fn count_end(&mut self) -> Result<u64, Error<A::E>> {
+        let all = self.geo.nb_file.saturating_add(1);
+        if all <= UNCUT_COUNT_CLUSTERS {
+            return Ok(all);
+        }
+        let mut probe = Pass {
+            counts: &mut [],
+            lo: 0,
+            hi: 0,
+            first: false,
+            quiet: true,
+            fix_entries: false,
+            skip_refcount_structure: false,
+            touched_end: false,
+            max_end: 0,
+            rebuild: false,
+            res: Res::default(),
+        };
+        self.walk(&mut probe)?;
+        let covered = self.refcount_cover_end()?;
+        Ok(all.min(probe.max_end.max(covered)).max(1))
+    }
+
+    /// One past the last host cluster that a non-zero refcount table entry covers (valid or not: an invalid
+    /// entry makes its clusters' refcounts unreadable, which is reported for each of them).
+    fn refcount_cover_end(&mut self) -> Result<u64, Error<A::E>> {
+        let g = self.geo;
+        let bytes = self.in_file(
+            g.h.refcount_table_offset,
+            g.reftable_entries.saturating_mul(8),
+            8,
+        );
+        let mut buf = [0u8; CHUNK];
+        let mut pos = 0u64;
+        let mut end = 0u64;
+        while pos < bytes {
+            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
+            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+            self.io.read(
+                self.bounce,
+                g.h.refcount_table_offset.saturating_add(pos),
+                chunk,
+            )?;
+            for k in 0..n / 8 {
+                if be64(&buf, k.saturating_mul(8)) != 0 {
+                    let index = (pos / 8).saturating_add(k as u64);
+                    end = index
+                        .saturating_add(1)
+                        .checked_shl(g.block_bits)
+                        .unwrap_or(u64::MAX);
+                }
+            }
+            pos = pos.saturating_add(n as u64);
+        }
+        Ok(end)
     }
 
     /// The reference count range of one pass when everything fits: the counts of the last
@@ -1996,6 +2112,12 @@ impl<A: Access> Ctx<'_, A> {
                 have: scratch.len() as u64,
             });
         }
+        if g.nb_file > MAX_CHECK_CLUSTERS {
+            return Err(Error::Unsupported {
+                what: FILE_TOO_LARGE,
+                value: g.nb_file,
+            });
+        }
         let fix_all = fix == Some(RepairMode::All);
         let (mut walk_res, mut cmp_res) = (Res::default(), Res::default());
         let (mut rebuild, mut highest, mut passes) = (false, 0u64, 0u32);
@@ -2083,7 +2205,7 @@ impl<A: Access> Ctx<'_, A> {
                 res = walk_res;
                 let mut c2 = Res::default();
                 if self.one_pass(scratch.len()) {
-                    let hi = self.pass_len(scratch.len());
+                    let hi = self.pass_len(scratch.len()).min(self.count_end()?);
                     let mut p = Pass {
                         counts: &mut *scratch,
                         lo: 0,
@@ -2183,6 +2305,28 @@ pub fn scratch_len_for_one_pass<D: BlockDevice>(
     let g = load(&mut ReadOnly(dev), bounce)?;
     let per_piece = per_piece(g.order);
     let per_block = 1u64 << g.block_bits;
+    if g.nb_file > MAX_CHECK_CLUSTERS {
+        return Ok(COUNT_BYTES);
+    }
+    // Counting covers what the image can make non-zero (Ctx::count_end). A file whose tail is cut off that
+    // way is mostly sparse: a rebuild of its refcount structure, should it need one, works in passes.
+    let count_end = {
+        let mut sink = NoSink;
+        let mut ctx = Ctx {
+            io: ReadOnly(&mut *dev),
+            bounce: &mut *bounce,
+            geo: g,
+            sink: &mut sink,
+            signalled: false,
+        };
+        ctx.count_end()?
+    };
+    if count_end <= g.nb_file {
+        let clusters = count_end.saturating_add(1).next_multiple_of(per_piece);
+        return Ok(
+            usize::try_from(clusters.saturating_mul(COUNT_BYTES as u64)).unwrap_or(usize::MAX)
+        );
+    }
     // Counting covers nb_file + 1 clusters; a rebuild covers whole refcount blocks past the new structure.
     let start = g.nb_file.saturating_add(1);
     let mut blocks = 1u64;
