@@ -330,6 +330,16 @@ pub enum Problem {
         /// Whether the image is writable, so that it gets marked corrupt.
         marking: bool,
     },
+    /// A repair would write table entries into a cluster that the image also uses as something else (the
+    /// header, the active L1 table, guest data, the refcount structure, a snapshot or bitmap structure): the
+    /// repair is refused before anything is written, and the image is marked corrupt, as QEMU's overlap check
+    /// stops its repair.
+    RepairOverlap {
+        /// Host offset of the cluster.
+        offset: u64,
+        /// What the repair would have written there.
+        table: &'static str,
+    },
     /// The bitmap directory or a bitmap table is unusable (qemu-img counts it without a message).
     BitmapCorrupt {
         /// Host offset of the structure.
@@ -490,6 +500,11 @@ impl fmt::Display for Problem {
                 f,
                 "{} OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}",
                 verb(repairing)
+            ),
+            Problem::RepairOverlap { offset, table } => write!(
+                f,
+                "qcow2: Marking image as corrupt: Preventing invalid write on metadata (the {table} at \
+                 {offset:#x} overlaps with other data or metadata); the repair was not started"
             ),
             Problem::RefcountBlockOffsetUnaligned {
                 offset,
@@ -917,6 +932,9 @@ struct Pass<'s> {
     fix_entries: bool,
     /// Leave the refcount table and blocks out (counting for a new refcount structure).
     skip_refcount_structure: bool,
+    /// Count every reference except the active L1 table's own range and the L2 tables that L1 entries name:
+    /// what is left says whether a cluster a repair would write as a table is also used as something else.
+    role_probe: bool,
     /// A reference reached host cluster `nb_file` (QEMU then grows its count array by one).
     touched_end: bool,
     /// One past the highest host cluster any reference names, even one too far past the end of the file to
@@ -1286,7 +1304,9 @@ impl<A: Access> Ctx<'_, A> {
         }
         let g = self.geo;
         let bytes = u64::from(l1_size).saturating_mul(8);
-        self.inc(p, l1_offset, bytes);
+        if !(p.role_probe && active) {
+            self.inc(p, l1_offset, bytes);
+        }
         // Past the end of the file the table reads as zeros: no entries (QEMU reads them; same result).
         let bytes = self.in_file(l1_offset, bytes, 8);
         // In-file L2 tables walked: more than the file has clusters means entries repeat (bounds the work).
@@ -1308,7 +1328,9 @@ impl<A: Access> Ctx<'_, A> {
                     bump(&mut p.res.corruptions);
                 }
                 let l2 = e & OFFSET_MASK;
-                self.inc(p, l2, g.cs);
+                if !p.role_probe {
+                    self.inc(p, l2, g.cs);
+                }
                 if l2 & g.cs.wrapping_sub(1) != 0 && p.reports() {
                     self.sink
                         .report(Problem::L2TableUnaligned { l2_offset: l2 });
@@ -1747,6 +1769,7 @@ impl<A: Access> Ctx<'_, A> {
                 quiet,
                 fix_entries,
                 skip_refcount_structure: false,
+                role_probe: false,
                 touched_end: false,
                 max_end: 0,
                 rebuild: false,
@@ -1760,6 +1783,126 @@ impl<A: Access> Ctx<'_, A> {
             lo = hi;
         }
         Ok(())
+    }
+
+    /// Before a `-r all` repair writes anything: every cluster it may write table entries into (the active L1
+    /// table, and every L2 table that an L1 table names) must be used as that table only: not the header, not
+    /// guest data, not part of the refcount structure or of a snapshot or bitmap structure, and (an L2 table)
+    /// not inside the active L1 table. Returns the first cluster that is not, and the table it would be
+    /// written as. QEMU's overlap check stops its repair at the first such write; this finds them all before
+    /// the first write, so that a refused repair changes nothing but the corrupt bit.
+    fn repair_conflict(
+        &mut self,
+        scratch: &mut [u8],
+    ) -> Result<Option<(u64, &'static str)>, Error<A::E>> {
+        let len = self.pass_len(scratch.len());
+        let total = self.count_end()?;
+        let mut lo = 0u64;
+        while lo < total {
+            let hi = lo.saturating_add(len).min(total);
+            let used = (hi.saturating_sub(lo) as usize).saturating_mul(COUNT_BYTES);
+            scratch.get_mut(..used).unwrap_or(&mut []).fill(0);
+            let mut p = Pass {
+                counts: &mut *scratch,
+                lo,
+                hi,
+                first: false,
+                quiet: true,
+                fix_entries: false,
+                skip_refcount_structure: false,
+                role_probe: true,
+                touched_end: false,
+                max_end: 0,
+                rebuild: false,
+                res: Res::default(),
+            };
+            self.walk(&mut p)?;
+            if let Some(conflict) = self.table_conflict(&p)? {
+                return Ok(Some(conflict));
+            }
+            lo = hi;
+        }
+        Ok(None)
+    }
+
+    /// [`Ctx::repair_conflict`] for the clusters of one role-probe pass.
+    fn table_conflict(&mut self, p: &Pass<'_>) -> Result<Option<(u64, &'static str)>, Error<A::E>> {
+        let g = self.geo;
+        let h = g.h;
+        let l1_bytes = u64::from(h.l1_size).saturating_mul(8);
+        let l1_in_file = self.in_file(h.l1_table_offset, l1_bytes, 8);
+        if l1_in_file > 0 {
+            let first = h.l1_table_offset >> g.cb;
+            let last = h.l1_table_offset.saturating_add(l1_in_file - 1) >> g.cb;
+            for c in first..=last {
+                if c == 0 || p.count(c) > 0 {
+                    return Ok(Some((c << g.cb, "active L1 table")));
+                }
+            }
+        }
+        let active = (
+            h.l1_table_offset,
+            h.l1_table_offset.saturating_add(l1_bytes),
+        );
+        if let Some(c) = self.l2_conflict(p, h.l1_table_offset, h.l1_size, active)? {
+            return Ok(Some((c << g.cb, "L2 table")));
+        }
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (next, s) = read_snapshot(&mut self.io, self.bounce, &g, at)?;
+            at = next;
+            // The walk leaves these out too (reported as corruptions, never written).
+            if s.l1_offset & g.cs.wrapping_sub(1) != 0 || u64::from(s.l1_size) > MAX_L1_BYTES / 8 {
+                continue;
+            }
+            if let Some(c) = self.l2_conflict(p, s.l1_offset, s.l1_size, active)? {
+                return Ok(Some((c << g.cb, "L2 table")));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first in-file cluster of an L2 table named by the L1 table at `l1_offset` that is also used as
+    /// something else (see [`Ctx::repair_conflict`]).
+    fn l2_conflict(
+        &mut self,
+        p: &Pass<'_>,
+        l1_offset: u64,
+        l1_size: u32,
+        active_l1: (u64, u64),
+    ) -> Result<Option<u64>, Error<A::E>> {
+        let g = self.geo;
+        let bytes = self.in_file(l1_offset, u64::from(l1_size).saturating_mul(8), 8);
+        let mut buf = [0u8; CHUNK];
+        let mut pos = 0u64;
+        while pos < bytes {
+            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
+            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+            self.io
+                .read(self.bounce, l1_offset.saturating_add(pos), chunk)?;
+            for k in 0..n / 8 {
+                let e = be64(&buf, k.saturating_mul(8));
+                if e == 0 {
+                    continue;
+                }
+                let l2 = e & OFFSET_MASK;
+                let l2_bytes = self.in_file(l2, g.l2_entries.saturating_mul(g.es), g.es);
+                if l2_bytes == 0 {
+                    continue;
+                }
+                let l2_end = l2.saturating_add(l2_bytes);
+                if l2 < active_l1.1 && active_l1.0 < l2_end {
+                    return Ok(Some(l2 >> g.cb));
+                }
+                for c in (l2 >> g.cb)..=(l2_end.saturating_sub(1) >> g.cb) {
+                    if c == 0 || p.count(c) > 0 {
+                        return Ok(Some(c));
+                    }
+                }
+            }
+            pos = pos.saturating_add(n as u64);
+        }
+        Ok(None)
     }
 
     /// One past the last host cluster the counting passes cover. QEMU counts `nb_file + 1` clusters (the whole
@@ -1780,6 +1923,7 @@ impl<A: Access> Ctx<'_, A> {
             quiet: true,
             fix_entries: false,
             skip_refcount_structure: false,
+            role_probe: false,
             touched_end: false,
             max_end: 0,
             rebuild: false,
@@ -1895,6 +2039,7 @@ impl<A: Access> Ctx<'_, A> {
                 quiet: true,
                 fix_entries: false,
                 skip_refcount_structure: true,
+                role_probe: false,
                 touched_end: false,
                 max_end: 0,
                 rebuild: false,
@@ -2121,6 +2266,31 @@ impl<A: Access> Ctx<'_, A> {
         let fix_all = fix == Some(RepairMode::All);
         let (mut walk_res, mut cmp_res) = (Res::default(), Res::default());
         let (mut rebuild, mut highest, mut passes) = (false, 0u64, 0u32);
+        if fix_all && let Some((offset, table)) = self.repair_conflict(scratch)? {
+            // Report what a check finds, then refuse: nothing but the corrupt bit is written.
+            self.count_and_compare(
+                scratch,
+                false,
+                false,
+                None,
+                &mut walk_res,
+                &mut cmp_res,
+                &mut rebuild,
+                &mut highest,
+                &mut passes,
+            )?;
+            self.sink.report(Problem::RepairOverlap { offset, table });
+            if g.h.version >= 3 {
+                let mut f = [0u8; 8];
+                self.io.read(self.bounce, 72, &mut f)?;
+                let bits = u64::from_be_bytes(f) | IncompatibleFeatures::CORRUPT.bits();
+                self.write_word(72, bits)?;
+            }
+            return Err(corrupt(
+                "repair refused: a table it would write overlaps other data or metadata",
+                offset,
+            ));
+        }
         self.count_and_compare(
             scratch,
             false,
@@ -2148,6 +2318,7 @@ impl<A: Access> Ctx<'_, A> {
                     quiet: true,
                     fix_entries: false,
                     skip_refcount_structure: true,
+                    role_probe: false,
                     touched_end: false,
                     max_end: 0,
                     rebuild: false,
@@ -2214,6 +2385,7 @@ impl<A: Access> Ctx<'_, A> {
                         quiet: true,
                         fix_entries: false,
                         skip_refcount_structure: false,
+                        role_probe: false,
                         touched_end: false,
                         max_end: 0,
                         rebuild: false,
@@ -2228,6 +2400,7 @@ impl<A: Access> Ctx<'_, A> {
                         quiet: true,
                         fix_entries: false,
                         skip_refcount_structure: false,
+                        role_probe: false,
                         touched_end: false,
                         max_end: 0,
                         rebuild: false,
