@@ -409,3 +409,38 @@ fn sparse_terabyte_files() {
         }
     }
 }
+
+macro_rules! repair_overlap_tests {
+    ($($name:ident),* $(,)?) => {
+        mod repair_overlap {
+            $(
+                #[test]
+                fn $name() {
+                    qcow2_tests::repair_overlap::run_case(stringify!($name));
+                }
+            )*
+
+            /// Every case has a test above.
+            #[test]
+            fn every_case_has_a_test() {
+                let tested = [$(stringify!($name)),*];
+                let cases = qcow2_tests::repair_overlap::cases();
+                for c in &cases {
+                    assert!(tested.contains(&c.name), "case {} has no test", c.name);
+                }
+                assert_eq!(tested.len(), cases.len());
+            }
+        }
+    };
+}
+
+repair_overlap_tests!(
+    l1_entry_reserved_bit_offset_zero,
+    l1_entry_copied_offset_zero,
+    l1_entry_names_a_data_cluster,
+    l1_entry_names_the_refcount_block,
+    l1_entry_names_the_l1_table,
+    l1_at_qemus_largest_size,
+    snapshot_l1_at_qemus_largest_size,
+    l1_at_qemus_largest_size_with_snapshot,
+);
