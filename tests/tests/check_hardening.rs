@@ -444,3 +444,82 @@ repair_overlap_tests!(
     snapshot_l1_at_qemus_largest_size,
     l1_at_qemus_largest_size_with_snapshot,
 );
+
+/// 2000 valid in-use bitmaps whose tables have 8192 entries each (the most QEMU allows with 64 KiB clusters: 512 MiB
+/// of bitmap data), each table in a cluster of its own: a write disowns them all in bounded time (the tables
+/// are read a chunk at a time, not an entry per device read), and qemu-img then finds the image clean.
+#[test]
+fn many_bitmaps_with_large_tables_are_disowned_quickly() {
+    let s = Scratch::new();
+    let p = with_bitmap(&s, "many.qcow2");
+    let mut img = load(&p);
+    let cs = 65536usize;
+    let nb = 2000usize;
+    // Bitmaps extension data in cluster 0.
+    let ext = {
+        let mut off = img.header_length();
+        loop {
+            let (t, len) = (img.u32(off), img.u32(off + 4) as usize);
+            assert_ne!(t, 0, "no bitmaps extension");
+            if t == 0x2385_2875 {
+                break off + 8;
+            }
+            off += 8 + len.div_ceil(8) * 8;
+        }
+    };
+    let old_dir = img.u64(ext + 16) as usize;
+    let first = img.bytes[old_dir..old_dir + 24].to_vec();
+    // New directory and tables after the end of the file, each given refcount 1.
+    let dir = img.bytes.len().next_multiple_of(cs);
+    let dir_size = nb * 32;
+    let dir_clusters = dir_size.div_ceil(cs);
+    let tables = dir + dir_clusters * cs;
+    img.bytes.resize(tables + nb * cs, 0);
+    for i in 0..nb {
+        let at = dir + i * 32;
+        img.put(at, &first);
+        img.set_u64(at, (tables + i * cs) as u64);
+        img.set_u32(at + 8, 8192);
+        // In use: QEMU does not load its data (a consistent bitmap's table must be exactly the disk's size).
+        img.set_u32(at + 12, 1);
+        img.put(at + 18, &4u16.to_be_bytes());
+        img.put(at + 20, &0u32.to_be_bytes());
+        img.put(at + 24, format!("{i:04x}").as_bytes());
+    }
+    img.set_u32(ext, nb as u32);
+    img.set_u64(ext + 8, dir_size as u64);
+    img.set_u64(ext + 16, dir as u64);
+    // Refcounts: the old directory is now unused, the new clusters used once.
+    let reftable = img.u64(qcow2_tests::malformed::REFCOUNT_TABLE_OFFSET) as usize;
+    let block = img.u64(reftable) as usize;
+    assert!(
+        tables / cs + nb < cs / 2,
+        "one refcount block covers everything"
+    );
+    img.put(block + 2 * (old_dir / cs), &0u16.to_be_bytes());
+    // And so are the old bitmap's table and the data cluster it names.
+    let old_table = u64::from_be_bytes(first[..8].try_into().unwrap()) as usize;
+    let old_data = (img.u64(old_table) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_ne!(old_data, 0, "the bitmap owns a data cluster");
+    img.put(block + 2 * (old_table / cs), &0u16.to_be_bytes());
+    img.put(block + 2 * (old_data / cs), &0u16.to_be_bytes());
+    for c in dir / cs..tables / cs + nb {
+        img.put(block + 2 * c, &1u16.to_be_bytes());
+    }
+    img.write_to(&p);
+    // The image is valid: qemu-img check agrees with ours (a check reads every table once).
+    let (o, q) = run_pair(&[], &copy(&s, &p, "o"), &copy(&s, &p, "q"));
+    assert_same("check", &o, &q, true, true);
+    assert_eq!(q.code, Some(0), "{}", q.describe());
+    let o = qcow2(["io", "-c", "write -P 0x44 2M 64k", p.to_str().unwrap()]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.elapsed.as_secs() < 5, "the write took {:?}", o.elapsed);
+    let after = qemu_img(["check".as_ref(), p.as_os_str()]);
+    assert_eq!(
+        after.code,
+        Some(0),
+        "after our write:\n{}",
+        after.describe()
+    );
+    assert!(qemu_bitmaps(&p).is_empty());
+}

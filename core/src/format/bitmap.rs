@@ -181,7 +181,20 @@ impl BitmapDirEntry {
         if bad {
             return Err("bitmap doesn't satisfy the constraints");
         }
+        // QEMU loads a consistent bitmap's data when it opens the image, and refuses a table whose size is not
+        // exactly what the disk needs (`load_bitmap_data`).
+        if self.flags & FLAG_IN_USE == 0
+            && u64::from(self.table_size) != self.table_size_for(cluster_size, disk_size)
+        {
+            return Err("bitmap table size does not match the disk size");
+        }
         Ok(())
+    }
+
+    /// Entries a bitmap table needs for a disk of `disk_size` bytes at this entry's granularity.
+    pub fn table_size_for(&self, cluster_size: u64, disk_size: u64) -> u64 {
+        let bits = disk_size.div_ceil(1u64 << (self.granularity_bits & 63));
+        bits.div_ceil(8).div_ceil(cluster_size.max(1))
     }
 }
 
@@ -304,9 +317,13 @@ mod tests {
         let ok = BitmapDirEntry::parse(&entry(cs, 1, 0, 16, 2));
         assert_eq!(ok.validate(cs, disk), Ok(()));
         assert_eq!(ok.len(), 32);
-        // A table too small for the disk, unless the bitmap is in use.
+        // A table too small (or too large) for the disk, unless the bitmap is in use.
         let small = BitmapDirEntry::parse(&entry(cs, 1, 0, 9, 2));
         assert!(small.validate(cs, disk).is_err());
+        let large = BitmapDirEntry::parse(&entry(cs, 2, 0, 16, 2));
+        assert!(large.validate(cs, disk).is_err());
+        let large = BitmapDirEntry::parse(&entry(cs, 2, FLAG_IN_USE, 16, 2));
+        assert_eq!(large.validate(cs, disk), Ok(()));
         let small = BitmapDirEntry::parse(&entry(cs, 1, FLAG_IN_USE, 9, 2));
         assert_eq!(small.validate(cs, disk), Ok(()));
         // A table larger than 512 MiB of bitmap data.
