@@ -70,7 +70,7 @@ use core::fmt;
 use crate::Error;
 use crate::device::{BlockDevice, BlockDeviceWrite};
 use crate::format::bitmap::{
-    BitmapDirEntry, BitmapsExtension, DIR_ENTRY_LEN, DirectoryWalk, bitmap_table_entry,
+    BitmapDirEntry, BitmapTableEntry, BitmapsExtension, DIR_ENTRY_LEN, DirectoryWalk,
 };
 use crate::format::{
     AutoclearFeatures, ExtensionWalk, HEADER_READ_LEN, Header, IncompatibleFeatures,
@@ -1511,7 +1511,7 @@ impl<A: Access> Ctx<'_, A> {
             self.io.read(self.bounce, at, &mut e)?;
             let entry = BitmapDirEntry::parse(&e);
             let table_offset = entry.table_offset;
-            at = at.saturating_add(entry.len());
+            at = at.saturating_add(entry.entry_len());
             let bytes = entry.table_bytes();
             self.inc(p, table_offset, bytes);
             if table_offset & g.cs.wrapping_sub(1) != 0
@@ -1536,14 +1536,14 @@ impl<A: Access> Ctx<'_, A> {
                 self.io
                     .read(self.bounce, table_offset.saturating_add(pos), chunk)?;
                 for k in 0..n / 8 {
-                    match bitmap_table_entry(be64(&buf, k.saturating_mul(8)), g.cs) {
-                        Err(()) => {
+                    match BitmapTableEntry::decode(be64(&buf, k.saturating_mul(8)), g.cs) {
+                        BitmapTableEntry::Invalid => {
                             if p.reports() {
                                 bump(&mut p.res.corruptions);
                             }
                         }
-                        Ok(Some(off)) => self.inc(p, off, g.cs),
-                        Ok(None) => {}
+                        BitmapTableEntry::Data(off) => self.inc(p, off, g.cs),
+                        BitmapTableEntry::Unallocated => {}
                     }
                 }
                 pos = pos.saturating_add(n as u64);
@@ -1833,7 +1833,10 @@ impl<A: Access> Ctx<'_, A> {
         let l1_in_file = self.in_file(h.l1_table_offset, l1_bytes, 8);
         if l1_in_file > 0 {
             let first = h.l1_table_offset >> g.cb;
-            let last = h.l1_table_offset.saturating_add(l1_in_file - 1) >> g.cb;
+            let last = h
+                .l1_table_offset
+                .saturating_add(l1_in_file.saturating_sub(1))
+                >> g.cb;
             for c in first..=last {
                 if c == 0 || p.count(c) > 0 {
                     return Ok(Some((c << g.cb, "active L1 table")));

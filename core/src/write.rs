@@ -25,7 +25,7 @@ use crate::Error;
 use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
 use crate::engine::{BitmapsExtension, Buffers, Format, Image, Layer, Reader, Resolver};
-use crate::format::bitmap::{BitmapDirEntry, DIR_ENTRY_LEN, DirectoryWalk, bitmap_table_entry};
+use crate::format::bitmap::{BitmapDirEntry, BitmapTableEntry, DIR_ENTRY_LEN, DirectoryWalk};
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
@@ -859,8 +859,8 @@ where
                     part,
                 )?;
                 for k in 0..n / 8 {
-                    if let Ok(Some(host)) =
-                        bitmap_table_entry(be64(&chunk, k.saturating_mul(8)), cs)
+                    if let BitmapTableEntry::Data(host) =
+                        BitmapTableEntry::decode(be64(&chunk, k.saturating_mul(8)), cs)
                     {
                         self.free_owned(host)?;
                     }

@@ -146,7 +146,7 @@ impl BitmapDirEntry {
     }
 
     /// Bytes the whole entry takes in the directory (padded to 8).
-    pub fn len(&self) -> u64 {
+    pub fn entry_len(&self) -> u64 {
         (DIR_ENTRY_LEN as u64)
             .saturating_add(self.name_size.into())
             .saturating_add(self.extra_data_size.into())
@@ -198,20 +198,33 @@ impl BitmapDirEntry {
     }
 }
 
-/// A bitmap table entry, as QEMU's `check_table_entry` reads it: `Ok(Some(host))` for a cluster of bitmap
-/// data, `Ok(None)` for none (all zeros or all ones), `Err(())` for an invalid entry.
-pub fn bitmap_table_entry(entry: u64, cluster_size: u64) -> Result<Option<u64>, ()> {
-    if entry & TABLE_ENTRY_RESERVED != 0 {
-        return Err(());
+/// A bitmap table entry, as QEMU's `check_table_entry` reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BitmapTableEntry {
+    /// No cluster: the bitmap's bits there are all zeros (or all ones, with flag bit 0).
+    Unallocated,
+    /// A cluster of bitmap data at this host offset.
+    Data(u64),
+    /// Reserved bits set, an unaligned offset, or an offset with the all-ones flag.
+    Invalid,
+}
+
+impl BitmapTableEntry {
+    /// Decodes `entry` of an image with clusters of `cluster_size` bytes.
+    pub fn decode(entry: u64, cluster_size: u64) -> BitmapTableEntry {
+        if entry & TABLE_ENTRY_RESERVED != 0 {
+            return BitmapTableEntry::Invalid;
+        }
+        let offset = entry & TABLE_ENTRY_OFFSET;
+        if offset == 0 {
+            return BitmapTableEntry::Unallocated;
+        }
+        if entry & TABLE_ENTRY_ALL_ONES != 0 || offset & cluster_size.wrapping_sub(1) != 0 {
+            return BitmapTableEntry::Invalid;
+        }
+        BitmapTableEntry::Data(offset)
     }
-    let offset = entry & TABLE_ENTRY_OFFSET;
-    if offset == 0 {
-        return Ok(None);
-    }
-    if entry & TABLE_ENTRY_ALL_ONES != 0 || offset & cluster_size.wrapping_sub(1) != 0 {
-        return Err(());
-    }
-    Ok(Some(offset))
 }
 
 /// QEMU's `bitmap_list_load` as a walk over the directory: the caller reads the [`DIR_ENTRY_LEN`] bytes at
@@ -272,7 +285,7 @@ impl DirectoryWalk {
             return Err(("more bitmaps found than specified in header extension", at));
         }
         let entry = BitmapDirEntry::parse(raw);
-        let next = at.saturating_add(entry.len());
+        let next = at.saturating_add(entry.entry_len());
         if next > self.end {
             return Err(("broken bitmap directory", at));
         }
@@ -316,7 +329,7 @@ mod tests {
         let disk = 1 << 30;
         let ok = BitmapDirEntry::parse(&entry(cs, 1, 0, 16, 2));
         assert_eq!(ok.validate(cs, disk), Ok(()));
-        assert_eq!(ok.len(), 32);
+        assert_eq!(ok.entry_len(), 32);
         // A table too small (or too large) for the disk, unless the bitmap is in use.
         let small = BitmapDirEntry::parse(&entry(cs, 1, 0, 9, 2));
         assert!(small.validate(cs, disk).is_err());
