@@ -29,6 +29,14 @@
 //! - An L1 table with more entries pointing into the file than the file has clusters (the same L2 table named
 //!   over and over) is an error rather than walked each time, so that the work stays near the file's size per
 //!   L1 table.
+//! - A `-r all` repair first makes sure that every table it may write entries into (the active L1 table, every
+//!   L2 table an L1 table names) is used as that table only, not as the header, guest data, the refcount
+//!   structure, a snapshot or bitmap structure or (an L2 table) inside the active L1 table; otherwise it reports
+//!   the problems, sets the corrupt bit and fails without writing anything else ([`Problem::RepairOverlap`]).
+//!   QEMU's overlap check stops its repair at the first such write, which may come after other writes.
+//! - Like QEMU, a file of more than [`MAX_CHECK_CLUSTERS`] clusters is refused ([`FILE_TOO_LARGE`]). Below that,
+//!   the counts stop past the last cluster any reference or refcount table entry reaches, and clusters that no
+//!   refcount block covers are skipped by a scan of the counts, so a sparse file's apparent length costs little.
 //!
 //! ```
 //! use qcow2_core::MemDevice;
