@@ -29,6 +29,14 @@
 //! - An L1 table with more entries pointing into the file than the file has clusters (the same L2 table named
 //!   over and over) is an error rather than walked each time, so that the work stays near the file's size per
 //!   L1 table.
+//! - A `-r all` repair first makes sure that every table it may write entries into (the active L1 table, every
+//!   L2 table an L1 table names) is used as that table only, not as the header, guest data, the refcount
+//!   structure, a snapshot or bitmap structure or (an L2 table) inside the active L1 table; otherwise it reports
+//!   the problems, sets the corrupt bit and fails without writing anything else ([`Problem::RepairOverlap`]).
+//!   QEMU's overlap check stops its repair at the first such write, which may come after other writes.
+//! - Like QEMU, a file of more than [`MAX_CHECK_CLUSTERS`] clusters is refused ([`FILE_TOO_LARGE`]). Below that,
+//!   the counts stop past the last cluster any reference or refcount table entry reaches, and clusters that no
+//!   refcount block covers are skipped by a scan of the counts, so a sparse file's apparent length costs little.
 //!
 //! ```
 //! use qcow2_core::MemDevice;
@@ -69,8 +77,11 @@ use core::fmt;
 
 use crate::Error;
 use crate::device::{BlockDevice, BlockDeviceWrite};
+use crate::format::bitmap::{
+    BitmapDirEntry, BitmapTableEntry, BitmapsExtension, DIR_ENTRY_LEN, DirectoryWalk,
+};
 use crate::format::{
-    AutoclearFeatures, ExtensionHeader, HEADER_READ_LEN, Header, IncompatibleFeatures,
+    AutoclearFeatures, ExtensionWalk, HEADER_READ_LEN, Header, IncompatibleFeatures,
     L1_RESERVED_MASK, L2_RESERVED_MASK, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
     OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK, be32, be64, extension, refcount_get,
     refcount_set,
@@ -95,12 +106,14 @@ const CHUNK: usize = 1024;
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 /// QEMU's limit on a snapshot entry's extra data.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
-/// Header extensions looked at, at most.
-const MAX_EXTENSIONS: u32 = 1024;
-/// Reserved bits of a bitmap table entry.
-const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
-/// Host offset bits of a bitmap table entry.
-const BITMAP_ENTRY_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+/// QEMU's limit on the host clusters of a checked image file (`INT_MAX`): a larger file is refused at once
+/// ([`FILE_TOO_LARGE`]), as `qemu-img check` refuses it ("Check failed: File too large").
+pub const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
+/// The [`Error::Unsupported`] `what` of a file with more than [`MAX_CHECK_CLUSTERS`] host clusters.
+pub const FILE_TOO_LARGE: &str = "File too large";
+/// Counting ranges up to this many host clusters are not cut to what the image references (see
+/// [`Ctx::count_end`]): finding the cut costs a walk of the metadata.
+const UNCUT_COUNT_CLUSTERS: u64 = 1 << 20;
 /// Longest snapshot id or name a [`Problem`] carries (longer ones are cut).
 pub const SNAPSHOT_NAME_LEN: usize = 32;
 
@@ -325,6 +338,16 @@ pub enum Problem {
         /// Whether the image is writable, so that it gets marked corrupt.
         marking: bool,
     },
+    /// A repair would write table entries into a cluster that the image also uses as something else (the
+    /// header, the active L1 table, guest data, the refcount structure, a snapshot or bitmap structure): the
+    /// repair is refused before anything is written, and the image is marked corrupt, as QEMU's overlap check
+    /// stops its repair.
+    RepairOverlap {
+        /// Host offset of the cluster.
+        offset: u64,
+        /// What the repair would have written there.
+        table: &'static str,
+    },
     /// The bitmap directory or a bitmap table is unusable (qemu-img counts it without a message).
     BitmapCorrupt {
         /// Host offset of the structure.
@@ -485,6 +508,11 @@ impl fmt::Display for Problem {
                 f,
                 "{} OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}",
                 verb(repairing)
+            ),
+            Problem::RepairOverlap { offset, table } => write!(
+                f,
+                "qcow2: Marking image as corrupt: Preventing invalid write on metadata (the {table} at \
+                 {offset:#x} overlaps with other data or metadata); the repair was not started"
             ),
             Problem::RefcountBlockOffsetUnaligned {
                 offset,
@@ -649,7 +677,7 @@ struct Geo {
     reftable_entries: u64,
     snapshots_size: u64,
     /// Bitmaps extension: (number of bitmaps, directory size, directory offset).
-    bitmaps: Option<(u32, u64, u64)>,
+    bitmaps: Option<BitmapsExtension>,
 }
 
 fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
@@ -721,29 +749,51 @@ fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Error<A::E>> {
         at = next;
     }
     geo.snapshots_size = at.saturating_sub(h.snapshots_offset);
-    // The bitmaps extension, when the autoclear bit says it is valid.
-    if h.autoclear_features.contains(AutoclearFeatures::BITMAPS) {
-        let end = h.extensions_end();
-        let mut off = u64::from(h.header_length);
-        let mut count = 0u32;
-        while off.checked_add(8).is_some_and(|e| e <= end) && count < MAX_EXTENSIONS {
-            count = count.saturating_add(1);
-            let mut raw = [0u8; 8];
-            io.read(bounce, off, &mut raw)?;
-            let (ext, next) = ExtensionHeader::parse::<A::E>(raw, off, end)?;
-            if ext.magic == extension::END {
-                break;
-            }
-            if ext.magic == extension::BITMAPS && ext.len == 24 {
-                let mut b = [0u8; 24];
-                io.read(bounce, off.saturating_add(8), &mut b)?;
-                let nb = be32(&b, 0);
-                if nb > 0 && nb <= 65535 && be32(&b, 4) == 0 {
-                    geo.bitmaps = Some((nb, be64(&b, 8), be64(&b, 16)));
-                }
-            }
-            off = next;
+    // Header extensions: the same walk and the same validation as the engine's open, so that the check sees
+    // the bitmaps that the image holds (and refuses what QEMU's open refuses).
+    let mut walk = ExtensionWalk::new(&h);
+    while let Some(off) = walk.next_at() {
+        let mut raw = [0u8; 8];
+        io.read(bounce, off, &mut raw)?;
+        let Some(ext) = walk.advance::<A::E>(raw)? else {
+            break;
+        };
+        if ext.magic != extension::BITMAPS {
+            continue;
         }
+        if ext.len != BitmapsExtension::LEN {
+            return Err(Error::InvalidHeader {
+                field: "bitmaps extension length",
+                value: ext.len.into(),
+                problem: "must be 24",
+            });
+        }
+        if !h.autoclear_features.contains(AutoclearFeatures::BITMAPS) {
+            continue;
+        }
+        let mut b = [0u8; 24];
+        io.read(bounce, ext.data_at, &mut b)?;
+        let bitmaps =
+            BitmapsExtension::parse(&b, cs, ext.header_at).map_err(|(problem, value)| {
+                Error::InvalidHeader {
+                    field: "bitmaps extension",
+                    value,
+                    problem,
+                }
+            })?;
+        let mut dir = DirectoryWalk::new(&bitmaps, cs, h.size);
+        let invalid = |(problem, value)| Error::InvalidHeader {
+            field: "bitmap directory entry",
+            value,
+            problem,
+        };
+        while let Some(at) = dir.next_at() {
+            let mut raw = [0u8; DIR_ENTRY_LEN];
+            io.read(bounce, at, &mut raw)?;
+            dir.advance(&raw).map_err(invalid)?;
+        }
+        dir.finish().map_err(invalid)?;
+        geo.bitmaps = Some(bitmaps);
     }
     Ok(geo)
 }
@@ -890,6 +940,9 @@ struct Pass<'s> {
     fix_entries: bool,
     /// Leave the refcount table and blocks out (counting for a new refcount structure).
     skip_refcount_structure: bool,
+    /// Count every reference except the active L1 table's own range and the L2 tables that L1 entries name:
+    /// what is left says whether a cluster a repair would write as a table is also used as something else.
+    role_probe: bool,
     /// A reference reached host cluster `nb_file` (QEMU then grows its count array by one).
     touched_end: bool,
     /// One past the highest host cluster any reference names, even one too far past the end of the file to
@@ -923,6 +976,18 @@ impl Pass<'_> {
             return 0;
         }
         count_get(self.counts, cluster.saturating_sub(self.lo)).into()
+    }
+
+    /// The first cluster of `from..to` (inside the pass's range) with a reference count above 0.
+    fn next_counted(&self, from: u64, to: u64) -> Option<u64> {
+        let a = from.max(self.lo).saturating_sub(self.lo);
+        let b = to.min(self.hi).saturating_sub(self.lo);
+        let (sa, sb) = (slot(a)?.start, slot(b)?.start);
+        let counts = self.counts.get(sa..sb.min(self.counts.len()))?;
+        counts
+            .chunks_exact(COUNT_BYTES)
+            .position(|c| c.iter().any(|&x| x != 0))
+            .map(|i| from.max(self.lo).saturating_add(i as u64))
     }
 
     fn reports(&self) -> bool {
@@ -995,6 +1060,28 @@ impl RefReader {
             self.piece_at = piece_at;
         }
         Ok(Ok(Some((piece_at, in_piece))))
+    }
+
+    /// When no refcount block covers `cluster` (its refcount table entry is 0, or it is past the table): one
+    /// past the last cluster that shares that fate with it (every refcount there reads as 0).
+    fn uncovered_until<A: Access>(
+        &mut self,
+        io: &mut A,
+        bounce: &mut [u8],
+        geo: &Geo,
+        cluster: u64,
+    ) -> Result<Option<u64>, Error<A::E>> {
+        let ti = cluster >> geo.block_bits;
+        if ti >= geo.reftable_entries {
+            return Ok(Some(u64::MAX));
+        }
+        // locate() reads the table entry (and the block's piece, when there is a block).
+        let _ = self.locate(io, bounce, geo, cluster)?;
+        Ok((self.block == 0).then(|| {
+            ti.saturating_add(1)
+                .checked_shl(geo.block_bits)
+                .unwrap_or(u64::MAX)
+        }))
     }
 
     /// The refcount of `cluster`, `None` if it cannot be read.
@@ -1225,7 +1312,9 @@ impl<A: Access> Ctx<'_, A> {
         }
         let g = self.geo;
         let bytes = u64::from(l1_size).saturating_mul(8);
-        self.inc(p, l1_offset, bytes);
+        if !(p.role_probe && active) {
+            self.inc(p, l1_offset, bytes);
+        }
         // Past the end of the file the table reads as zeros: no entries (QEMU reads them; same result).
         let bytes = self.in_file(l1_offset, bytes, 8);
         // In-file L2 tables walked: more than the file has clusters means entries repeat (bounds the work).
@@ -1247,7 +1336,9 @@ impl<A: Access> Ctx<'_, A> {
                     bump(&mut p.res.corruptions);
                 }
                 let l2 = e & OFFSET_MASK;
-                self.inc(p, l2, g.cs);
+                if !p.role_probe {
+                    self.inc(p, l2, g.cs);
+                }
                 if l2 & g.cs.wrapping_sub(1) != 0 && p.reports() {
                     self.sink
                         .report(Problem::L2TableUnaligned { l2_offset: l2 });
@@ -1408,14 +1499,16 @@ impl<A: Access> Ctx<'_, A> {
     /// QEMU's `qcow2_check_bitmaps_refcounts`.
     fn check_bitmaps(&mut self, p: &mut Pass<'_>) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        let Some((nb, dir_size, dir_offset)) = g.bitmaps else {
+        let Some(ext) = g.bitmaps else {
             return Ok(());
         };
+        let (dir_offset, dir_size) = (ext.directory_offset, ext.directory_size);
         self.inc(p, dir_offset, dir_size);
         let dir_end = dir_offset.saturating_add(dir_size);
         let mut at = dir_offset;
-        for _ in 0..nb {
-            let mut e = [0u8; 24];
+        // The directory was validated when the image was loaded (format::bitmap::DirectoryWalk).
+        for _ in 0..ext.nb_bitmaps {
+            let mut e = [0u8; DIR_ENTRY_LEN];
             if at.saturating_add(24) > dir_end || dir_end.saturating_sub(g.file_len) >= g.cs {
                 if p.reports() {
                     bump(&mut p.res.corruptions);
@@ -1424,24 +1517,10 @@ impl<A: Access> Ctx<'_, A> {
                 return Ok(());
             }
             self.io.read(self.bounce, at, &mut e)?;
-            let table_offset = be64(&e, 0);
-            let table_size = be32(&e, 8);
-            let name_size = be32(&e, 16) & 0xffff;
-            let extra = be32(&e, 20);
-            let next = align8(
-                at.saturating_add(24)
-                    .saturating_add(extra.into())
-                    .saturating_add(name_size.into()),
-            );
-            if next > dir_end {
-                if p.reports() {
-                    bump(&mut p.res.corruptions);
-                    self.sink.report(Problem::BitmapCorrupt { offset: at });
-                }
-                return Ok(());
-            }
-            at = next;
-            let bytes = u64::from(table_size).saturating_mul(8);
+            let entry = BitmapDirEntry::parse(&e);
+            let table_offset = entry.table_offset;
+            at = at.saturating_add(entry.entry_len());
+            let bytes = entry.table_bytes();
             self.inc(p, table_offset, bytes);
             if table_offset & g.cs.wrapping_sub(1) != 0
                 || table_offset
@@ -1465,18 +1544,14 @@ impl<A: Access> Ctx<'_, A> {
                 self.io
                     .read(self.bounce, table_offset.saturating_add(pos), chunk)?;
                 for k in 0..n / 8 {
-                    let entry = be64(&buf, k.saturating_mul(8));
-                    let off = entry & BITMAP_ENTRY_OFFSET;
-                    let bad = entry & BITMAP_ENTRY_RESERVED != 0
-                        || (off != 0 && (entry & 1 != 0 || off & g.cs.wrapping_sub(1) != 0));
-                    if bad {
-                        if p.reports() {
-                            bump(&mut p.res.corruptions);
+                    match BitmapTableEntry::decode(be64(&buf, k.saturating_mul(8)), g.cs) {
+                        BitmapTableEntry::Invalid => {
+                            if p.reports() {
+                                bump(&mut p.res.corruptions);
+                            }
                         }
-                        continue;
-                    }
-                    if off != 0 {
-                        self.inc(p, off, g.cs);
+                        BitmapTableEntry::Data(off) => self.inc(p, off, g.cs),
+                        BitmapTableEntry::Unallocated => {}
                     }
                 }
                 pos = pos.saturating_add(n as u64);
@@ -1575,6 +1650,18 @@ impl<A: Access> Ctx<'_, A> {
         let mut rr = RefReader::new();
         let mut c = p.lo;
         while c < end {
+            // Where no refcount block covers the clusters, only those with references can differ: skip to the
+            // next one (a sparse file's tail costs a scan of the counts, not a lookup per cluster).
+            if let Some(until) = rr.uncovered_until(&mut self.io, self.bounce, &g, c)? {
+                let stop = until.min(end);
+                match p.next_counted(c, stop) {
+                    Some(next) => c = next,
+                    None => {
+                        c = stop;
+                        continue;
+                    }
+                }
+            }
             let cluster = c;
             c = c.saturating_add(1);
             let Some(r1) = rr.get(&mut self.io, self.bounce, &g, cluster)? else {
@@ -1675,11 +1762,11 @@ impl<A: Access> Ctx<'_, A> {
         passes: &mut u32,
     ) -> Result<(), Error<A::E>> {
         let len = self.pass_len(scratch.len());
-        let total = self.geo.nb_file.saturating_add(1);
+        let total = self.count_end()?;
         *highest = 0;
         let mut lo = 0u64;
         while lo < total {
-            let hi = lo.saturating_add(len);
+            let hi = lo.saturating_add(len).min(total);
             let used = (hi.min(total).saturating_sub(lo) as usize).saturating_mul(COUNT_BYTES);
             scratch.get_mut(..used).unwrap_or(&mut []).fill(0);
             let mut p = Pass {
@@ -1690,6 +1777,7 @@ impl<A: Access> Ctx<'_, A> {
                 quiet,
                 fix_entries,
                 skip_refcount_structure: false,
+                role_probe: false,
                 touched_end: false,
                 max_end: 0,
                 rebuild: false,
@@ -1703,6 +1791,192 @@ impl<A: Access> Ctx<'_, A> {
             lo = hi;
         }
         Ok(())
+    }
+
+    /// Before a `-r all` repair writes anything: every cluster it may write table entries into (the active L1
+    /// table, and every L2 table that an L1 table names) must be used as that table only: not the header, not
+    /// guest data, not part of the refcount structure or of a snapshot or bitmap structure, and (an L2 table)
+    /// not inside the active L1 table. Returns the first cluster that is not, and the table it would be
+    /// written as. QEMU's overlap check stops its repair at the first such write; this finds them all before
+    /// the first write, so that a refused repair changes nothing but the corrupt bit.
+    fn repair_conflict(
+        &mut self,
+        scratch: &mut [u8],
+    ) -> Result<Option<(u64, &'static str)>, Error<A::E>> {
+        let len = self.pass_len(scratch.len());
+        let total = self.count_end()?;
+        let mut lo = 0u64;
+        while lo < total {
+            let hi = lo.saturating_add(len).min(total);
+            let used = (hi.saturating_sub(lo) as usize).saturating_mul(COUNT_BYTES);
+            scratch.get_mut(..used).unwrap_or(&mut []).fill(0);
+            let mut p = Pass {
+                counts: &mut *scratch,
+                lo,
+                hi,
+                first: false,
+                quiet: true,
+                fix_entries: false,
+                skip_refcount_structure: false,
+                role_probe: true,
+                touched_end: false,
+                max_end: 0,
+                rebuild: false,
+                res: Res::default(),
+            };
+            self.walk(&mut p)?;
+            if let Some(conflict) = self.table_conflict(&p)? {
+                return Ok(Some(conflict));
+            }
+            lo = hi;
+        }
+        Ok(None)
+    }
+
+    /// [`Ctx::repair_conflict`] for the clusters of one role-probe pass.
+    fn table_conflict(&mut self, p: &Pass<'_>) -> Result<Option<(u64, &'static str)>, Error<A::E>> {
+        let g = self.geo;
+        let h = g.h;
+        let l1_bytes = u64::from(h.l1_size).saturating_mul(8);
+        let l1_in_file = self.in_file(h.l1_table_offset, l1_bytes, 8);
+        if l1_in_file > 0 {
+            let first = h.l1_table_offset >> g.cb;
+            let last = h
+                .l1_table_offset
+                .saturating_add(l1_in_file.saturating_sub(1))
+                >> g.cb;
+            for c in first..=last {
+                if c == 0 || p.count(c) > 0 {
+                    return Ok(Some((c << g.cb, "active L1 table")));
+                }
+            }
+        }
+        let active = (
+            h.l1_table_offset,
+            h.l1_table_offset.saturating_add(l1_bytes),
+        );
+        if let Some(c) = self.l2_conflict(p, h.l1_table_offset, h.l1_size, active)? {
+            return Ok(Some((c << g.cb, "L2 table")));
+        }
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (next, s) = read_snapshot(&mut self.io, self.bounce, &g, at)?;
+            at = next;
+            // The walk leaves these out too (reported as corruptions, never written).
+            if s.l1_offset & g.cs.wrapping_sub(1) != 0 || u64::from(s.l1_size) > MAX_L1_BYTES / 8 {
+                continue;
+            }
+            if let Some(c) = self.l2_conflict(p, s.l1_offset, s.l1_size, active)? {
+                return Ok(Some((c << g.cb, "L2 table")));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first in-file cluster of an L2 table named by the L1 table at `l1_offset` that is also used as
+    /// something else (see [`Ctx::repair_conflict`]).
+    fn l2_conflict(
+        &mut self,
+        p: &Pass<'_>,
+        l1_offset: u64,
+        l1_size: u32,
+        active_l1: (u64, u64),
+    ) -> Result<Option<u64>, Error<A::E>> {
+        let g = self.geo;
+        let bytes = self.in_file(l1_offset, u64::from(l1_size).saturating_mul(8), 8);
+        let mut buf = [0u8; CHUNK];
+        let mut pos = 0u64;
+        while pos < bytes {
+            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
+            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+            self.io
+                .read(self.bounce, l1_offset.saturating_add(pos), chunk)?;
+            for k in 0..n / 8 {
+                let e = be64(&buf, k.saturating_mul(8));
+                if e == 0 {
+                    continue;
+                }
+                let l2 = e & OFFSET_MASK;
+                let l2_bytes = self.in_file(l2, g.l2_entries.saturating_mul(g.es), g.es);
+                if l2_bytes == 0 {
+                    continue;
+                }
+                let l2_end = l2.saturating_add(l2_bytes);
+                if l2 < active_l1.1 && active_l1.0 < l2_end {
+                    return Ok(Some(l2 >> g.cb));
+                }
+                for c in (l2 >> g.cb)..=(l2_end.saturating_sub(1) >> g.cb) {
+                    if c == 0 || p.count(c) > 0 {
+                        return Ok(Some(c));
+                    }
+                }
+            }
+            pos = pos.saturating_add(n as u64);
+        }
+        Ok(None)
+    }
+
+    /// One past the last host cluster the counting passes cover. QEMU counts `nb_file + 1` clusters (the whole
+    /// file, and one past its end); past both the highest cluster any reference names and the last cluster any
+    /// refcount table entry covers, the refcount on disk and the reference count are both 0, so nothing there
+    /// can be reported. Cutting the range there makes the work follow what the image holds, not a sparse
+    /// file's apparent length. Small files are not cut (finding the cut costs a walk of the metadata).
+    fn count_end(&mut self) -> Result<u64, Error<A::E>> {
+        let all = self.geo.nb_file.saturating_add(1);
+        if all <= UNCUT_COUNT_CLUSTERS {
+            return Ok(all);
+        }
+        let mut probe = Pass {
+            counts: &mut [],
+            lo: 0,
+            hi: 0,
+            first: false,
+            quiet: true,
+            fix_entries: false,
+            skip_refcount_structure: false,
+            role_probe: false,
+            touched_end: false,
+            max_end: 0,
+            rebuild: false,
+            res: Res::default(),
+        };
+        self.walk(&mut probe)?;
+        let covered = self.refcount_cover_end()?;
+        Ok(all.min(probe.max_end.max(covered)).max(1))
+    }
+
+    /// One past the last host cluster that a non-zero refcount table entry covers (valid or not: an invalid
+    /// entry makes its clusters' refcounts unreadable, which is reported for each of them).
+    fn refcount_cover_end(&mut self) -> Result<u64, Error<A::E>> {
+        let g = self.geo;
+        let bytes = self.in_file(
+            g.h.refcount_table_offset,
+            g.reftable_entries.saturating_mul(8),
+            8,
+        );
+        let mut buf = [0u8; CHUNK];
+        let mut pos = 0u64;
+        let mut end = 0u64;
+        while pos < bytes {
+            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
+            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+            self.io.read(
+                self.bounce,
+                g.h.refcount_table_offset.saturating_add(pos),
+                chunk,
+            )?;
+            for k in 0..n / 8 {
+                if be64(&buf, k.saturating_mul(8)) != 0 {
+                    let index = (pos / 8).saturating_add(k as u64);
+                    end = index
+                        .saturating_add(1)
+                        .checked_shl(g.block_bits)
+                        .unwrap_or(u64::MAX);
+                }
+            }
+            pos = pos.saturating_add(n as u64);
+        }
+        Ok(end)
     }
 
     /// The reference count range of one pass when everything fits: the counts of the last
@@ -1776,6 +2050,7 @@ impl<A: Access> Ctx<'_, A> {
                 quiet: true,
                 fix_entries: false,
                 skip_refcount_structure: true,
+                role_probe: false,
                 touched_end: false,
                 max_end: 0,
                 rebuild: false,
@@ -1993,9 +2268,40 @@ impl<A: Access> Ctx<'_, A> {
                 have: scratch.len() as u64,
             });
         }
+        if g.nb_file > MAX_CHECK_CLUSTERS {
+            return Err(Error::Unsupported {
+                what: FILE_TOO_LARGE,
+                value: g.nb_file,
+            });
+        }
         let fix_all = fix == Some(RepairMode::All);
         let (mut walk_res, mut cmp_res) = (Res::default(), Res::default());
         let (mut rebuild, mut highest, mut passes) = (false, 0u64, 0u32);
+        if fix_all && let Some((offset, table)) = self.repair_conflict(scratch)? {
+            // Report what a check finds, then refuse: nothing but the corrupt bit is written.
+            self.count_and_compare(
+                scratch,
+                false,
+                false,
+                None,
+                &mut walk_res,
+                &mut cmp_res,
+                &mut rebuild,
+                &mut highest,
+                &mut passes,
+            )?;
+            self.sink.report(Problem::RepairOverlap { offset, table });
+            if g.h.version >= 3 {
+                let mut f = [0u8; 8];
+                self.io.read(self.bounce, 72, &mut f)?;
+                let bits = u64::from_be_bytes(f) | IncompatibleFeatures::CORRUPT.bits();
+                self.write_word(72, bits)?;
+            }
+            return Err(corrupt(
+                "repair refused: a table it would write overlaps other data or metadata",
+                offset,
+            ));
+        }
         self.count_and_compare(
             scratch,
             false,
@@ -2023,6 +2329,7 @@ impl<A: Access> Ctx<'_, A> {
                     quiet: true,
                     fix_entries: false,
                     skip_refcount_structure: true,
+                    role_probe: false,
                     touched_end: false,
                     max_end: 0,
                     rebuild: false,
@@ -2080,7 +2387,7 @@ impl<A: Access> Ctx<'_, A> {
                 res = walk_res;
                 let mut c2 = Res::default();
                 if self.one_pass(scratch.len()) {
-                    let hi = self.pass_len(scratch.len());
+                    let hi = self.pass_len(scratch.len()).min(self.count_end()?);
                     let mut p = Pass {
                         counts: &mut *scratch,
                         lo: 0,
@@ -2089,6 +2396,7 @@ impl<A: Access> Ctx<'_, A> {
                         quiet: true,
                         fix_entries: false,
                         skip_refcount_structure: false,
+                        role_probe: false,
                         touched_end: false,
                         max_end: 0,
                         rebuild: false,
@@ -2103,6 +2411,7 @@ impl<A: Access> Ctx<'_, A> {
                         quiet: true,
                         fix_entries: false,
                         skip_refcount_structure: false,
+                        role_probe: false,
                         touched_end: false,
                         max_end: 0,
                         rebuild: false,
@@ -2180,6 +2489,28 @@ pub fn scratch_len_for_one_pass<D: BlockDevice>(
     let g = load(&mut ReadOnly(dev), bounce)?;
     let per_piece = per_piece(g.order);
     let per_block = 1u64 << g.block_bits;
+    if g.nb_file > MAX_CHECK_CLUSTERS {
+        return Ok(COUNT_BYTES);
+    }
+    // Counting covers what the image can make non-zero (Ctx::count_end). A file whose tail is cut off that
+    // way is mostly sparse: a rebuild of its refcount structure, should it need one, works in passes.
+    let count_end = {
+        let mut sink = NoSink;
+        let mut ctx = Ctx {
+            io: ReadOnly(&mut *dev),
+            bounce: &mut *bounce,
+            geo: g,
+            sink: &mut sink,
+            signalled: false,
+        };
+        ctx.count_end()?
+    };
+    if count_end <= g.nb_file {
+        let clusters = count_end.saturating_add(1).next_multiple_of(per_piece);
+        return Ok(
+            usize::try_from(clusters.saturating_mul(COUNT_BYTES as u64)).unwrap_or(usize::MAX)
+        );
+    }
     // Counting covers nb_file + 1 clusters; a rebuild covers whole refcount blocks past the new structure.
     let start = g.nb_file.saturating_add(1);
     let mut blocks = 1u64;

@@ -24,12 +24,13 @@ use crate::compress::Decompressor;
 use crate::device::BlockDeviceWrite;
 use crate::engine::{BitmapsExtension, Buffers, Format, Image, Layer, Reader, Resolver};
 use crate::error::corrupt;
+use crate::format::bitmap::{BitmapDirEntry, BitmapTableEntry, DIR_ENTRY_LEN, DirectoryWalk};
 use crate::format::field;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFTABLE_OFFSET_MASK,
-    REFTABLE_RESERVED_MASK, be32, be64, refcount_get, refcount_set,
+    REFTABLE_RESERVED_MASK, be64, refcount_get, refcount_set,
 };
 use crate::io::{ceil_div, copy_exact, read_bytes, write_bytes};
 use crate::meta::{SliceCache, SliceKind};

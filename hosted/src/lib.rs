@@ -14,4 +14,3 @@ pub mod open;
 pub mod qcow2_disk;
 pub mod raw_disk;
 pub mod shared;
-

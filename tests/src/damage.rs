@@ -667,7 +667,7 @@ fn data_file_copied_cleared(s: &Scratch) -> PathBuf {
 // Running a case
 
 /// Our tool's output with the file names made equal to qemu-img's.
-fn run_pair(args: &[&str], ours: &Path, theirs: &Path) -> (Output, Output) {
+pub fn run_pair(args: &[&str], ours: &Path, theirs: &Path) -> (Output, Output) {
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     a.insert(0, "check".into());
     let mut qa = a.clone();
@@ -690,7 +690,7 @@ fn run_pair(args: &[&str], ours: &Path, theirs: &Path) -> (Output, Output) {
     (o, q)
 }
 
-fn assert_same(what: &str, o: &Output, q: &Output, stdout: bool, stderr: bool) {
+pub fn assert_same(what: &str, o: &Output, q: &Output, stdout: bool, stderr: bool) {
     assert_eq!(
         o.code,
         q.code,
@@ -718,7 +718,7 @@ fn assert_same(what: &str, o: &Output, q: &Output, stdout: bool, stderr: bool) {
     }
 }
 
-fn json_numbers(out: &Output) -> serde_json::Value {
+pub fn json_numbers(out: &Output) -> serde_json::Value {
     let mut v: serde_json::Value = serde_json::from_str(&out.stdout_str())
         .unwrap_or_else(|e| panic!("bad JSON ({e}):\n{}", out.describe()));
     if let Some(m) = v.as_object_mut() {
@@ -729,7 +729,7 @@ fn json_numbers(out: &Output) -> serde_json::Value {
 }
 
 /// The guest content as raw bytes (`None` if qemu-img cannot read the image).
-fn guest_bytes(s: &Scratch, img: &Path, tag: &str) -> Option<Vec<u8>> {
+pub fn guest_bytes(s: &Scratch, img: &Path, tag: &str) -> Option<Vec<u8>> {
     let raw = s.path(&format!("{tag}.raw"));
     let out = qemu_img([
         "convert".as_ref(),
@@ -744,7 +744,7 @@ fn guest_bytes(s: &Scratch, img: &Path, tag: &str) -> Option<Vec<u8>> {
         .then(|| std::fs::read(&raw).expect("read raw"))
 }
 
-fn copy(s: &Scratch, img: &Path, tag: &str) -> PathBuf {
+pub fn copy(s: &Scratch, img: &Path, tag: &str) -> PathBuf {
     let p = s.path(&format!("{tag}.qcow2"));
     std::fs::copy(img, &p).expect("copy image");
     p

@@ -27,6 +27,7 @@ pub mod images;
 pub mod lying;
 pub mod malformed;
 pub mod ops;
+pub mod repair_overlap;
 
 /// Our tool must finish any command within this time, whatever the input.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(10);

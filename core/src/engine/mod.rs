@@ -20,7 +20,7 @@ use crate::compress::{CompressedSource, DecompressError, Decompressor};
 use crate::device::BlockDevice;
 use crate::error::corrupt;
 use crate::format::{
-    AutoclearFeatures, ClusterKind, CompressedDescriptor, CompressionType, ExtensionHeader,
+    AutoclearFeatures, ClusterKind, CompressedDescriptor, CompressionType, ExtensionWalk,
     FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, IncompatibleFeatures, L1Entry,
     L2Entry, L2Format, MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, SNAPSHOT_FIXED_LEN,
     SnapshotEntryLayout, extension,
@@ -37,8 +37,6 @@ pub const DEFAULT_SLICES: usize = 8;
 pub const MAX_DATA_FILE_NAME_LEN: usize = 1023;
 /// The buffer a stored file name (backing or external data file) is read into.
 const NAME_BUF: usize = 1023;
-/// Most header extensions the engine walks (QEMU writes at most a handful).
-pub const MAX_EXTENSIONS: u32 = 4096;
 
 /// Buffers the caller supplies to [`Image::open`].
 #[derive(Debug)]
@@ -154,19 +152,7 @@ pub struct SnapshotEntry {
     pub name: StoredName,
 }
 
-/// The bitmaps header extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct BitmapsExtension {
-    /// Number of bitmaps.
-    pub nb_bitmaps: u32,
-    /// Size of the bitmap directory in bytes.
-    pub directory_size: u64,
-    /// Host offset of the bitmap directory.
-    pub directory_offset: u64,
-    /// Host offset of the extension's own 8-byte header (in the first cluster).
-    pub extension_at: u64,
-}
+pub use crate::format::bitmap::BitmapsExtension;
 
 /// Everything the engine knows about one qcow2 image of the chain after opening it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

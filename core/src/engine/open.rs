@@ -2,6 +2,7 @@
 //! backing chain resolved image by image through the caller's [`Resolver`].
 
 use super::*;
+use crate::format::bitmap::{DIR_ENTRY_LEN, DirectoryWalk};
 
 /// Reads the qcow2 header and extensions of `dev` and validates them.
 pub(crate) fn open_qcow2<D: BlockDevice>(
@@ -34,26 +35,17 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         feature_table: None,
         bitmaps: None,
     };
-    // Header extensions: from the end of the header to the backing file name (or the end of cluster 0).
+    // Header extensions: the one walk of the extension area (format::ExtensionWalk), as check sees them.
     {
-        let end = header.extensions_end();
-        let mut off = u64::from(header.header_length);
-        let mut count = 0u32;
-        while off.checked_add(8).is_some_and(|e| e <= end) {
-            count = count.saturating_add(1);
-            if count > MAX_EXTENSIONS {
-                return Err(Error::InvalidHeader {
-                    field: "header extensions",
-                    value: count.into(),
-                    problem: "too many header extensions",
-                });
-            }
+        let mut walk = ExtensionWalk::new(&header);
+        while let Some(off) = walk.next_at() {
             let mut raw = [0u8; 8];
             read_bytes(dev, bounce, off, &mut raw)?;
-            let (ext, next) = ExtensionHeader::parse::<D::Error>(raw, off, end)?;
-            let data = off.saturating_add(8);
+            let Some(ext) = walk.advance::<D::Error>(raw)? else {
+                break;
+            };
+            let data = ext.data_at;
             match ext.magic {
-                extension::END => break,
                 extension::BACKING_FORMAT => {
                     let len = ext.len as usize;
                     if len > MAX_BACKING_FORMAT_LEN {
@@ -73,46 +65,30 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
                         len: ext.len,
                     });
                 }
-                extension::BITMAPS
-                    if header
-                        .autoclear_features
-                        .contains(AutoclearFeatures::BITMAPS) =>
-                {
-                    if ext.len != 24 {
+                extension::BITMAPS => {
+                    if ext.len != BitmapsExtension::LEN {
                         return Err(Error::InvalidHeader {
                             field: "bitmaps extension length",
                             value: ext.len.into(),
                             problem: "must be 24",
                         });
                     }
-                    let mut b = [0u8; 24];
-                    read_bytes(dev, bounce, data, &mut b)?;
-                    let nb_bitmaps = (be64(&b, 0) >> 32) as u32;
-                    let reserved = be64(&b, 0) as u32;
-                    let directory_size = be64(&b, 8);
-                    let directory_offset = be64(&b, 16);
-                    if nb_bitmaps == 0 || nb_bitmaps > 65535 || reserved != 0 {
-                        return Err(Error::InvalidHeader {
-                            field: "nb_bitmaps",
-                            value: nb_bitmaps.into(),
-                            problem: "bitmaps extension is invalid",
-                        });
-                    }
-                    if directory_offset & header.cluster_size().wrapping_sub(1) != 0
-                        || directory_size > 64 << 20
+                    // Without the autoclear bit the extension is stale: QEMU ignores it.
+                    if header
+                        .autoclear_features
+                        .contains(AutoclearFeatures::BITMAPS)
                     {
-                        return Err(Error::InvalidHeader {
-                            field: "bitmap_directory_offset",
-                            value: directory_offset,
-                            problem: "bitmap directory is unaligned or too large",
-                        });
+                        let mut b = [0u8; 24];
+                        read_bytes(dev, bounce, data, &mut b)?;
+                        let ext = BitmapsExtension::parse(&b, header.cluster_size(), ext.header_at)
+                            .map_err(|(problem, value)| Error::InvalidHeader {
+                                field: "bitmaps extension",
+                                value,
+                                problem,
+                            })?;
+                        validate_bitmap_directory(dev, bounce, &header, &ext)?;
+                        meta.bitmaps = Some(ext);
                     }
-                    meta.bitmaps = Some(BitmapsExtension {
-                        nb_bitmaps,
-                        directory_size,
-                        directory_offset,
-                        extension_at: off,
-                    });
                 }
                 extension::DATA_FILE => {
                     if ext.len as usize > MAX_DATA_FILE_NAME_LEN {
@@ -129,7 +105,6 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
                 }
                 _ => {}
             }
-            off = next;
         }
     }
     let unknown = header.unknown_incompatible();
@@ -146,6 +121,29 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         });
     }
     Ok(meta)
+}
+
+/// Reads the bitmap directory `ext` names and validates every entry as QEMU does when it opens the image
+/// (`bitmap_list_load`): at most [`crate::format::bitmap::MAX_BITMAPS`] entries of a directory of at most
+/// 64 MiB, each table within QEMU's size limits. The tables themselves are not read.
+pub(super) fn validate_bitmap_directory<D: BlockDevice>(
+    dev: &mut D,
+    bounce: &mut [u8],
+    header: &Header,
+    ext: &BitmapsExtension,
+) -> Result<(), Error<D::Error>> {
+    let invalid = |(problem, value)| Error::InvalidHeader {
+        field: "bitmap directory entry",
+        value,
+        problem,
+    };
+    let mut walk = DirectoryWalk::new(ext, header.cluster_size(), header.size);
+    while let Some(at) = walk.next_at() {
+        let mut raw = [0u8; DIR_ENTRY_LEN];
+        read_bytes(dev, bounce, at, &mut raw)?;
+        walk.advance(&raw).map_err(invalid)?;
+    }
+    walk.finish().map_err(invalid)
 }
 
 /// Looks a feature up in the feature name table.

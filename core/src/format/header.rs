@@ -169,7 +169,7 @@ impl Header {
     /// [`HEADER_READ_LEN`] bytes, or the whole image if it is shorter).
     ///
     /// Checks everything that can be checked without reading further: QEMU's limits at open and the
-    /// specification's rules. Header extensions are parsed separately ([`super::ExtensionHeader`]).
+    /// specification's rules. Header extensions are walked separately ([`super::ExtensionWalk`]).
     pub fn parse<E>(bytes: &[u8]) -> Result<Header, Error<E>> {
         let magic = be32(bytes, 0);
         if magic != MAGIC || bytes.len() < 8 {

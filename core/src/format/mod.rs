@@ -1,14 +1,17 @@
 //! On-disk types and nothing else: pure functions over byte slices, no I/O.
 //!
-//! Parsing validates fully once ([`Header::parse`], [`ExtensionHeader::parse`]); the entry decoders
+//! Parsing validates fully once ([`Header::parse`], [`ExtensionWalk`]); the entry decoders
 //! ([`L1Entry`], [`L2Entry`], [`CompressedDescriptor`], [`refcount_get`]) take raw words and report anything
 //! invalid as a typed result, never a panic.
 
+pub mod bitmap;
 mod entry;
+mod extensions;
 mod header;
 mod snapshot;
 
 pub use entry::*;
+pub use extensions::*;
 pub use header::*;
 pub(crate) use header::{be32, be64};
 pub use snapshot::*;
@@ -125,53 +128,6 @@ pub mod extension {
     pub const ENCRYPTION: u32 = 0x0537_be77;
     /// External data file name.
     pub const DATA_FILE: u32 = 0x4441_5441;
-}
-
-/// The 8-byte header of one header extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct ExtensionHeader {
-    /// Extension type ([`extension`]).
-    pub magic: u32,
-    /// Length of the data that follows (without padding).
-    pub len: u32,
-}
-
-impl ExtensionHeader {
-    /// Decodes an extension header at `offset` in cluster 0 and checks that its data ends by `end`. Returns the
-    /// header and the offset of the next extension (data padded to 8 bytes).
-    pub fn parse<E>(
-        bytes: [u8; 8],
-        offset: u64,
-        end: u64,
-    ) -> Result<(ExtensionHeader, u64), crate::Error<E>> {
-        let [a, b, c, d, e, f, g, h] = bytes;
-        let magic = u32::from_be_bytes([a, b, c, d]);
-        let len = u32::from_be_bytes([e, f, g, h]);
-        let data =
-            offset
-                .checked_add(8)
-                .filter(|&d| d <= end)
-                .ok_or(crate::Error::InvalidHeader {
-                    field: "header extension",
-                    value: offset,
-                    problem: "extension header past the end of the extension area",
-                })?;
-        if u64::from(len) > end.saturating_sub(data) {
-            return Err(crate::Error::InvalidHeader {
-                field: "header extension length",
-                value: len.into(),
-                problem: "extension runs past the end of the extension area",
-            });
-        }
-        let next = data.saturating_add(u64::from(len).next_multiple_of(8));
-        Ok((ExtensionHeader { magic, len }, next))
-    }
-
-    /// The 8 bytes on disk: type, then length, big-endian.
-    pub fn emit(self) -> [u8; 8] {
-        ((u64::from(self.magic) << 32) | u64::from(self.len)).to_be_bytes()
-    }
 }
 
 /// Length of one feature name table entry.

@@ -1,51 +1,8 @@
 //! Persistent bitmaps: the engine does not keep dirty bitmaps up to date, so before its first write it
-//! disowns them (the bitmaps extension is ended and, when the directory is valid, its clusters are freed).
+//! disowns them (the bitmaps extension is ended and, when the directory is valid, the clusters it owns are
+//! freed). The directory's format and QEMU's limits are `format::bitmap`'s.
 
 use super::*;
-
-/// A bitmap directory entry, as far as freeing it goes.
-pub(super) struct BitmapEntry {
-    pub(super) table: u64,
-    pub(super) entries: u64,
-    pub(super) next: u64,
-}
-
-impl BitmapEntry {
-    /// The directory entry at `pos` whose first 24 bytes are `e` (the directory ends at `end`), if it is
-    /// valid.
-    pub(super) fn parse(
-        e: &[u8; 24],
-        pos: u64,
-        end: u64,
-        cluster_size: u64,
-    ) -> Option<BitmapEntry> {
-        let table = be64(e, 0);
-        let entries = u64::from(be32(e, 8));
-        let kind = e.get(16).copied().unwrap_or(0);
-        let granularity = e.get(17).copied().unwrap_or(0);
-        let name = u64::from(be32(e, 16) & 0xffff);
-        let extra = u64::from(be32(e, 20));
-        let len = 24u64
-            .saturating_add(extra)
-            .saturating_add(name)
-            .checked_next_multiple_of(8)
-            .unwrap_or(u64::MAX);
-        let valid = table != 0
-            && table & cluster_size.wrapping_sub(1) == 0
-            && table & !OFFSET_MASK == 0
-            && kind == 1
-            && (9..=31).contains(&granularity)
-            && (1..=1023).contains(&name)
-            && extra <= 1024
-            && entries <= 1 << 24;
-        let next = pos.saturating_add(len);
-        (valid && next <= end).then_some(BitmapEntry {
-            table,
-            entries,
-            next,
-        })
-    }
-}
 
 impl<D, B, const SLICES: usize> Meta<'_, D, B, SLICES>
 where
@@ -55,7 +12,11 @@ where
     /// The engine does not keep dirty bitmaps up to date, so before its first write it disowns them (their
     /// autoclear bit is already cleared and durable): the bitmaps extension is ended where it is the last
     /// extension, and the directory, tables and bitmap clusters are freed. Anything that does not look exactly
-    /// like a valid bitmap directory is left alone (leaked, never freed twice).
+    /// like a valid bitmap directory is left alone (leaked, never freed twice), and so is a bitmap table whose
+    /// clusters are not each owned once (shared with another bitmap, or already freed).
+    ///
+    /// The directory was validated when the image was opened (QEMU's limits: at most 65535 entries, each table
+    /// at most 512 MiB of bitmap data); tables are read a chunk at a time, and each owned table once.
     pub(super) fn drop_bitmaps(&mut self, b: BitmapsExtension) -> Result<(), Error<D::Error>> {
         let cs = self.g.cluster_size;
         let next = b.extension_at.saturating_add(8 + 24);
@@ -66,45 +27,58 @@ where
         }
         self.write_header(b.extension_at, &[0u8; 8])?;
         // Validate the whole directory before freeing anything.
-        let end = b.directory_offset.saturating_add(b.directory_size);
-        let mut pos = b.directory_offset;
-        let mut count = 0u32;
-        while pos < end {
-            let Some(e) = self.bitmap_entry(pos, end)? else {
+        let disk_size = self.header.size;
+        let mut walk = DirectoryWalk::new(&b, cs, disk_size);
+        while walk.next_at().is_some() {
+            if self.bitmap_entry(&mut walk)?.is_none() {
                 return Ok(());
-            };
-            pos = e.next;
-            count = count.saturating_add(1);
+            }
         }
-        if count != b.nb_bitmaps {
+        if walk.finish().is_err() {
             return Ok(());
         }
-        let mut pos = b.directory_offset;
-        while pos < end {
-            let Some(BitmapEntry {
-                table,
-                entries,
-                next,
-            }) = self.bitmap_entry(pos, end)?
-            else {
+        let mut walk = DirectoryWalk::new(&b, cs, disk_size);
+        while walk.next_at().is_some() {
+            let Some(entry) = self.bitmap_entry(&mut walk)? else {
                 return Ok(());
             };
-            for i in 0..entries {
-                let mut w = [0u8; 8];
+            let table = entry.table_offset;
+            let bytes = entry.table_bytes();
+            let clusters = ceil_div(bytes, cs);
+            let mut owned = true;
+            for c in 0..clusters {
+                let host = table.saturating_add(c.saturating_mul(cs));
+                if host > MAX_HOST_OFFSET || self.refcount(host >> self.g.cluster_bits)? != 1 {
+                    owned = false;
+                    break;
+                }
+            }
+            if !owned {
+                continue;
+            }
+            let mut chunk = [0u8; STACK_CHUNK];
+            let mut done = 0u64;
+            while done < bytes {
+                let n = (STACK_CHUNK as u64).min(bytes.saturating_sub(done)) as usize;
+                let part = chunk.get_mut(..n).unwrap_or(&mut []);
                 read_bytes(
                     self.dev,
                     bounce_of(self.bounce, 0),
-                    table.saturating_add(i.saturating_mul(8)),
-                    &mut w,
+                    table.saturating_add(done),
+                    part,
                 )?;
-                let host = u64::from_be_bytes(w) & OFFSET_MASK;
-                self.free_owned(host)?;
+                for k in 0..n / 8 {
+                    if let BitmapTableEntry::Data(host) =
+                        BitmapTableEntry::decode(be64(&chunk, k.saturating_mul(8)), cs)
+                    {
+                        self.free_owned(host)?;
+                    }
+                }
+                done = done.saturating_add(n as u64);
             }
-            let clusters = ceil_div(entries.saturating_mul(8), cs);
             for c in 0..clusters {
                 self.free_owned(table.saturating_add(c.saturating_mul(cs)))?;
             }
-            pos = next;
         }
         let clusters = ceil_div(b.directory_size, cs);
         for c in 0..clusters {
@@ -113,18 +87,17 @@ where
         Ok(())
     }
 
-    /// One bitmap directory entry at `pos`: (table offset, table entries, next entry), if it is valid.
+    /// The next bitmap directory entry of `walk`, if it is valid (format::bitmap::DirectoryWalk's rules).
     pub(super) fn bitmap_entry(
         &mut self,
-        pos: u64,
-        end: u64,
-    ) -> Result<Option<BitmapEntry>, Error<D::Error>> {
-        let mut e = [0u8; 24];
-        if pos.saturating_add(24) > end {
+        walk: &mut DirectoryWalk,
+    ) -> Result<Option<BitmapDirEntry>, Error<D::Error>> {
+        let Some(at) = walk.next_at() else {
             return Ok(None);
-        }
-        read_bytes(self.dev, bounce_of(self.bounce, 0), pos, &mut e)?;
-        Ok(BitmapEntry::parse(&e, pos, end, self.g.cluster_size))
+        };
+        let mut raw = [0u8; DIR_ENTRY_LEN];
+        read_bytes(self.dev, bounce_of(self.bounce, 0), at, &mut raw)?;
+        Ok(walk.advance(&raw).ok().map(|e| e.entry))
     }
 
     /// Lowers the refcount of the cluster at `host` if it is exactly 1 (a bitmap cluster is never shared).

@@ -33,6 +33,7 @@
 use super::{Meta, split_bounce};
 use crate::Error;
 use crate::device::BlockDeviceWrite;
+use crate::format::bitmap::{DIR_ENTRY_LEN, DirectoryWalk};
 use crate::format::{
     AutoclearFeatures, ClusterKind, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET,
     MAX_SNAPSHOT_EXTRA, MAX_SNAPSHOT_TABLE_BYTES, OFFSET_MASK, REFTABLE_OFFSET_MASK,
@@ -377,16 +378,11 @@ where
         if let Some(b) = self.bitmaps
             && self.bitmaps_live()
         {
-            let end = b.directory_offset.saturating_add(b.directory_size);
-            let mut pos = b.directory_offset;
-            while pos < end {
-                let Some(e) = self.bitmap_entry(pos, end)? else {
-                    break;
-                };
-                if cluster_in(host, cs, e.table, e.entries.saturating_mul(8)) {
+            let mut walk = DirectoryWalk::new(&b, cs, self.header.size);
+            while let Some(e) = self.bitmap_entry(&mut walk)? {
+                if cluster_in(host, cs, e.table_offset, e.table_bytes()) {
                     names.bitmap_tables = names.bitmap_tables.saturating_add(1);
                 }
-                pos = e.next;
             }
         }
         Ok(names)
@@ -566,21 +562,16 @@ where
         if let Some(b) = self.bitmaps
             && self.bitmaps_live()
         {
-            let end = b.directory_offset.saturating_add(b.directory_size);
-            let mut pos = b.directory_offset;
-            while pos < end {
-                let Some(e) = self.bitmap_entry(pos, end)? else {
-                    break;
-                };
-                let clusters = ceil_div(e.entries.saturating_mul(8), cs);
+            let mut walk = DirectoryWalk::new(&b, cs, self.header.size);
+            while let Some(e) = self.bitmap_entry(&mut walk)? {
+                let clusters = ceil_div(e.table_bytes(), cs);
                 for k in 0..clusters {
                     self.verify_named(
-                        e.table.saturating_add(k.saturating_mul(cs)),
+                        e.table_offset.saturating_add(k.saturating_mul(cs)),
                         Structure::BitmapTable,
                         &mut scans,
                     )?;
                 }
-                pos = e.next;
             }
         }
         Ok(())
@@ -889,20 +880,21 @@ where
             at = at.saturating_add(s.entry_len());
         }
         if let Some(b) = bitmaps {
-            let end = b.directory_offset.saturating_add(b.directory_size);
-            let mut pos = b.directory_offset;
-            while fits && pos.saturating_add(24) <= end {
-                let mut e = [0u8; 24];
-                read_part(dev, bounce, pos, &mut e)?;
-                let Some(entry) = super::bitmaps::BitmapEntry::parse(&e, pos, end, cs) else {
+            let mut walk = DirectoryWalk::new(&b, cs, h.size);
+            while fits {
+                let Some(at) = walk.next_at() else {
+                    break;
+                };
+                let mut raw = [0u8; DIR_ENTRY_LEN];
+                read_part(dev, bounce, at, &mut raw)?;
+                let Ok(found) = walk.advance(&raw) else {
                     break;
                 };
                 fits = list.push_range(
-                    entry.table,
-                    entry.entries.saturating_mul(8),
+                    found.entry.table_offset,
+                    found.entry.table_bytes(),
                     Structure::BitmapTable,
                 );
-                pos = entry.next;
             }
         }
         if !fits {

@@ -207,6 +207,9 @@ pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) 
     };
     let report = match result {
         Ok(r) => r,
+        Err(Error::Unsupported { what, .. }) if what == qcow2_core::check::FILE_TOO_LARGE => {
+            return failed(1, format!("Check failed: {what}"));
+        }
         Err(
             e @ (Error::InvalidHeader { .. }
             | Error::NotQcow2 { .. }
