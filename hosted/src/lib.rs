@@ -2,6 +2,10 @@
 //! whose commands print what `qemu-img` and `qemu-io` (QEMU 10) print, so that the two can be compared text
 //! for text.
 //!
+//! Programs open images with [`Qcow2File`] (a `std::io` file over the guest view; [`OpenOptions`] for
+//! read-write, format and cache mode) or share one between threads with [`shared::SharedDisk`]; errors are
+//! [`DiskError`]s with an [`ErrorKind`].
+//!
 //! The commands see images only through [`disk::VirtualDisk`] and [`disk::ImageInfo`]; [`open::open_disk`]
 //! picks the implementation (raw files here, qcow2 through the engine).
 
@@ -20,9 +24,14 @@ pub mod map;
 pub mod open;
 pub mod progress;
 pub mod qcow2_disk;
+pub mod qcow2_file;
 pub mod raw_disk;
 pub mod shared;
 pub mod size;
+
+pub use cache::CacheMode;
+pub use disk::{DiskError, ErrorKind};
+pub use qcow2_file::{CreateOptions, ImageFormat, OpenOptions, Qcow2File};
 
 use std::ffi::OsString;
 use std::io::Write;

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Read;
 
 use crate::cache::CacheMode;
-use crate::disk::{DiskError, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
+use crate::disk::{DiskError, ErrorKind, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
 use crate::raw_disk::RawDisk;
 
 /// The first four bytes of every qcow2 image.
@@ -51,52 +51,55 @@ fn open_probed(
     format: Option<&str>,
     write: bool,
 ) -> Result<(File, &'static str), DiskError> {
-    let fail = DiskError::new;
     match format {
         None | Some("raw") | Some("qcow2") => {}
-        Some(other) => return Err(fail(format!("Unknown driver '{other}'"))),
+        Some(other) => {
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                format!("Unknown driver '{other}'"),
+            ));
+        }
     }
-    let md = std::fs::metadata(path).map_err(|e| {
-        fail(format!(
-            "Could not open '{path}': {}",
-            DiskError::os_text(&e)
-        ))
-    })?;
+    let os_fail = |e: std::io::Error| {
+        DiskError::io(
+            &e,
+            format!("Could not open '{path}': {}", DiskError::os_text(&e)),
+        )
+    };
+    let md = std::fs::metadata(path).map_err(os_fail)?;
     if !md.is_file() {
-        return Err(fail(format!(
-            "'file' driver requires '{path}' to be a regular file"
-        )));
+        return Err(DiskError::with_kind(
+            ErrorKind::InvalidArgument,
+            format!("'file' driver requires '{path}' to be a regular file"),
+        ));
     }
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(write)
         .open(path)
-        .map_err(|e| {
-            fail(format!(
-                "Could not open '{path}': {}",
-                DiskError::os_text(&e)
-            ))
-        })?;
+        .map_err(os_fail)?;
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < 4 {
         match file.read(&mut magic[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => return Err(fail(DiskError::os_text(&e))),
+            Err(e) => return Err(DiskError::from(e)),
         }
     }
     let is_qcow2 = got == 4 && magic == QCOW2_MAGIC;
     match format {
         Some("qcow2") | None if is_qcow2 => Ok((file, "qcow2")),
-        Some("qcow2") => Err(fail("Image is not in qcow2 format".to_string())),
+        Some("qcow2") => Err(DiskError::with_kind(
+            ErrorKind::InvalidImage,
+            "Image is not in qcow2 format",
+        )),
         _ => Ok((file, "raw")),
     }
 }
 
 fn raw_chain(path: &str) -> Result<Vec<ImageInfo>, DiskError> {
-    let child = FileChildInfo::from_path(path, std::path::Path::new(path))
-        .map_err(|e| DiskError::new(e.0))?;
+    let child = FileChildInfo::from_path(path, std::path::Path::new(path))?;
     Ok(vec![ImageInfo::raw(path, child)])
 }
 
