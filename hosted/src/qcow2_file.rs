@@ -279,7 +279,7 @@ impl Qcow2File {
     ///     ..CreateOptions::default()
     /// };
     /// let image = Qcow2File::create_with(&path, &options)?;
-    /// assert_eq!(image.chain()[0].cluster_size, Some(4096));
+    /// assert_eq!(image.image_info()[0].cluster_size, Some(4096));
     /// image.close()?;
     /// # std::fs::remove_file(&path)?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -343,7 +343,7 @@ impl Qcow2File {
     }
 
     /// What `qemu-img info` shows about each image of the chain, this image first.
-    pub fn chain(&self) -> &[ImageInfo] {
+    pub fn image_info(&self) -> &[ImageInfo] {
         &self.chain
     }
 
@@ -440,9 +440,11 @@ impl Qcow2File {
         self.written()
     }
 
-    /// Discards `len` bytes at `offset`: a hint that their content is no longer needed. Clusters wholly
-    /// inside the range are released and then read as the backing file does (zeros without one); other
-    /// bytes may keep their content.
+    /// Discards `len` bytes at `offset`: a hint that their content is no longer needed, treated as QEMU's
+    /// qcow2 driver treats it. Clusters wholly inside the range are released and read as zeros afterwards
+    /// (also over a backing file, in a version 3 image); bytes of partly covered clusters, and clusters of a
+    /// version 2 image with a backing file, keep their content. Use [`write_zeroes`](Self::write_zeroes)
+    /// for bytes that must read as zeros.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_range(offset, len)?;
         if len == 0 {
