@@ -181,6 +181,7 @@ fn scripted_writes_equal_a_raw_file_and_qemu_io() {
         "discard 262144 65536",
         "write -P 0x64 65536 65536",
         "write -z 2097152 1048576",
+        "write -c -P 0x65 1048576 131072",
     ]
     .map(String::from)
     .to_vec();
@@ -203,10 +204,23 @@ fn scripted_writes_equal_a_raw_file_and_qemu_io() {
     f.discard(262144, 65536).unwrap();
     f.write_at(65536, &[0x64; 65536]).unwrap();
     f.write_zeroes(2 << 20, 1 << 20, false).unwrap();
+    f.write_compressed_at(1 << 20, &[0x65; 131072]).unwrap();
+    assert_eq!(
+        f.write_compressed_at((1 << 20) + 512, &[0x65; 65536])
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidArgument,
+        "a misaligned compressed write"
+    );
     f.flush().unwrap();
     f.close().unwrap();
 
-    qemu_io_cmds(&raw, "raw", &cmds);
+    // A raw file takes no compressed writes: the same bytes, plainly.
+    let raw_cmds: Vec<String> = cmds
+        .iter()
+        .map(|c| c.replace("write -c ", "write "))
+        .collect();
+    qemu_io_cmds(&raw, "raw", &raw_cmds);
     qemu_io_cmds(&twin, "qcow2", &cmds);
     assert_check_clean(&ours, "the scripted writes");
     assert_same_guest(&ours, "qcow2", &raw, "raw", "against the raw file");
