@@ -49,6 +49,13 @@ impl CacheMode {
         direct: false,
     };
 
+    /// `unsafe`.
+    pub const UNSAFE: CacheMode = CacheMode {
+        writethrough: false,
+        no_flush: true,
+        direct: false,
+    };
+
     /// Parses a mode name as QEMU does (`bdrv_parse_cache_mode`: exact, lower-case names; `off` is `none`).
     /// The mode replaces whatever was chosen before.
     pub fn parse(mode: &str) -> Option<CacheMode> {

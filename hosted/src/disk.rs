@@ -7,15 +7,89 @@
 
 use std::fmt;
 
-/// An error from an image, carrying a one-line message in QEMU's words (for example
-/// "Could not open 'x': No such file or directory").
+/// What kind of failure a [`DiskError`] is, for programs that react to it (the message is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The host refused or failed an operation on a file (open, read, write, sync); the OS error's kind,
+    /// e.g. [`std::io::ErrorKind::NotFound`] for a missing image or backing file.
+    Io(std::io::ErrorKind),
+    /// The file is not an image of the expected format, or its header (or a header extension) holds a
+    /// value no valid image has.
+    InvalidImage,
+    /// Metadata found while working is inconsistent (QEMU would mark the image corrupt), or the image's
+    /// corrupt bit is set and it was asked for writing.
+    Corrupt,
+    /// A valid image, or a request, that uses something this library does not do (a feature bit, a
+    /// compression method, a protocol name, a backing chain deeper than the engine's limit, ...).
+    Unsupported,
+    /// A request outside the virtual disk (images do not grow by writing past their end).
+    OutOfRange,
+    /// A write to an image opened read-only (or that may only be opened read-only).
+    ReadOnly,
+    /// The image cannot grow any further (host offsets or the refcount table past their limits).
+    NoSpace,
+    /// A request or option that is malformed (a misaligned compressed write, an unknown format name, ...).
+    InvalidArgument,
+    /// Anything else (the message says what).
+    Other,
+}
+
+impl ErrorKind {
+    /// The [`std::io::ErrorKind`] a [`std::io::Error`] made from this kind carries.
+    pub fn io_kind(self) -> std::io::ErrorKind {
+        use std::io::ErrorKind as Io;
+        match self {
+            ErrorKind::Io(kind) => kind,
+            ErrorKind::InvalidImage | ErrorKind::Corrupt => Io::InvalidData,
+            ErrorKind::Unsupported => Io::Unsupported,
+            ErrorKind::OutOfRange | ErrorKind::InvalidArgument => Io::InvalidInput,
+            ErrorKind::ReadOnly => Io::PermissionDenied,
+            ErrorKind::NoSpace => Io::StorageFull,
+            ErrorKind::Other => Io::Other,
+        }
+    }
+}
+
+/// An error from an image: a one-line message in QEMU's words (for example "Could not open 'x': No such
+/// file or directory"), which is what it displays, and its [`ErrorKind`].
+///
+/// The message is the public field `.0` (also [`DiskError::message`]); the kind is set by the constructor
+/// and read with [`DiskError::kind`]. It converts into a [`std::io::Error`] of the matching
+/// [`std::io::ErrorKind`] (see [`ErrorKind::io_kind`]) that displays the same message and gives the
+/// `DiskError` back through [`std::io::Error::get_ref`]; converting that back yields the original error.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskError(pub String);
+pub struct DiskError(pub String, ErrorKind);
 
 impl DiskError {
-    /// Wraps a message.
+    /// Wraps a message, of kind [`ErrorKind::Other`].
     pub fn new(msg: impl Into<String>) -> DiskError {
-        DiskError(msg.into())
+        DiskError(msg.into(), ErrorKind::Other)
+    }
+
+    /// Wraps a message of the given kind.
+    pub fn with_kind(kind: ErrorKind, msg: impl Into<String>) -> DiskError {
+        DiskError(msg.into(), kind)
+    }
+
+    /// An OS error with `msg` as its message, of kind [`ErrorKind::Io`] with the error's own kind.
+    pub fn io(e: &std::io::Error, msg: impl Into<String>) -> DiskError {
+        DiskError(msg.into(), ErrorKind::Io(e.kind()))
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.1
+    }
+
+    /// The one-line message (what [`fmt::Display`] prints).
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+
+    /// The same error with its message replaced by `f(message)` (a context prefix, say); the kind stays.
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> DiskError {
+        DiskError(f(self.0), self.1)
     }
 
     /// The message for an OS error the way C's `strerror` words it ("No such file or directory"), without
@@ -36,6 +110,26 @@ impl fmt::Display for DiskError {
 }
 
 impl std::error::Error for DiskError {}
+
+impl From<std::io::Error> for DiskError {
+    /// An OS error: its strerror text and [`ErrorKind::Io`]; a `std::io::Error` made from a `DiskError`
+    /// gives that error back.
+    fn from(e: std::io::Error) -> DiskError {
+        let kind = ErrorKind::Io(e.kind());
+        let text = DiskError::os_text(&e);
+        match e.into_inner().map(|inner| inner.downcast::<DiskError>()) {
+            Some(Ok(disk)) => *disk,
+            Some(Err(_)) | None => DiskError(text, kind),
+        }
+    }
+}
+
+impl From<DiskError> for std::io::Error {
+    /// An I/O error of [`ErrorKind::io_kind`] that displays the message and holds the `DiskError`.
+    fn from(e: DiskError) -> std::io::Error {
+        std::io::Error::new(e.kind().io_kind(), e)
+    }
+}
 
 /// One extent of a guest range as `qemu-img map` sees it (QEMU's block status of the whole chain). Extents are
 /// reported unmerged; the `map` command merges neighbours the way qemu-img does.
@@ -164,7 +258,7 @@ impl FileChildInfo {
         path: &std::path::Path,
     ) -> Result<FileChildInfo, DiskError> {
         use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(path).map_err(|e| DiskError::new(DiskError::os_text(&e)))?;
+        let md = std::fs::metadata(path).map_err(DiskError::from)?;
         Ok(FileChildInfo {
             filename: display_name.to_string(),
             length: md.len().div_ceil(512) * 512,
@@ -284,7 +378,7 @@ pub fn write_compressed_range(
 ) -> Result<(), DiskError> {
     let len = buf.len() as u64;
     if !in_range(disk, offset, len) {
-        return Err(DiskError::new(EIO));
+        return Err(DiskError::with_kind(ErrorKind::OutOfRange, EIO));
     }
     // A format without compression refuses even an empty request; qcow2 takes it as a no-op.
     let cluster = disk.compressed_cluster_size()?;
@@ -292,12 +386,13 @@ pub fn write_compressed_range(
         return Ok(());
     }
     if cluster == 0 || !offset.is_multiple_of(cluster) {
-        return Err(DiskError::new(EINVAL));
+        return Err(DiskError::with_kind(ErrorKind::InvalidArgument, EINVAL));
     }
     if !len.is_multiple_of(cluster) && offset + len != request_limit(disk) {
-        return Err(DiskError::new(EINVAL));
+        return Err(DiskError::with_kind(ErrorKind::InvalidArgument, EINVAL));
     }
-    let step = usize::try_from(cluster).map_err(|_| DiskError::new(EINVAL))?;
+    let step = usize::try_from(cluster)
+        .map_err(|_| DiskError::with_kind(ErrorKind::InvalidArgument, EINVAL))?;
     for (i, chunk) in buf.chunks(step).enumerate() {
         disk.write_compressed(offset + i as u64 * cluster, chunk)?;
     }

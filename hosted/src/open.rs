@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Read;
 
 use crate::cache::CacheMode;
-use crate::disk::{DiskError, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
+use crate::disk::{DiskError, ErrorKind, FileChildInfo, ImageInfo, VirtualDisk, VirtualDiskWrite};
 use crate::file::OpenImageError;
 use crate::raw_disk::RawDisk;
 
@@ -52,14 +52,22 @@ fn open_probed(
     format: Option<&str>,
     write: bool,
 ) -> Result<(File, &'static str), DiskError> {
-    let fail = DiskError::new;
     match format {
         None | Some("raw") | Some("qcow2") => {}
-        Some(other) => return Err(fail(format!("Unknown driver '{other}'"))),
+        Some(other) => {
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                format!("Unknown driver '{other}'"),
+            ));
+        }
     }
-    let mut file = crate::file::open_image_file(path, write).map_err(|e| match e {
-        OpenImageError::NotRegular => fail(e.text(path)),
-        OpenImageError::Io(_) => fail(format!("Could not open '{path}': {}", e.text(path))),
+    let mut file = crate::file::open_image_file(path, write).map_err(|e| match &e {
+        OpenImageError::NotRegular => {
+            DiskError::with_kind(ErrorKind::InvalidArgument, e.text(path))
+        }
+        OpenImageError::Io(io) => {
+            DiskError::io(io, format!("Could not open '{path}': {}", e.text(path)))
+        }
     })?;
     let mut magic = [0u8; 4];
     let mut got = 0;
@@ -67,20 +75,22 @@ fn open_probed(
         match file.read(&mut magic[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => return Err(fail(DiskError::os_text(&e))),
+            Err(e) => return Err(DiskError::from(e)),
         }
     }
     let is_qcow2 = got == 4 && magic == QCOW2_MAGIC;
     match format {
         Some("qcow2") | None if is_qcow2 => Ok((file, "qcow2")),
-        Some("qcow2") => Err(fail("Image is not in qcow2 format".to_string())),
+        Some("qcow2") => Err(DiskError::with_kind(
+            ErrorKind::InvalidImage,
+            "Image is not in qcow2 format",
+        )),
         _ => Ok((file, "raw")),
     }
 }
 
 fn raw_chain(path: &str) -> Result<Vec<ImageInfo>, DiskError> {
-    let child = FileChildInfo::from_path(path, std::path::Path::new(path))
-        .map_err(|e| DiskError::new(e.0))?;
+    let child = FileChildInfo::from_path(path, std::path::Path::new(path))?;
     Ok(vec![ImageInfo::raw(path, child)])
 }
 

@@ -25,8 +25,8 @@ use qcow2_core::{Error, Source};
 
 use crate::cache::CacheMode;
 use crate::disk::{
-    DiskError, ENOTSUP, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific, SnapshotInfo,
-    VirtualDisk, VirtualDiskWrite,
+    DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific,
+    SnapshotInfo, VirtualDisk, VirtualDiskWrite,
 };
 use crate::file::{FileDevice, OpenImageError, open_image_file};
 
@@ -64,8 +64,9 @@ pub fn combine(base: &str, name: &str) -> String {
     }
 }
 
-fn io_err(msg: String) -> Error<io::Error> {
-    Error::Io(io::Error::other(msg))
+/// A device error of `kind` with `msg` (the kind reaches the caller through [`engine_error`]).
+fn io_err(kind: io::ErrorKind, msg: String) -> Error<io::Error> {
+    Error::Io(io::Error::new(kind, msg))
 }
 
 impl ChainResolver {
@@ -90,14 +91,18 @@ impl ChainResolver {
     ) -> Result<(File, String), Error<io::Error>> {
         let name = String::from_utf8_lossy(raw_name).into_owned();
         if name.is_empty() {
-            return Err(io_err(format!(
-                "Could not open {what}: the image stores an empty file name"
-            )));
+            return Err(io_err(
+                io::ErrorKind::InvalidData,
+                format!("Could not open {what}: the image stores an empty file name"),
+            ));
         }
         if has_protocol(&name) {
-            return Err(io_err(format!(
-                "Could not open {what} '{name}': protocol names are not supported (only plain files are opened)"
-            )));
+            return Err(io_err(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "Could not open {what} '{name}': protocol names are not supported (only plain files are opened)"
+                ),
+            ));
         }
         let base = self.names.get(depth).cloned().unwrap_or_default();
         let full = combine(&base, &name);
@@ -109,18 +114,22 @@ impl ChainResolver {
         } else {
             ""
         };
-        let file = open_image_file(&full, write).map_err(|e| match e {
-            OpenImageError::NotRegular => io_err(format!("{prefix}{}", e.text(&full))),
-            OpenImageError::Io(_) => io_err(format!(
-                "{prefix}Could not open '{full}': {}",
-                e.text(&full)
-            )),
+        let file = open_image_file(&full, write).map_err(|e| match &e {
+            OpenImageError::NotRegular => io_err(
+                io::ErrorKind::InvalidInput,
+                format!("{prefix}{}", e.text(&full)),
+            ),
+            OpenImageError::Io(os) => io_err(
+                os.kind(),
+                format!("{prefix}Could not open '{full}': {}", e.text(&full)),
+            ),
         })?;
         let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
         if self.seen.contains(&canon) {
-            return Err(io_err(format!(
-                "Could not open {what} '{full}': the backing chain loops"
-            )));
+            return Err(io_err(
+                io::ErrorKind::InvalidData,
+                format!("Could not open {what} '{full}': the backing chain loops"),
+            ));
         }
         self.seen.push(canon);
         Ok((file, full))
@@ -133,10 +142,13 @@ impl Resolver<FileDevice> for ChainResolver {
             && fmt != b"qcow2"
             && fmt != b"raw"
         {
-            return Err(io_err(format!(
-                "Could not open backing file: Unknown driver '{}'",
-                String::from_utf8_lossy(fmt)
-            )));
+            return Err(io_err(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "Could not open backing file: Unknown driver '{}'",
+                    String::from_utf8_lossy(fmt)
+                ),
+            ));
         }
         let (file, full) = self.open_named(request.depth, request.name, "backing file", false)?;
         self.names.push(full);
@@ -178,11 +190,32 @@ impl std::fmt::Debug for Qcow2Disk {
     }
 }
 
-/// The engine's message for an error (device errors carry their own text).
+/// The engine's error as a [`DiskError`]: the engine's message (device errors carry their own text and
+/// kind) and the [`ErrorKind`] of the variant ([`engine_error_kind`]).
 pub fn engine_error(e: Error<io::Error>) -> DiskError {
     match e {
-        Error::Io(e) => DiskError::new(DiskError::os_text(&e)),
-        other => DiskError::new(other.to_string()),
+        Error::Io(e) => DiskError::from(e),
+        other => DiskError::with_kind(engine_error_kind(&other), other.to_string()),
+    }
+}
+
+/// The [`ErrorKind`] of an engine error ([`ErrorKind::Other`] for a device error, whose kind only the
+/// device knows: [`engine_error`] takes it from there).
+pub fn engine_error_kind<E>(e: &Error<E>) -> ErrorKind {
+    match e {
+        Error::NotQcow2 { .. } | Error::InvalidHeader { .. } => ErrorKind::InvalidImage,
+        Error::UnsupportedVersion(_)
+        | Error::UnknownIncompatibleFeature { .. }
+        | Error::Unsupported { .. }
+        | Error::BadBlockSize(_)
+        | Error::ChainTooDeep { .. }
+        | Error::NeedsRepair { .. } => ErrorKind::Unsupported,
+        Error::Corrupt { .. } | Error::Decompress { .. } => ErrorKind::Corrupt,
+        Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+        Error::BufferTooSmall { .. } => ErrorKind::InvalidArgument,
+        Error::ReadOnly => ErrorKind::ReadOnly,
+        Error::NoSpace { .. } => ErrorKind::NoSpace,
+        Error::Io(_) | Error::Unavailable { .. } => ErrorKind::Other,
     }
 }
 
@@ -218,10 +251,12 @@ impl Qcow2Disk {
         match qcow2_alloc::open_writable(dev, &mut resolver) {
             Ok(image) => Qcow2Disk::finish(image, resolver, true),
             Err(Error::ReadOnly) => {
-                let file = open_image_file(path, false).map_err(|e| match e {
-                    OpenImageError::NotRegular => DiskError::new(e.text(path)),
-                    OpenImageError::Io(_) => {
-                        DiskError::new(format!("Could not open '{path}': {}", e.text(path)))
+                let file = open_image_file(path, false).map_err(|e| match &e {
+                    OpenImageError::NotRegular => {
+                        DiskError::with_kind(ErrorKind::InvalidArgument, e.text(path))
+                    }
+                    OpenImageError::Io(os) => {
+                        DiskError::io(os, format!("Could not open '{path}': {}", e.text(path)))
                     }
                 })?;
                 Qcow2Disk::open(path, file)
@@ -549,7 +584,7 @@ impl VirtualDiskWrite for Qcow2Disk {
     fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
         match self.top_format() {
             // Compressed clusters cannot live in an external data file.
-            Some((_, _, true)) | None => Err(DiskError::new(ENOTSUP)),
+            Some((_, _, true)) | None => Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP)),
             Some((cluster, _, false)) => Ok(cluster),
         }
     }
@@ -557,11 +592,15 @@ impl VirtualDiskWrite for Qcow2Disk {
     fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check_writable()?;
         let Some((cluster, ty, false)) = self.top_format() else {
-            return Err(DiskError::new(ENOTSUP));
+            return Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP));
         };
-        let cluster = usize::try_from(cluster).map_err(|_| DiskError::new(ENOTSUP))?;
+        let cluster = usize::try_from(cluster)
+            .map_err(|_| DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))?;
         if data.len() > cluster {
-            return Err(DiskError::new(crate::disk::EINVAL));
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                crate::disk::EINVAL,
+            ));
         }
         let compressed = if data.len() == cluster {
             (self.compressor)(ty, data)

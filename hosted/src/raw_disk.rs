@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{FallocateFlags, fallocate};
 
-use crate::disk::{DiskError, EIO, ENOTSUP, MapExtent, VirtualDisk, VirtualDiskWrite};
+use crate::disk::{DiskError, EIO, ENOTSUP, ErrorKind, MapExtent, VirtualDisk, VirtualDiskWrite};
 use crate::file::{probe_extent, read_zero_filled};
 
 /// A raw image: the guest sees the file's bytes, its length rounded up to 512 bytes as QEMU does.
@@ -46,10 +46,7 @@ const PROBE_SIZE: u64 = 512;
 impl RawDisk {
     /// Wraps an open raw file; `name` is how the user named it.
     pub fn new(file: File, name: &str) -> Result<RawDisk, DiskError> {
-        let file_len = file
-            .metadata()
-            .map_err(|e| DiskError::new(DiskError::os_text(&e)))?
-            .len();
+        let file_len = file.metadata().map_err(DiskError::from)?.len();
         Ok(RawDisk {
             file,
             name: name.to_string(),
@@ -85,7 +82,10 @@ impl RawDisk {
         let n = buf.len().min(first.len() - start);
         first[start..start + n].copy_from_slice(&buf[..n]);
         if FOREIGN_MAGICS.iter().any(|m| first.starts_with(m)) {
-            return Err(DiskError::new("Operation not permitted"));
+            return Err(DiskError::with_kind(
+                ErrorKind::Io(std::io::ErrorKind::PermissionDenied),
+                "Operation not permitted",
+            ));
         }
         Ok(())
     }
@@ -99,16 +99,19 @@ impl RawDisk {
 
     fn check(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         if !self.writable {
-            return Err(DiskError::new("Bad file descriptor"));
+            return Err(DiskError::with_kind(
+                ErrorKind::ReadOnly,
+                "Bad file descriptor",
+            ));
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(DiskError::new(EIO));
+            return Err(DiskError::with_kind(ErrorKind::OutOfRange, EIO));
         }
         Ok(())
     }
 
     fn os_err(e: std::io::Error) -> DiskError {
-        DiskError::new(DiskError::os_text(&e))
+        DiskError::from(e)
     }
 
     /// Writes zeros the slow way, in pieces of at most 1 MiB.
@@ -179,11 +182,11 @@ impl VirtualDiskWrite for RawDisk {
     }
 
     fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
-        Err(DiskError::new(ENOTSUP))
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
     fn write_compressed(&mut self, _offset: u64, _data: &[u8]) -> Result<(), DiskError> {
-        Err(DiskError::new(ENOTSUP))
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {
@@ -209,20 +212,19 @@ impl VirtualDisk for RawDisk {
             .checked_add(buf.len() as u64)
             .is_none_or(|end| end > self.size)
         {
-            return Err(DiskError::new("Input/output error"));
+            return Err(DiskError::with_kind(ErrorKind::OutOfRange, EIO));
         }
-        read_zero_filled(&self.file, offset, buf)
-            .map_err(|e| DiskError::new(DiskError::os_text(&e)))
+        read_zero_filled(&self.file, offset, buf).map_err(DiskError::from)
     }
 
     fn map_extent(&mut self, offset: u64, max_len: u64) -> Result<MapExtent, DiskError> {
         let max_len = max_len.min(self.size.saturating_sub(offset));
         if max_len == 0 {
-            return Err(DiskError::new("Input/output error"));
+            return Err(DiskError::with_kind(ErrorKind::OutOfRange, EIO));
         }
         // The padding between the end of the file and the next 512-byte boundary is a hole, as in QEMU.
-        let (data, len) = probe_extent(&self.file, offset, max_len, self.file_len)
-            .map_err(|e| DiskError::new(DiskError::os_text(&e)))?;
+        let (data, len) =
+            probe_extent(&self.file, offset, max_len, self.file_len).map_err(DiskError::from)?;
         Ok(MapExtent {
             start: offset,
             length: len.max(1),

@@ -1,5 +1,8 @@
 //! A thread-safe image handle: several threads read and write one image (and its chain) at once.
 //!
+//! It is the single-threaded [`Qcow2File`]'s disk behind a mutex (`SharedDisk::from(file)`), without the
+//! file position: requests are positional.
+//!
 //! The engine is single-threaded by design (firmware has one), so the handle serializes requests with a
 //! mutex around the opened disk. Each request is atomic with respect to the others: a read never sees half of
 //! a concurrent write to the same range, and the engine's metadata (its slice cache, the dirty slices and
@@ -9,8 +12,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::disk::{DiskError, VirtualDiskWrite};
+use crate::disk::{DiskError, ErrorKind, VirtualDiskWrite};
 use crate::open::open_disk_writable;
+use crate::qcow2_file::Qcow2File;
 
 /// A cloneable, `Send + Sync` handle to an image opened for writing.
 #[derive(Clone)]
@@ -63,10 +67,13 @@ impl SharedDisk {
 
     fn check(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(DiskError::new(format!(
-                "request at offset {offset} of {len} bytes is outside the {} byte image",
-                self.size
-            )));
+            return Err(DiskError::with_kind(
+                ErrorKind::OutOfRange,
+                format!(
+                    "request at offset {offset} of {len} bytes is outside the {} byte image",
+                    self.size
+                ),
+            ));
         }
         Ok(())
     }
@@ -108,6 +115,19 @@ impl SharedDisk {
         match guard.take() {
             Some(disk) => disk.close(),
             None => Ok(()),
+        }
+    }
+}
+
+impl From<Qcow2File> for SharedDisk {
+    /// The file's opened image behind the mutex, for use from several threads (the file's position is
+    /// dropped). Writes are then durable when [`SharedDisk::flush`] or [`SharedDisk::close`] returns,
+    /// whatever the file's cache mode; a read-only file gives a handle whose writes fail with
+    /// [`ErrorKind::ReadOnly`].
+    fn from(file: Qcow2File) -> SharedDisk {
+        SharedDisk {
+            size: file.virtual_size(),
+            inner: Arc::new(Mutex::new(file.into_disk())),
         }
     }
 }
