@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use qcow2_alloc::HeapImage;
 use qcow2_core::engine::{FileRequest, Format, Resolver};
+use qcow2_core::format::bitmap::{FLAG_AUTO, FLAG_IN_USE};
 use qcow2_core::format::{
     AutoclearFeatures, CompatibleFeatures, CompressionType, IncompatibleFeatures,
 };
@@ -25,7 +26,7 @@ use qcow2_core::{Error, Source};
 
 use crate::cache::CacheMode;
 use crate::disk::{
-    DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific,
+    BitmapInfo, DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific,
     SnapshotInfo, VirtualDisk, VirtualDiskWrite,
 };
 use crate::file::{FileDevice, OpenImageError, open_image_file};
@@ -354,6 +355,7 @@ impl Qcow2Disk {
                         .contains(AutoclearFeatures::DATA_FILE_RAW),
                 );
             }
+            spec.bitmaps = self.bitmaps(depth)?;
             let snapshots = self.snapshots(depth, &h)?;
             let backing = self.stored_name(depth, meta.backing_name)?;
             let full_backing = backing.as_ref().map(|b| combine(&name, b));
@@ -422,6 +424,33 @@ impl Qcow2Disk {
     }
 
     /// The internal snapshots of the image at `depth`, as `qemu-img info` lists them.
+    /// The persistent bitmaps of the image at `depth` as `qemu-img info` lists them (`None` when it has none).
+    fn bitmaps(&mut self, depth: usize) -> Result<Option<Vec<BitmapInfo>>, DiskError> {
+        let Some(mut walk) = self.image.bitmap_directory(depth) else {
+            return Ok(None);
+        };
+        let mut list = Vec::new();
+        while let Some((entry, name)) = self
+            .image
+            .read_bitmap_entry(depth, &mut walk)
+            .map_err(engine_error)?
+        {
+            let mut flags = Vec::new();
+            if entry.flags & FLAG_IN_USE != 0 {
+                flags.push("in-use".to_string());
+            }
+            if entry.flags & FLAG_AUTO != 0 {
+                flags.push("auto".to_string());
+            }
+            list.push(BitmapInfo {
+                name: self.stored_name(depth, Some(name))?.unwrap_or_default(),
+                granularity: 1u64 << entry.granularity_bits,
+                flags,
+            });
+        }
+        Ok((!list.is_empty()).then_some(list))
+    }
+
     fn snapshots(
         &mut self,
         depth: usize,

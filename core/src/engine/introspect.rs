@@ -1,7 +1,8 @@
 //! Introspection for tools: the chain's images, stored names, host block status, snapshot table entries,
-//! refcounts and cache statistics.
+//! persistent bitmap directory entries, refcounts and cache statistics.
 
 use super::*;
+use crate::format::bitmap::{BitmapDirEntry, DIR_ENTRY_LEN, DirectoryWalk};
 
 impl<D, B, C, const DEPTH: usize, const SLICES: usize, W> Image<D, B, C, DEPTH, SLICES, W>
 where
@@ -41,6 +42,48 @@ where
             })?;
         read_bytes(&mut layer.dev, self.bounce.as_mut(), name.offset, dst)?;
         Ok(dst)
+    }
+
+    /// The walk over the persistent bitmap directory of the qcow2 image at `depth`, when it has bitmaps
+    /// (the bitmaps extension with its autoclear bit set; the directory was validated when it was opened).
+    /// Read its entries with [`Image::read_bitmap_entry`].
+    pub fn bitmap_directory(&self, depth: usize) -> Option<DirectoryWalk> {
+        let meta = self.layers.get(depth)?.meta?;
+        let ext = meta.bitmaps?;
+        Some(DirectoryWalk::new(
+            &ext,
+            meta.header.cluster_size(),
+            meta.header.size,
+        ))
+    }
+
+    /// The next entry of `walk` (from [`Image::bitmap_directory`]) and where its name is (read it with
+    /// [`Image::read_stored_name`]); `None` after the last one.
+    pub fn read_bitmap_entry(
+        &mut self,
+        depth: usize,
+        walk: &mut DirectoryWalk,
+    ) -> Result<Option<(BitmapDirEntry, StoredName)>, Error<D::Error>> {
+        let Some(at) = walk.next_at() else {
+            return Ok(None);
+        };
+        let layer = layer_at(&mut self.layers, depth)?;
+        let mut raw = [0u8; DIR_ENTRY_LEN];
+        read_bytes(&mut layer.dev, self.bounce.as_mut(), at, &mut raw)?;
+        let found = walk
+            .advance(&raw)
+            .map_err(|(problem, value)| Error::InvalidHeader {
+                field: "bitmap directory entry",
+                value,
+                problem,
+            })?;
+        let name = StoredName {
+            offset: at
+                .saturating_add(DIR_ENTRY_LEN as u64)
+                .saturating_add(found.entry.extra_data_size.into()),
+            len: found.entry.name_size.into(),
+        };
+        Ok(Some((found.entry, name)))
     }
 
     /// Asks the device of the image at `depth` (or its external data file) whether a host range holds data.
