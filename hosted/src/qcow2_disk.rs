@@ -553,11 +553,16 @@ impl VirtualDisk for Qcow2Disk {
                 e.data = true;
                 e.compressed = true;
             }
-            Source::PastEnd => {
-                // The image above reads zeros past its backing file's end; QEMU reports that at its depth.
+            Source::PastEnd { host } => {
+                // The image above reads zeros past its backing file's end; QEMU reports that at its depth,
+                // with the offset of an allocated cluster whose subcluster is unallocated there.
                 e.depth = depth.saturating_sub(1);
                 e.present = false;
                 e.zero = true;
+                e.offset = host;
+                if host.is_some() {
+                    e.file = self.file_name(m.depth.saturating_sub(1), false);
+                }
             }
             Source::Unallocated { host } => {
                 e.present = false;

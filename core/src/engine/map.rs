@@ -231,6 +231,9 @@ where
             });
         }
         let mut limit = len;
+        // The host offset of an unallocated subcluster in an allocated cluster of the image above, which a
+        // backing image that ends before it reports as its own (as QEMU does).
+        let mut above_host = None;
         let count = self.layers.len();
         for depth in first..count {
             let Reader {
@@ -246,7 +249,7 @@ where
                 return Ok(Mapping {
                     depth,
                     len: limit,
-                    source: Source::PastEnd,
+                    source: Source::PastEnd { host: above_host },
                 });
             }
             limit = limit.min(layer.size.saturating_sub(offset));
@@ -270,6 +273,10 @@ where
                 });
             }
             limit = run;
+            above_host = match source {
+                Source::Unallocated { host } => host,
+                _ => None,
+            };
         }
         Ok(Mapping {
             depth: count.saturating_sub(1),

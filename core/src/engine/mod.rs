@@ -247,8 +247,13 @@ pub enum Source {
         /// Offset of the run's first byte inside the decompressed cluster.
         skip: u64,
     },
-    /// Past the end of a backing image that is shorter than the image above it: reads as zeros.
-    PastEnd,
+    /// Past the end of a backing image that is shorter than the image above it: reads as zeros. `host` is set
+    /// when the image above has the (sub)cluster's host cluster allocated but the subcluster itself
+    /// unallocated (extended L2): its host offset of the first byte, as for [`Source::Unallocated`].
+    PastEnd {
+        /// Host offset of the first byte inside the image above's allocated host cluster, if any.
+        host: Option<u64>,
+    },
     /// Allocated nowhere in the chain: reads as zeros. `host` is set when the last image has the (sub)cluster's
     /// host cluster allocated but the subcluster itself unallocated (extended L2).
     Unallocated {

@@ -110,7 +110,7 @@ where
             ..
         } = self;
         match m.source {
-            Source::Zero { .. } | Source::PastEnd | Source::Unallocated { .. } => {
+            Source::Zero { .. } | Source::PastEnd { .. } | Source::Unallocated { .. } => {
                 out.fill(0);
                 Ok(())
             }

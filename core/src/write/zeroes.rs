@@ -97,7 +97,7 @@ where
             match m.source {
                 crate::engine::Source::Zero { .. }
                 | crate::engine::Source::Unallocated { .. }
-                | crate::engine::Source::PastEnd => {}
+                | crate::engine::Source::PastEnd { .. } => {}
                 // A raw image's holes read as zeros too (the device says which ranges are holes).
                 crate::engine::Source::Data {
                     host,
