@@ -31,7 +31,7 @@ pub enum Preallocation {
     Off,
     /// L2 tables and data clusters are allocated; data is not written (the file is sparse).
     Metadata,
-    /// Like `Full` in layout; the caller reserves the data area (`fallocate`) after [`create`] returns.
+    /// Like `Full` in layout; the caller reserves the data area (`fallocate`) after [`super::create`] returns.
     Falloc,
     /// Like `Falloc`, and the data clusters are written with zeros.
     Full,
