@@ -108,7 +108,7 @@ fn created_images_open_and_read_zeros() {
     ];
     for (opts, capacity) in cases {
         let bytes = create_mem(&opts, capacity);
-        let header = Header::parse::<()>(&bytes).expect("header parses");
+        let header = Header::parse(&bytes).expect("header parses");
         assert_eq!(header.size, opts.size);
         assert_eq!(header.cluster_size(), opts.cluster_size);
         assert_eq!(header.refcount_bits(), opts.refcount_bits);

@@ -230,7 +230,7 @@ pub struct RefReport {
 /// tables, refcount structures) and compares them with the stored refcounts; also checks COPIED flags in
 /// the active tables and that every entry decodes. Written independently of the engine's write path.
 pub fn check_refcounts(img: &[u8]) -> Result<RefReport, String> {
-    let h = Header::parse::<()>(img).map_err(|e| format!("header: {e:?}"))?;
+    let h = Header::parse(img).map_err(|e| format!("header: {e:?}"))?;
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
     let external = h

@@ -71,21 +71,21 @@ impl ExtensionWalk {
     /// Decodes the 8 bytes read at [`ExtensionWalk::next_at`]: the extension, or `None` at the end marker.
     /// An extension whose header or data runs past the end of the area is an error (QEMU's "Header extension
     /// too large").
-    pub fn advance<E>(&mut self, raw: [u8; 8]) -> Result<Option<Extension>, crate::Error<E>> {
+    pub fn advance(&mut self, raw: [u8; 8]) -> Result<Option<Extension>, super::FormatError> {
         let header_at = self.at;
         let [a, b, c, d, e, f, g, h] = raw;
         let magic = u32::from_be_bytes([a, b, c, d]);
         let len = u32::from_be_bytes([e, f, g, h]);
         self.done = true;
         let data_at = header_at.checked_add(8).filter(|&d| d <= self.end).ok_or(
-            crate::Error::InvalidHeader {
+            super::FormatError::InvalidHeader {
                 field: "header extension",
                 value: header_at,
                 problem: "extension header past the end of the extension area",
             },
         )?;
         if u64::from(len) > self.end.saturating_sub(data_at) {
-            return Err(crate::Error::InvalidHeader {
+            return Err(super::FormatError::InvalidHeader {
                 field: "header extension length",
                 value: len.into(),
                 problem: "extension runs past the end of the extension area",
@@ -124,7 +124,7 @@ impl<'a> Extensions<'a> {
 }
 
 impl Iterator for Extensions<'_> {
-    type Item = Result<Extension, crate::Error<()>>;
+    type Item = Result<Extension, super::FormatError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let at = self.walk.next_at()?;
@@ -153,7 +153,7 @@ mod tests {
     /// The tiny image's header as if its clusters were 64 KiB, and a first cluster holding `exts`.
     fn image(exts: &[(u32, &[u8])]) -> (Header, Vec<u8>) {
         let tiny = crate::testimage::tiny_qcow2();
-        let mut header = Header::parse::<()>(&tiny[..]).unwrap_or_else(|_| unreachable!());
+        let mut header = Header::parse(&tiny[..]).unwrap_or_else(|_| unreachable!());
         header.cluster_bits = 16;
         let mut img = tiny[..512].to_vec();
         img.resize(64 * 1024, 0);

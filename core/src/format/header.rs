@@ -4,12 +4,12 @@ use static_assertions::const_assert_eq;
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use super::FormatError;
 use super::{
     AutoclearFeatures, CompatibleFeatures, CompressionType, IncompatibleFeatures,
     MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_REFTABLE_BYTES,
     MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
 };
-use crate::Error;
 
 /// qcow2's magic, `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -102,8 +102,8 @@ pub struct Header {
     pub compression_type: CompressionType,
 }
 
-fn invalid<E>(field: &'static str, value: u64, problem: &'static str) -> Error<E> {
-    Error::InvalidHeader {
+fn invalid(field: &'static str, value: u64, problem: &'static str) -> FormatError {
+    FormatError::InvalidHeader {
         field,
         value,
         problem,
@@ -126,14 +126,14 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
 
 /// Checks a table's offset and byte size as QEMU's `validate_table_offset` does, and more: the table must be
 /// cluster-aligned, must not overflow, must not start in the header cluster.
-fn validate_table<E>(
+fn validate_table(
     field: &'static str,
     offset: u64,
     entries: u64,
     entry_size: u64,
     max_bytes: u64,
     cluster_size: u64,
-) -> Result<(), Error<E>> {
+) -> Result<(), FormatError> {
     let bytes = entries.saturating_mul(entry_size);
     if bytes > max_bytes {
         return Err(invalid(field, entries, "table is larger than the limit"));
@@ -170,14 +170,14 @@ impl Header {
     ///
     /// Checks everything that can be checked without reading further: QEMU's limits at open and the
     /// specification's rules. Header extensions are walked separately ([`super::ExtensionWalk`]).
-    pub fn parse<E>(bytes: &[u8]) -> Result<Header, Error<E>> {
+    pub fn parse(bytes: &[u8]) -> Result<Header, FormatError> {
         let magic = be32(bytes, 0);
         if magic != MAGIC || bytes.len() < 8 {
-            return Err(Error::NotQcow2 { magic });
+            return Err(FormatError::NotQcow2 { magic });
         }
         let version = be32(bytes, 4);
         if version != 2 && version != 3 {
-            return Err(Error::UnsupportedVersion(version));
+            return Err(FormatError::UnsupportedVersion(version));
         }
         let (v2, rest) = RawHeaderV2::read_from_prefix(bytes).map_err(|_| {
             invalid(
@@ -254,7 +254,7 @@ impl Header {
         Ok(h)
     }
 
-    fn validate<E>(&self) -> Result<(), Error<E>> {
+    fn validate(&self) -> Result<(), FormatError> {
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(invalid(
                 "cluster_bits",
@@ -280,13 +280,13 @@ impl Header {
         match self.crypt_method {
             0 => {}
             1 => {
-                return Err(Error::Unsupported {
+                return Err(FormatError::Unsupported {
                     what: "AES-CBC encryption (crypt_method)",
                     value: 1,
                 });
             }
             2 => {
-                return Err(Error::Unsupported {
+                return Err(FormatError::Unsupported {
                     what: "LUKS encryption (crypt_method)",
                     value: 2,
                 });
@@ -383,11 +383,9 @@ impl Header {
         if self.size > i64::MAX as u64 {
             return Err(invalid("size", self.size, "virtual size too large"));
         }
-        let needed = self.l1_entries_needed().ok_or(invalid::<E>(
-            "size",
-            self.size,
-            "virtual size too large",
-        ))?;
+        let needed =
+            self.l1_entries_needed()
+                .ok_or(invalid("size", self.size, "virtual size too large"))?;
         if needed > MAX_L1_BYTES / 8 {
             return Err(invalid(
                 "size",

@@ -6,11 +6,13 @@
 
 pub mod bitmap;
 mod entry;
+mod error;
 mod extensions;
 mod header;
 mod snapshot;
 
 pub use entry::*;
+pub use error::FormatError;
 pub use extensions::*;
 pub use header::*;
 pub(crate) use header::{be32, be64};
