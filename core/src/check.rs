@@ -77,7 +77,6 @@ use core::fmt;
 
 use crate::Error;
 use crate::device::{BlockDevice, BlockDeviceWrite};
-use crate::format::FormatError;
 use crate::format::bitmap::{
     BitmapDirEntry, BitmapTableEntry, BitmapsExtension, DIR_ENTRY_LEN, DirectoryWalk,
 };
@@ -708,7 +707,7 @@ fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Error<A::E>> {
         .min(HEADER_READ_LEN);
     let head = first.get_mut(..n).unwrap_or(&mut []);
     io.read(bounce, 0, head)?;
-    let h = Header::parse(head).map_err(FormatError::into_error)?;
+    let h = Header::parse(head).map_err(Error::from_format)?;
     let unknown = h.unknown_incompatible();
     if unknown != 0 {
         return Err(Error::UnknownIncompatibleFeature {
@@ -756,7 +755,7 @@ fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Error<A::E>> {
     while let Some(off) = walk.next_at() {
         let mut raw = [0u8; 8];
         io.read(bounce, off, &mut raw)?;
-        let Some(ext) = walk.advance(raw).map_err(FormatError::into_error)? else {
+        let Some(ext) = walk.advance(raw).map_err(Error::from_format)? else {
             break;
         };
         if ext.magic != extension::BITMAPS {

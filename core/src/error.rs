@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::format::FeatureName;
+use crate::format::{FeatureName, FormatError};
 
 /// Everything that can go wrong, generic over the device's own error `E`.
 ///
@@ -103,6 +103,26 @@ pub enum Error<E> {
 /// [`Error::Corrupt`]: metadata met while working is inconsistent.
 pub(crate) fn corrupt<E>(what: &'static str, offset: u64) -> Error<E> {
     Error::Corrupt { what, offset }
+}
+
+impl<E> Error<E> {
+    /// The engine's error for a problem the format's parsers found (the same variant and fields).
+    pub fn from_format(e: FormatError) -> Self {
+        match e {
+            FormatError::NotQcow2 { magic } => Error::NotQcow2 { magic },
+            FormatError::UnsupportedVersion(v) => Error::UnsupportedVersion(v),
+            FormatError::InvalidHeader {
+                field,
+                value,
+                problem,
+            } => Error::InvalidHeader {
+                field,
+                value,
+                problem,
+            },
+            FormatError::Unsupported { what, value } => Error::Unsupported { what, value },
+        }
+    }
 }
 
 impl<E> From<E> for Error<E> {

@@ -2,7 +2,6 @@
 //! backing chain resolved image by image through the caller's [`Resolver`].
 
 use super::*;
-use crate::format::FormatError;
 use crate::format::bitmap::{DIR_ENTRY_LEN, DirectoryWalk};
 
 /// Reads the qcow2 header and extensions of `dev` and validates them.
@@ -16,7 +15,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         .unwrap_or(usize::MAX)
         .min(HEADER_READ_LEN);
     read_bytes(dev, bounce, 0, first.get_mut(..n).unwrap_or(&mut []))?;
-    let header = Header::parse(first.get(..n).unwrap_or(&[])).map_err(FormatError::into_error)?;
+    let header = Header::parse(first.get(..n).unwrap_or(&[])).map_err(Error::from_format)?;
     let mut meta = Qcow2Meta {
         header,
         l2: L2Format {
@@ -42,7 +41,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         while let Some(off) = walk.next_at() {
             let mut raw = [0u8; 8];
             read_bytes(dev, bounce, off, &mut raw)?;
-            let Some(ext) = walk.advance(raw).map_err(FormatError::into_error)? else {
+            let Some(ext) = walk.advance(raw).map_err(Error::from_format)? else {
                 break;
             };
             let data = ext.data_at;

@@ -1,6 +1,6 @@
 //! The format's own error: what is wrong with an on-disk structure, found by a pure parser. The engine's
-//! [`crate::Error`] takes it in ([`FormatError::into_error`]), so parsers stay free of the device's error
-//! type.
+//! [`crate::Error`] takes it in (`Error::from_format`, in the error module above this one), so parsers stay
+//! free of the device's error type and format imports nothing above it.
 
 /// What is wrong with an on-disk structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,24 +29,4 @@ pub enum FormatError {
         /// The value that selected it.
         value: u64,
     },
-}
-
-impl FormatError {
-    /// The engine's error for this problem (the same variant and fields).
-    pub fn into_error<E>(self) -> crate::Error<E> {
-        match self {
-            FormatError::NotQcow2 { magic } => crate::Error::NotQcow2 { magic },
-            FormatError::UnsupportedVersion(v) => crate::Error::UnsupportedVersion(v),
-            FormatError::InvalidHeader {
-                field,
-                value,
-                problem,
-            } => crate::Error::InvalidHeader {
-                field,
-                value,
-                problem,
-            },
-            FormatError::Unsupported { what, value } => crate::Error::Unsupported { what, value },
-        }
-    }
 }
