@@ -35,9 +35,10 @@ impl<A: Access> Ctx<'_, A> {
         });
         if marking && self.geo.h.version >= 3 {
             let mut f = [0u8; 8];
-            self.io.read(self.bounce, 72, &mut f)?;
+            self.io
+                .read(self.bounce, field::INCOMPATIBLE_FEATURES, &mut f)?;
             let bits = u64::from_be_bytes(f) | IncompatibleFeatures::CORRUPT.bits();
-            self.write_word(72, bits)?;
+            self.write_word(field::INCOMPATIBLE_FEATURES, bits)?;
         }
         Ok(())
     }
@@ -94,9 +95,10 @@ impl<A: Access> Ctx<'_, A> {
             self.sink.report(Problem::RepairOverlap { offset, table });
             if g.h.version >= 3 {
                 let mut f = [0u8; 8];
-                self.io.read(self.bounce, 72, &mut f)?;
+                self.io
+                    .read(self.bounce, field::INCOMPATIBLE_FEATURES, &mut f)?;
                 let bits = u64::from_be_bytes(f) | IncompatibleFeatures::CORRUPT.bits();
-                self.write_word(72, bits)?;
+                self.write_word(field::INCOMPATIBLE_FEATURES, bits)?;
             }
             return Err(corrupt(
                 "repair refused: a table it would write overlaps other data or metadata",
@@ -244,12 +246,13 @@ impl<A: Access> Ctx<'_, A> {
         self.check_copied(fix, &mut res)?;
         if fix.is_some() && res.check_errors == 0 && res.corruptions == 0 && g.h.version >= 3 {
             let mut f = [0u8; 8];
-            self.io.read(self.bounce, 72, &mut f)?;
+            self.io
+                .read(self.bounce, field::INCOMPATIBLE_FEATURES, &mut f)?;
             let old = u64::from_be_bytes(f);
             let new =
                 old & !(IncompatibleFeatures::DIRTY.bits() | IncompatibleFeatures::CORRUPT.bits());
             if new != old {
-                self.write_word(72, new)?;
+                self.write_word(field::INCOMPATIBLE_FEATURES, new)?;
                 self.geo = load(&mut self.io, self.bounce)?;
             }
         }
@@ -259,8 +262,8 @@ impl<A: Access> Ctx<'_, A> {
             check_errors: res.check_errors,
             corruptions_fixed: res.corruptions_fixed,
             leaks_fixed: res.leaks_fixed,
-            image_end_offset: highest.saturating_add(1).saturating_mul(g.cs),
-            total_clusters: ceil_div(g.h.size, g.cs),
+            image_end_offset: highest.saturating_add(1).saturating_mul(g.h.cluster_size()),
+            total_clusters: ceil_div(g.h.size, g.h.cluster_size()),
             allocated_clusters: res.allocated,
             fragmented_clusters: res.fragmented,
             compressed_clusters: res.compressed,

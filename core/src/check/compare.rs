@@ -103,8 +103,8 @@ impl<A: Access> Ctx<'_, A> {
     /// Zeroes a freed cluster's bytes inside the file, as QEMU's discard of a freed cluster punches a hole.
     pub(super) fn discard(&mut self, cluster: u64) -> Result<(), Error<A::E>> {
         let g = self.geo;
-        let start = cluster.saturating_mul(g.cs);
-        let end = start.saturating_add(g.cs).min(g.file_len);
+        let start = cluster.saturating_mul(g.h.cluster_size());
+        let end = start.saturating_add(g.h.cluster_size()).min(g.file_len);
         let zeros = [0u8; PIECE];
         let mut at = start;
         while at < end {

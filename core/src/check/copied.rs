@@ -11,6 +11,7 @@ impl<A: Access> Ctx<'_, A> {
         res: &mut Res,
     ) -> Result<(), Error<A::E>> {
         let g = self.geo;
+        let l2_format = g.h.l2_format();
         // Repairing leaks only, QEMU fixes COPIED flags when the refcounts are now known to be right.
         let fix_all = match fix {
             Some(RepairMode::All) => true,
@@ -44,7 +45,8 @@ impl<A: Access> Ctx<'_, A> {
                 if l2_offset == 0 {
                     continue;
                 }
-                let Some(refcount) = rr.get(&mut self.io, self.bounce, &g, l2_offset >> g.cb)?
+                let Some(refcount) =
+                    rr.get(&mut self.io, self.bounce, &g, l2_offset >> g.h.cluster_bits)?
                 else {
                     self.signal_unreadable(&rr)?;
                     continue;
@@ -69,7 +71,11 @@ impl<A: Access> Ctx<'_, A> {
                         bump(&mut res.corruptions_fixed);
                     }
                 }
-                let l2_bytes = self.in_file(l2_offset, g.l2_entries.saturating_mul(g.es), g.es);
+                let l2_bytes = self.in_file(
+                    l2_offset,
+                    g.h.l2_entries().saturating_mul(g.h.l2_entry_size()),
+                    g.h.l2_entry_size(),
+                );
                 if l2_bytes > 0 {
                     walks = walks.saturating_add(1);
                     if walks > g.nb_file {
@@ -83,24 +89,21 @@ impl<A: Access> Ctx<'_, A> {
                     let chunk = l2.get_mut(..m).unwrap_or(&mut []);
                     self.io
                         .read(self.bounce, l2_offset.saturating_add(lpos), chunk)?;
-                    for q in 0..(m as u64).checked_div(g.es).unwrap_or(0) {
-                        let at = q.saturating_mul(g.es) as usize;
+                    for q in 0..(m as u64).checked_div(g.h.l2_entry_size()).unwrap_or(0) {
+                        let at = q.saturating_mul(g.h.l2_entry_size()) as usize;
                         let word = be64(&l2, at);
                         let jj = j;
                         j = j.saturating_add(1);
-                        let ty = cluster_type(&g, word);
-                        if ty != Ty::Normal && ty != Ty::ZeroAlloc {
-                            continue;
-                        }
-                        let refcount = if g.external {
+                        let host = match (L2Entry { word, bitmap: 0 }).kind(l2_format) {
+                            ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
+                                host
+                            }
+                            _ => continue,
+                        };
+                        let refcount = if g.h.external_data_file() {
                             1
                         } else {
-                            match rr.get(
-                                &mut self.io,
-                                self.bounce,
-                                &g,
-                                (word & OFFSET_MASK) >> g.cb,
-                            )? {
+                            match rr.get(&mut self.io, self.bounce, &g, host >> g.h.cluster_bits)? {
                                 Some(r) => r,
                                 None => {
                                     self.signal_unreadable(&rr)?;
@@ -121,7 +124,8 @@ impl<A: Access> Ctx<'_, A> {
                                 } else {
                                     word & !OFLAG_COPIED
                                 };
-                                let at = l2_offset.saturating_add(jj.saturating_mul(g.es));
+                                let at = l2_offset
+                                    .saturating_add(jj.saturating_mul(g.h.l2_entry_size()));
                                 self.io.write(self.bounce, at, &new.to_be_bytes())?;
                                 wrote = true;
                                 drop1(&mut res.corruptions);

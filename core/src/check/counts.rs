@@ -115,19 +115,19 @@ impl<A: Access> Ctx<'_, A> {
         let end = offset.saturating_add(size);
         p.max_end = p.max_end.max(
             end.saturating_sub(1)
-                .checked_shr(g.cb)
+                .checked_shr(g.h.cluster_bits)
                 .unwrap_or(0)
                 .saturating_add(1),
         );
-        if end.saturating_sub(g.file_len) >= g.cs {
+        if end.saturating_sub(g.file_len) >= g.h.cluster_size() {
             if p.reports() {
                 self.sink.report(Problem::PastEndOfFile { offset, size });
                 bump(&mut p.res.corruptions);
             }
             return;
         }
-        let first = offset >> g.cb;
-        let last = end.saturating_sub(1) >> g.cb;
+        let first = offset >> g.h.cluster_bits;
+        let last = end.saturating_sub(1) >> g.h.cluster_bits;
         if last >= g.nb_file {
             p.touched_end = true;
         }
@@ -139,10 +139,11 @@ impl<A: Access> Ctx<'_, A> {
         for c in a..=b {
             let i = c.saturating_sub(p.lo);
             let v = count_get(p.counts, i);
-            if u64::from(v) >= g.refcount_max {
+            if u64::from(v) >= g.h.max_refcount() {
                 if !p.quiet {
-                    self.sink
-                        .report(Problem::RefcountOverflow { offset: c << g.cb });
+                    self.sink.report(Problem::RefcountOverflow {
+                        offset: c << g.h.cluster_bits,
+                    });
                     bump(&mut p.res.corruptions);
                 }
                 continue;
@@ -238,7 +239,7 @@ impl<A: Access> Ctx<'_, A> {
         let g = self.geo;
         let bytes = self.in_file(
             g.h.refcount_table_offset,
-            g.reftable_entries.saturating_mul(8),
+            g.h.refcount_table_entries().saturating_mul(8),
             8,
         );
         let mut buf = [0u8; CHUNK];
@@ -257,7 +258,7 @@ impl<A: Access> Ctx<'_, A> {
                     let index = (pos / 8).saturating_add(k as u64);
                     end = index
                         .saturating_add(1)
-                        .checked_shl(g.block_bits)
+                        .checked_shl(g.h.refcount_block_bits())
                         .unwrap_or(u64::MAX);
                 }
             }

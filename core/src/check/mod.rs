@@ -77,14 +77,16 @@ use core::fmt;
 
 use crate::Error;
 use crate::device::{BlockDevice, BlockDeviceWrite};
+use crate::error::corrupt;
 use crate::format::bitmap::{
     BitmapDirEntry, BitmapTableEntry, BitmapsExtension, DIR_ENTRY_LEN, DirectoryWalk,
 };
 use crate::format::{
-    AutoclearFeatures, ExtensionWalk, HEADER_READ_LEN, Header, IncompatibleFeatures,
-    L1_RESERVED_MASK, L2_RESERVED_MASK, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK, be32, be64, extension, refcount_get,
-    refcount_set,
+    AutoclearFeatures, ClusterKind, ExtensionWalk, HEADER_READ_LEN, Header, IncompatibleFeatures,
+    L1_RESERVED_MASK, L2_RESERVED_MASK, L2Entry, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COPIED,
+    OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK, SNAPSHOT_FIXED_LEN,
+    SnapshotEntryLayout, be64, extension, field, refcount_get, refcount_location, refcount_set,
+    refcount_slice_position,
 };
 use crate::io::{ceil_div, read_bytes, write_bytes};
 
@@ -124,10 +126,6 @@ fn per_piece(order: u32) -> u64 {
 /// Metadata read granule (entries of L1, L2, refcount and bitmap tables are read this many bytes at a time).
 const CHUNK: usize = 1024;
 
-/// QEMU's limit on a snapshot table's size.
-const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
-/// QEMU's limit on a snapshot entry's extra data.
-const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 /// QEMU's limit on the host clusters of a checked image file (`INT_MAX`): a larger file is refused at once
 /// ([`FILE_TOO_LARGE`]), as `qemu-img check` refuses it ("Check failed: File too large").
 pub const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
@@ -217,7 +215,7 @@ pub fn min_scratch_len<D: BlockDevice>(
     bounce: &mut [u8],
 ) -> Result<usize, Error<D::Error>> {
     let geo = load(&mut ReadOnly(dev), bounce)?;
-    Ok((per_piece(geo.order) as usize).saturating_mul(COUNT_BYTES))
+    Ok((per_piece(geo.h.refcount_order) as usize).saturating_mul(COUNT_BYTES))
 }
 
 /// Bytes of scratch with which [`check`] and [`repair`] work in one pass over the image of `dev`, even when
@@ -227,8 +225,8 @@ pub fn scratch_len_for_one_pass<D: BlockDevice>(
     bounce: &mut [u8],
 ) -> Result<usize, Error<D::Error>> {
     let g = load(&mut ReadOnly(dev), bounce)?;
-    let per_piece = per_piece(g.order);
-    let per_block = 1u64 << g.block_bits;
+    let per_piece = per_piece(g.h.refcount_order);
+    let per_block = 1u64 << g.h.refcount_block_bits();
     if g.nb_file > MAX_CHECK_CLUSTERS {
         return Ok(COUNT_BYTES);
     }
@@ -255,7 +253,7 @@ pub fn scratch_len_for_one_pass<D: BlockDevice>(
     let start = g.nb_file.saturating_add(1);
     let mut blocks = 1u64;
     for _ in 0..64 {
-        let table = ceil_div(blocks.saturating_mul(8), g.cs);
+        let table = ceil_div(blocks.saturating_mul(8), g.h.cluster_size());
         let b = ceil_div(
             start.saturating_add(blocks).saturating_add(table),
             per_block,

@@ -54,14 +54,14 @@ impl<A: Access> Ctx<'_, A> {
         let l1_bytes = u64::from(h.l1_size).saturating_mul(8);
         let l1_in_file = self.in_file(h.l1_table_offset, l1_bytes, 8);
         if l1_in_file > 0 {
-            let first = h.l1_table_offset >> g.cb;
+            let first = h.l1_table_offset >> g.h.cluster_bits;
             let last = h
                 .l1_table_offset
                 .saturating_add(l1_in_file.saturating_sub(1))
-                >> g.cb;
+                >> g.h.cluster_bits;
             for c in first..=last {
                 if c == 0 || p.count(c) > 0 {
-                    return Ok(Some((c << g.cb, "active L1 table")));
+                    return Ok(Some((c << g.h.cluster_bits, "active L1 table")));
                 }
             }
         }
@@ -70,18 +70,22 @@ impl<A: Access> Ctx<'_, A> {
             h.l1_table_offset.saturating_add(l1_bytes),
         );
         if let Some(c) = self.l2_conflict(p, h.l1_table_offset, h.l1_size, active)? {
-            return Ok(Some((c << g.cb, "L2 table")));
+            return Ok(Some((c << g.h.cluster_bits, "L2 table")));
         }
         let mut at = h.snapshots_offset;
         for _ in 0..h.nb_snapshots {
             let (next, s) = read_snapshot(&mut self.io, self.bounce, &g, at)?;
             at = next;
             // The walk leaves these out too (reported as corruptions, never written).
-            if s.l1_offset & g.cs.wrapping_sub(1) != 0 || u64::from(s.l1_size) > MAX_L1_BYTES / 8 {
+            if s.entry.l1_table_offset & g.h.cluster_size().wrapping_sub(1) != 0
+                || u64::from(s.entry.l1_size) > MAX_L1_BYTES / 8
+            {
                 continue;
             }
-            if let Some(c) = self.l2_conflict(p, s.l1_offset, s.l1_size, active)? {
-                return Ok(Some((c << g.cb, "L2 table")));
+            if let Some(c) =
+                self.l2_conflict(p, s.entry.l1_table_offset, s.entry.l1_size, active)?
+            {
+                return Ok(Some((c << g.h.cluster_bits, "L2 table")));
             }
         }
         Ok(None)
@@ -111,15 +115,19 @@ impl<A: Access> Ctx<'_, A> {
                     continue;
                 }
                 let l2 = e & OFFSET_MASK;
-                let l2_bytes = self.in_file(l2, g.l2_entries.saturating_mul(g.es), g.es);
+                let l2_bytes = self.in_file(
+                    l2,
+                    g.h.l2_entries().saturating_mul(g.h.l2_entry_size()),
+                    g.h.l2_entry_size(),
+                );
                 if l2_bytes == 0 {
                     continue;
                 }
                 let l2_end = l2.saturating_add(l2_bytes);
                 if l2 < active_l1.1 && active_l1.0 < l2_end {
-                    return Ok(Some(l2 >> g.cb));
+                    return Ok(Some(l2 >> g.h.cluster_bits));
                 }
-                for c in (l2 >> g.cb)..=(l2_end.saturating_sub(1) >> g.cb) {
+                for c in (l2 >> g.h.cluster_bits)..=(l2_end.saturating_sub(1) >> g.h.cluster_bits) {
                     if c == 0 || p.count(c) > 0 {
                         return Ok(Some(c));
                     }

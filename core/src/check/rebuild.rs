@@ -5,7 +5,7 @@ use super::*;
 impl<A: Access> Ctx<'_, A> {
     /// Clusters a rebuild pass covers: a multiple of the refcounts in one [`PIECE`] of a refcount block.
     pub(super) fn rebuild_pass_len(&self, scratch_len: usize) -> u64 {
-        let per_piece = per_piece(self.geo.order);
+        let per_piece = per_piece(self.geo.h.refcount_order);
         self.pass_len(scratch_len)
             .checked_div(per_piece)
             .unwrap_or(0)
@@ -28,28 +28,30 @@ impl<A: Access> Ctx<'_, A> {
             .nb_file
             .saturating_add(u64::from(touched_end))
             .max(max_end);
-        let per_block = 1u64 << g.block_bits;
+        let per_block = 1u64 << g.h.refcount_block_bits();
         // Refcount blocks covering everything, themselves and the table included.
         let (mut blocks, mut table) = (1u64, 1u64);
         for _ in 0..64 {
             let total = start.saturating_add(blocks).saturating_add(table);
             let b = ceil_div(total, per_block);
-            let t = ceil_div(b.saturating_mul(8), g.cs);
+            let t = ceil_div(b.saturating_mul(8), g.h.cluster_size());
             if (b, t) == (blocks, table) {
                 break;
             }
             (blocks, table) = (b, t);
         }
-        if table.saturating_mul(g.cs) > crate::format::MAX_REFTABLE_BYTES {
+        if table.saturating_mul(g.h.cluster_size()) > crate::format::MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported {
                 what: "rebuilt refcount table would be larger than 8 MiB",
                 value: table,
             });
         }
-        let table_offset = start.saturating_add(blocks).saturating_mul(g.cs);
+        let table_offset = start
+            .saturating_add(blocks)
+            .saturating_mul(g.h.cluster_size());
         let end = start.saturating_add(blocks).saturating_add(table);
         if end
-            .checked_mul(g.cs)
+            .checked_mul(g.h.cluster_size())
             .is_none_or(|e| e > crate::format::MAX_HOST_OFFSET)
         {
             return Err(corrupt("image too large to rebuild refcounts", end));
@@ -58,12 +60,12 @@ impl<A: Access> Ctx<'_, A> {
         if len == 0 {
             return Err(Error::BufferTooSmall {
                 what: "check scratch (refcount rebuild)",
-                need: per_piece(g.order).saturating_mul(COUNT_BYTES as u64),
+                need: per_piece(g.h.refcount_order).saturating_mul(COUNT_BYTES as u64),
                 have: scratch.len() as u64,
             });
         }
         let covered = blocks.saturating_mul(per_block);
-        let per_piece = per_piece(g.order);
+        let per_piece = per_piece(g.h.refcount_order);
         let mut lo = 0u64;
         while lo < covered {
             let hi = lo.saturating_add(len).min(covered);
@@ -95,14 +97,14 @@ impl<A: Access> Ctx<'_, A> {
             while c0 < hi {
                 let mut piece = [0u8; PIECE];
                 for k in 0..per_piece {
-                    let v = p.count(c0.saturating_add(k)).min(g.refcount_max);
-                    let _ = refcount_set(&mut piece, g.order, k as usize, v);
+                    let v = p.count(c0.saturating_add(k)).min(g.h.max_refcount());
+                    let _ = refcount_set(&mut piece, g.h.refcount_order, k as usize, v);
                 }
-                let block = c0 >> g.block_bits;
-                let byte = ((c0 & per_block.wrapping_sub(1)) << g.order) >> 3;
+                let (block, index) = refcount_location(c0, g.h.refcount_block_bits());
+                let (byte, _) = refcount_slice_position(index, g.h.refcount_order, PIECE as u64);
                 let at = start
                     .saturating_add(block)
-                    .saturating_mul(g.cs)
+                    .saturating_mul(g.h.cluster_size())
                     .saturating_add(byte);
                 self.io.write(self.bounce, at, &piece)?;
                 c0 = c0.saturating_add(per_piece);
@@ -111,14 +113,14 @@ impl<A: Access> Ctx<'_, A> {
         }
         // The refcount table.
         let entries_per_piece = (PIECE / 8) as u64;
-        let table_entries = table.saturating_mul(g.cs) / 8;
+        let table_entries = table.saturating_mul(g.h.cluster_size()) / 8;
         let mut e0 = 0u64;
         while e0 < table_entries {
             let mut piece = [0u8; PIECE];
             for k in 0..entries_per_piece {
                 let b = e0.saturating_add(k);
                 if b < blocks {
-                    let off = start.saturating_add(b).saturating_mul(g.cs);
+                    let off = start.saturating_add(b).saturating_mul(g.h.cluster_size());
                     let at = (k as usize).saturating_mul(8);
                     if let Some(d) = piece.get_mut(at..at.saturating_add(8)) {
                         d.copy_from_slice(&off.to_be_bytes());
@@ -143,7 +145,8 @@ impl<A: Access> Ctx<'_, A> {
             .get_mut(8..)
             .unwrap_or(&mut [])
             .copy_from_slice(&(table as u32).to_be_bytes());
-        self.io.write(self.bounce, 48, &fields)?;
+        self.io
+            .write(self.bounce, field::REFCOUNT_TABLE_OFFSET, &fields)?;
         self.io.flush()?;
         self.geo = load(&mut self.io, self.bounce)?;
         Ok(())

@@ -33,8 +33,8 @@ impl RefReader {
         geo: &Geo,
         cluster: u64,
     ) -> Result<Located, Error<A::E>> {
-        let ti = cluster >> geo.block_bits;
-        if ti >= geo.reftable_entries {
+        let (ti, idx) = refcount_location(cluster, geo.h.refcount_block_bits());
+        if ti >= geo.h.refcount_table_entries() {
             return Ok(Ok(None));
         }
         if ti != self.table_index {
@@ -52,16 +52,12 @@ impl RefReader {
         if self.block == 0 {
             return Ok(Ok(None));
         }
-        if self.block & geo.cs.wrapping_sub(1) != 0 {
+        if self.block & geo.h.cluster_size().wrapping_sub(1) != 0 {
             return Ok(Err(()));
         }
-        let idx = cluster & (1u64 << geo.block_bits).wrapping_sub(1);
-        let byte = (idx << geo.order) >> 3;
-        let piece_at = self
-            .block
-            .saturating_add(byte & !(PIECE as u64).wrapping_sub(1));
-        let per_piece = per_piece(geo.order);
-        let in_piece = (idx & per_piece.wrapping_sub(1)) as usize;
+        let (piece_start, in_piece) =
+            refcount_slice_position(idx, geo.h.refcount_order, PIECE as u64);
+        let piece_at = self.block.saturating_add(piece_start);
         if piece_at != self.piece_at {
             io.read(bounce, piece_at, &mut self.piece)?;
             self.piece_at = piece_at;
@@ -78,15 +74,15 @@ impl RefReader {
         geo: &Geo,
         cluster: u64,
     ) -> Result<Option<u64>, Error<A::E>> {
-        let ti = cluster >> geo.block_bits;
-        if ti >= geo.reftable_entries {
+        let (ti, _) = refcount_location(cluster, geo.h.refcount_block_bits());
+        if ti >= geo.h.refcount_table_entries() {
             return Ok(Some(u64::MAX));
         }
         // locate() reads the table entry (and the block's piece, when there is a block).
         let _ = self.locate(io, bounce, geo, cluster)?;
         Ok((self.block == 0).then(|| {
             ti.saturating_add(1)
-                .checked_shl(geo.block_bits)
+                .checked_shl(geo.h.refcount_block_bits())
                 .unwrap_or(u64::MAX)
         }))
     }
@@ -102,7 +98,7 @@ impl RefReader {
         match self.locate(io, bounce, geo, cluster)? {
             Err(()) => Ok(None),
             Ok(None) => Ok(Some(0)),
-            Ok(Some((_, i))) => Ok(refcount_get(&self.piece, geo.order, i)),
+            Ok(Some((_, i))) => Ok(refcount_get(&self.piece, geo.h.refcount_order, i)),
         }
     }
 
@@ -117,7 +113,7 @@ impl RefReader {
     ) -> Result<bool, Error<A::E>> {
         match self.locate(io, bounce, geo, cluster)? {
             Ok(Some((at, i))) => {
-                if refcount_set(&mut self.piece, geo.order, i, value).is_none() {
+                if refcount_set(&mut self.piece, geo.h.refcount_order, i, value).is_none() {
                     return Ok(false);
                 }
                 io.write(bounce, at, &self.piece)?;

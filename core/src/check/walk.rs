@@ -14,47 +14,17 @@ pub(super) fn too_many_l2<E>(l1_offset: u64) -> Error<E> {
     )
 }
 
-/// QEMU's cluster types (`qcow2_get_cluster_type`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Ty {
-    Compressed,
-    ZeroPlain,
-    ZeroAlloc,
-    Normal,
-    Unallocated,
-}
-
-pub(super) fn cluster_type(geo: &Geo, word: u64) -> Ty {
-    if word & OFLAG_COMPRESSED != 0 {
-        Ty::Compressed
-    } else if word & OFLAG_ZERO != 0 && !geo.extended {
-        if word & OFFSET_MASK != 0 {
-            Ty::ZeroAlloc
-        } else {
-            Ty::ZeroPlain
-        }
-    } else if word & OFFSET_MASK == 0 {
-        if geo.external && word & OFLAG_COPIED != 0 {
-            Ty::Normal
-        } else {
-            Ty::Unallocated
-        }
-    } else {
-        Ty::Normal
-    }
-}
-
 impl<A: Access> Ctx<'_, A> {
     /// QEMU's `calculate_refcounts`: every reference of the image, counted into the pass's range.
     pub(super) fn walk(&mut self, p: &mut Pass<'_>) -> Result<(), Error<A::E>> {
         let g = self.geo;
         let h = g.h;
         // Header.
-        self.inc(p, 0, g.cs);
+        self.inc(p, 0, g.h.cluster_size());
         // Active L1 table.
         self.check_l1(p, h.l1_table_offset, h.l1_size, true, true)?;
         // Snapshots.
-        if g.external && h.nb_snapshots > 0 && p.reports() {
+        if g.h.external_data_file() && h.nb_snapshots > 0 && p.reports() {
             self.sink.report(Problem::SnapshotsWithDataFile {
                 count: h.nb_snapshots,
             });
@@ -64,33 +34,33 @@ impl<A: Access> Ctx<'_, A> {
         for _ in 0..h.nb_snapshots {
             let (next, s) = read_snapshot(&mut self.io, self.bounce, &g, at)?;
             at = next;
-            if s.l1_offset & g.cs.wrapping_sub(1) != 0 {
+            if s.entry.l1_table_offset & g.h.cluster_size().wrapping_sub(1) != 0 {
                 if p.reports() {
-                    let id = short_name(&mut self.io, self.bounce, s.id_at, s.id_len)?;
-                    let name = short_name(&mut self.io, self.bounce, s.name_at, s.name_len)?;
+                    let id = short_name(&mut self.io, self.bounce, s.id_at, s.entry.id_len)?;
+                    let name = short_name(&mut self.io, self.bounce, s.name_at, s.entry.name_len)?;
                     self.sink.report(Problem::SnapshotL1Unaligned {
                         id,
                         name,
-                        l1_offset: s.l1_offset,
+                        l1_offset: s.entry.l1_table_offset,
                     });
                     bump(&mut p.res.corruptions);
                 }
                 continue;
             }
-            if u64::from(s.l1_size) > MAX_L1_BYTES / 8 {
+            if u64::from(s.entry.l1_size) > MAX_L1_BYTES / 8 {
                 if p.reports() {
-                    let id = short_name(&mut self.io, self.bounce, s.id_at, s.id_len)?;
-                    let name = short_name(&mut self.io, self.bounce, s.name_at, s.name_len)?;
+                    let id = short_name(&mut self.io, self.bounce, s.id_at, s.entry.id_len)?;
+                    let name = short_name(&mut self.io, self.bounce, s.name_at, s.entry.name_len)?;
                     self.sink.report(Problem::SnapshotL1TooLarge {
                         id,
                         name,
-                        l1_size: s.l1_size,
+                        l1_size: s.entry.l1_size,
                     });
                     bump(&mut p.res.corruptions);
                 }
                 continue;
             }
-            self.check_l1(p, s.l1_offset, s.l1_size, false, false)?;
+            self.check_l1(p, s.entry.l1_table_offset, s.entry.l1_size, false, false)?;
         }
         self.inc(p, h.snapshots_offset, g.snapshots_size);
         // Refcount table.
@@ -98,7 +68,7 @@ impl<A: Access> Ctx<'_, A> {
             self.inc(
                 p,
                 h.refcount_table_offset,
-                g.reftable_entries.saturating_mul(8),
+                g.h.refcount_table_entries().saturating_mul(8),
             );
         }
         // Bitmaps.
@@ -148,9 +118,9 @@ impl<A: Access> Ctx<'_, A> {
                 }
                 let l2 = e & OFFSET_MASK;
                 if !p.role_probe {
-                    self.inc(p, l2, g.cs);
+                    self.inc(p, l2, g.h.cluster_size());
                 }
-                if l2 & g.cs.wrapping_sub(1) != 0 && p.reports() {
+                if l2 & g.h.cluster_size().wrapping_sub(1) != 0 && p.reports() {
                     self.sink
                         .report(Problem::L2TableUnaligned { l2_offset: l2 });
                     bump(&mut p.res.corruptions);
@@ -176,11 +146,16 @@ impl<A: Access> Ctx<'_, A> {
         _active: bool,
     ) -> Result<(), Error<A::E>> {
         let g = self.geo;
+        let l2_format = g.h.l2_format();
         let mut next_contiguous = 0u64;
         let mut buf = [0u8; CHUNK];
         // Past the end of the file entries read as zeros, unallocated (QEMU reads them; same result).
-        let bytes = self.in_file(l2_offset, g.l2_entries.saturating_mul(g.es), g.es);
-        let per_chunk = (CHUNK as u64).checked_div(g.es).unwrap_or(0);
+        let bytes = self.in_file(
+            l2_offset,
+            g.h.l2_entries().saturating_mul(g.h.l2_entry_size()),
+            g.h.l2_entry_size(),
+        );
+        let per_chunk = (CHUNK as u64).checked_div(g.h.l2_entry_size()).unwrap_or(0);
         let mut pos = 0u64;
         let mut index = 0u64;
         while pos < bytes {
@@ -188,34 +163,40 @@ impl<A: Access> Ctx<'_, A> {
             let chunk = buf.get_mut(..n).unwrap_or(&mut []);
             self.io
                 .read(self.bounce, l2_offset.saturating_add(pos), chunk)?;
-            for k in 0..(n as u64).checked_div(g.es).unwrap_or(0).min(per_chunk) {
-                let at = k.saturating_mul(g.es) as usize;
+            for k in 0..(n as u64)
+                .checked_div(g.h.l2_entry_size())
+                .unwrap_or(0)
+                .min(per_chunk)
+            {
+                let at = k.saturating_mul(g.h.l2_entry_size()) as usize;
                 let mut word = be64(&buf, at);
-                let bitmap = if g.extended {
+                let bitmap = if g.h.extended_l2() {
                     be64(&buf, at.saturating_add(8))
                 } else {
                     0
                 };
                 let i = index;
                 index = index.saturating_add(1);
-                let ty = cluster_type(&g, word);
-                if ty != Ty::Compressed && word & L2_RESERVED_MASK != 0 && p.reports() {
+                let kind = L2Entry { word, bitmap }.kind(l2_format);
+                if !matches!(kind, ClusterKind::Compressed(_))
+                    && word & L2_RESERVED_MASK != 0
+                    && p.reports()
+                {
                     self.sink.report(Problem::L2ReservedBits { entry: word });
                     bump(&mut p.res.corruptions);
                 }
-                match ty {
-                    Ty::Compressed => {
+                match kind {
+                    ClusterKind::Compressed(descriptor) => {
                         if word & OFLAG_COPIED != 0 {
-                            let x = 62u32.saturating_sub(g.cb.saturating_sub(8));
                             if p.reports() {
                                 self.sink.report(Problem::CompressedCopied {
-                                    coffset: word & (1u64 << x).wrapping_sub(1),
+                                    coffset: descriptor.offset,
                                 });
                                 bump(&mut p.res.corruptions);
                             }
                             word &= !OFLAG_COPIED;
                         }
-                        if g.external {
+                        if g.h.external_data_file() {
                             if p.reports() {
                                 self.sink.report(Problem::CompressedWithDataFile {
                                     index: i,
@@ -235,27 +216,21 @@ impl<A: Access> Ctx<'_, A> {
                             }
                             continue;
                         }
-                        // qcow2_parse_compressed_l2_entry.
-                        let shift = 62u32.saturating_sub(g.cb.saturating_sub(8));
-                        let coffset = word & (1u64 << shift).wrapping_sub(1);
-                        let csize_mask = (1u64 << g.cb.saturating_sub(8)).wrapping_sub(1);
-                        let sectors = ((word >> shift) & csize_mask).saturating_add(1);
-                        let csize = sectors.saturating_mul(512).saturating_sub(coffset & 511);
-                        self.inc(p, coffset, csize);
+                        self.inc(p, descriptor.offset, descriptor.len);
                         if frag && p.reports() {
                             bump(&mut p.res.allocated);
                             bump(&mut p.res.compressed);
                             bump(&mut p.res.fragmented);
                         }
                     }
-                    Ty::ZeroAlloc | Ty::Normal => {
-                        let offset = word & OFFSET_MASK;
+                    ClusterKind::Data { host: offset }
+                    | ClusterKind::Zero { host: Some(offset) } => {
                         if (bitmap >> 32) & bitmap != 0 && p.reports() {
                             bump(&mut p.res.corruptions);
                             self.sink.report(Problem::BadSubclusterBitmap { offset });
                         }
-                        if offset & g.cs.wrapping_sub(1) != 0 {
-                            let contains_data = if g.extended {
+                        if offset & g.h.cluster_size().wrapping_sub(1) != 0 {
+                            let contains_data = if g.h.extended_l2() {
                                 bitmap & 0xffff_ffff != 0
                             } else {
                                 word & OFLAG_ZERO == 0
@@ -270,8 +245,9 @@ impl<A: Access> Ctx<'_, A> {
                                     });
                                 }
                                 if repairing {
-                                    let new = if g.extended { 0 } else { OFLAG_ZERO };
-                                    let at = l2_offset.saturating_add(i.saturating_mul(g.es));
+                                    let new = if g.h.extended_l2() { 0 } else { OFLAG_ZERO };
+                                    let at = l2_offset
+                                        .saturating_add(i.saturating_mul(g.h.l2_entry_size()));
                                     self.write_word(at, new)?;
                                     drop1(&mut p.res.corruptions);
                                     bump(&mut p.res.corruptions_fixed);
@@ -288,13 +264,13 @@ impl<A: Access> Ctx<'_, A> {
                                 bump(&mut p.res.fragmented);
                             }
                         }
-                        next_contiguous = offset.saturating_add(g.cs);
-                        if !g.external {
-                            self.inc(p, offset, g.cs);
+                        next_contiguous = offset.saturating_add(g.h.cluster_size());
+                        if !g.h.external_data_file() {
+                            self.inc(p, offset, g.h.cluster_size());
                         }
                     }
-                    Ty::ZeroPlain => {}
-                    Ty::Unallocated => {
+                    ClusterKind::Zero { host: None } => {}
+                    ClusterKind::Unallocated => {
                         if bitmap & 0xffff_ffff != 0 && p.reports() {
                             bump(&mut p.res.corruptions);
                             self.sink.report(Problem::UnallocatedWithBitmap);
@@ -320,7 +296,9 @@ impl<A: Access> Ctx<'_, A> {
         // The directory was validated when the image was loaded (format::bitmap::DirectoryWalk).
         for _ in 0..ext.nb_bitmaps {
             let mut e = [0u8; DIR_ENTRY_LEN];
-            if at.saturating_add(24) > dir_end || dir_end.saturating_sub(g.file_len) >= g.cs {
+            if at.saturating_add(24) > dir_end
+                || dir_end.saturating_sub(g.file_len) >= g.h.cluster_size()
+            {
                 if p.reports() {
                     bump(&mut p.res.corruptions);
                     self.sink.report(Problem::BitmapCorrupt { offset: at });
@@ -333,11 +311,11 @@ impl<A: Access> Ctx<'_, A> {
             at = at.saturating_add(entry.entry_len());
             let bytes = entry.table_bytes();
             self.inc(p, table_offset, bytes);
-            if table_offset & g.cs.wrapping_sub(1) != 0
+            if table_offset & g.h.cluster_size().wrapping_sub(1) != 0
                 || table_offset
                     .saturating_add(bytes)
                     .saturating_sub(g.file_len)
-                    >= g.cs
+                    >= g.h.cluster_size()
             {
                 if p.reports() {
                     bump(&mut p.res.corruptions);
@@ -355,13 +333,16 @@ impl<A: Access> Ctx<'_, A> {
                 self.io
                     .read(self.bounce, table_offset.saturating_add(pos), chunk)?;
                 for k in 0..n / 8 {
-                    match BitmapTableEntry::decode(be64(&buf, k.saturating_mul(8)), g.cs) {
+                    match BitmapTableEntry::decode(
+                        be64(&buf, k.saturating_mul(8)),
+                        g.h.cluster_size(),
+                    ) {
                         BitmapTableEntry::Invalid => {
                             if p.reports() {
                                 bump(&mut p.res.corruptions);
                             }
                         }
-                        BitmapTableEntry::Data(off) => self.inc(p, off, g.cs),
+                        BitmapTableEntry::Data(off) => self.inc(p, off, g.h.cluster_size()),
                         BitmapTableEntry::Unallocated => {}
                     }
                 }
@@ -376,7 +357,7 @@ impl<A: Access> Ctx<'_, A> {
         let g = self.geo;
         let bytes = self.in_file(
             g.h.refcount_table_offset,
-            g.reftable_entries.saturating_mul(8),
+            g.h.refcount_table_entries().saturating_mul(8),
             8,
         );
         let mut buf = [0u8; CHUNK];
@@ -395,7 +376,7 @@ impl<A: Access> Ctx<'_, A> {
                 index = index.saturating_add(1);
                 let e = be64(&buf, k.saturating_mul(8));
                 let offset = e & REFTABLE_OFFSET_MASK;
-                let cluster = offset >> g.cb;
+                let cluster = offset >> g.h.cluster_bits;
                 if e & REFTABLE_RESERVED_MASK != 0 {
                     if p.reports() {
                         self.sink
@@ -405,7 +386,7 @@ impl<A: Access> Ctx<'_, A> {
                     p.rebuild = true;
                     continue;
                 }
-                if offset & g.cs.wrapping_sub(1) != 0 {
+                if offset & g.h.cluster_size().wrapping_sub(1) != 0 {
                     if p.reports() {
                         self.sink
                             .report(Problem::RefcountBlockUnaligned { index: i });
@@ -429,7 +410,7 @@ impl<A: Access> Ctx<'_, A> {
                     continue;
                 }
                 if offset != 0 {
-                    self.inc(p, offset, g.cs);
+                    self.inc(p, offset, g.h.cluster_size());
                     if cluster >= p.lo && cluster < p.hi {
                         let refcount = p.count(cluster);
                         if refcount != 1 {
