@@ -1,28 +1,29 @@
-//! The checker ([`Ctx`]): the device, the bounce block, the image's facts and the sink; the order of the
-//! passes of one check or repair run; and the few writes every part shares.
+//! The checker ([`Checker`]): the device, the bounce block, the image's facts and the sink; the order of the
+//! passes of one check or repair run (count and compare, refuse an overlapping repair, rebuild, recount to
+//! repair leaks, COPIED flags, clear the dirty and corrupt bits); and the few writes every part shares.
 
 use super::*;
 
 /// The checker: the device, the bounce block, the image's facts and the sink.
-pub(super) struct Ctx<'a, A> {
+pub(super) struct Checker<'a, A> {
     pub(super) io: A,
     pub(super) bounce: &'a mut [u8],
-    pub(super) geo: Geo,
+    pub(super) image: ImageFacts,
     pub(super) sink: &'a mut dyn CheckSink,
     /// QEMU's corruption event was signalled (it is printed once).
     pub(super) signalled: bool,
 }
 
-impl<A: Access> Ctx<'_, A> {
+impl<A: Access> Checker<'_, A> {
     pub(super) fn report(&mut self, p: &Pass<'_>, problem: Problem) {
-        if !p.quiet {
+        if !p.quiet() {
             self.sink.report(problem);
         }
     }
 
     /// A refcount could not be read (unaligned refcount block): QEMU's corruption event, once; a writable image
     /// gets the corrupt bit, as QEMU sets it.
-    pub(super) fn signal_unreadable(&mut self, rr: &RefReader) -> Result<(), Error<A::E>> {
+    pub(super) fn signal_unreadable(&mut self, rr: &RefcountReader) -> Result<(), Error<A::E>> {
         if self.signalled {
             return Ok(());
         }
@@ -33,7 +34,7 @@ impl<A: Access> Ctx<'_, A> {
             index: rr.table_index,
             marking,
         });
-        if marking && self.geo.h.version >= 3 {
+        if marking && self.image.header.version >= 3 {
             let mut f = [0u8; 8];
             self.io
                 .read(self.bounce, field::INCOMPATIBLE_FEATURES, &mut f)?;
@@ -46,7 +47,7 @@ impl<A: Access> Ctx<'_, A> {
     /// The part of a table of `bytes` at `offset` that lies inside the file, in whole entries of `entry` bytes
     /// (the rest reads as zeros, which is an empty entry in every table the check reads).
     pub(super) fn in_file(&self, offset: u64, bytes: u64, entry: u64) -> u64 {
-        let avail = self.geo.file_len.saturating_sub(offset);
+        let avail = self.image.file_len.saturating_sub(offset);
         bytes.min(avail.checked_next_multiple_of(entry).unwrap_or(u64::MAX))
     }
 
@@ -62,7 +63,7 @@ impl<A: Access> Ctx<'_, A> {
         scratch: &mut [u8],
         fix: Option<RepairMode>,
     ) -> Result<CheckReport, Error<A::E>> {
-        let g = self.geo;
+        let g = self.image;
         if self.pass_len(scratch.len()) == 0 {
             return Err(Error::BufferTooSmall {
                 what: "check scratch",
@@ -70,21 +71,22 @@ impl<A: Access> Ctx<'_, A> {
                 have: scratch.len() as u64,
             });
         }
-        if g.nb_file > MAX_CHECK_CLUSTERS {
+        if g.file_clusters > MAX_CHECK_CLUSTERS {
             return Err(Error::Unsupported {
                 what: FILE_TOO_LARGE,
-                value: g.nb_file,
+                value: g.file_clusters,
             });
         }
         let fix_all = fix == Some(RepairMode::All);
-        let (mut walk_res, mut cmp_res) = (Res::default(), Res::default());
+        let (mut walk_res, mut cmp_res) = (Tally::default(), Tally::default());
         let (mut rebuild, mut highest, mut passes) = (false, 0u64, 0u32);
         if fix_all && let Some((offset, table)) = self.repair_conflict(scratch)? {
             // Report what a check finds, then refuse: nothing but the corrupt bit is written.
             self.count_and_compare(
                 scratch,
-                false,
-                false,
+                PassKind::Count {
+                    repair_entries: false,
+                },
                 None,
                 &mut walk_res,
                 &mut cmp_res,
@@ -93,7 +95,7 @@ impl<A: Access> Ctx<'_, A> {
                 &mut passes,
             )?;
             self.sink.report(Problem::RepairOverlap { offset, table });
-            if g.h.version >= 3 {
+            if g.header.version >= 3 {
                 let mut f = [0u8; 8];
                 self.io
                     .read(self.bounce, field::INCOMPATIBLE_FEATURES, &mut f)?;
@@ -107,8 +109,9 @@ impl<A: Access> Ctx<'_, A> {
         }
         self.count_and_compare(
             scratch,
-            false,
-            fix_all,
+            PassKind::Count {
+                repair_entries: fix_all,
+            },
             None,
             &mut walk_res,
             &mut cmp_res,
@@ -124,20 +127,7 @@ impl<A: Access> Ctx<'_, A> {
             let old = res;
             // Whether a reference reached the cluster past the file's end: cheap to find again.
             let (touched_end, max_end) = {
-                let mut p = Pass {
-                    counts: &mut [],
-                    lo: 0,
-                    hi: 0,
-                    first: false,
-                    quiet: true,
-                    fix_entries: false,
-                    skip_refcount_structure: true,
-                    role_probe: false,
-                    touched_end: false,
-                    max_end: 0,
-                    rebuild: false,
-                    res: Res::default(),
-                };
+                let mut p = Pass::probe(PassKind::ForRebuild);
                 self.walk(&mut p)?;
                 (p.touched_end, p.max_end)
             };
@@ -148,12 +138,13 @@ impl<A: Access> Ctx<'_, A> {
             // Refcounts that could not be read were those of the old structure, which is gone now (QEMU keeps
             // counting them, and so leaves the dirty and corrupt bits set after a successful rebuild).
             res.check_errors = res.check_errors.saturating_sub(cmp_res.check_errors);
-            let (mut w2, mut c2) = (Res::default(), Res::default());
+            let (mut w2, mut c2) = (Tally::default(), Tally::default());
             let mut rebuild2 = false;
             self.count_and_compare(
                 scratch,
-                false,
-                false,
+                PassKind::Count {
+                    repair_entries: false,
+                },
                 Some(RepairMode::Leaks),
                 &mut w2,
                 &mut c2,
@@ -188,49 +179,22 @@ impl<A: Access> Ctx<'_, A> {
             }
             if res.leaks > 0 || res.corruptions > 0 {
                 res = walk_res;
-                let mut c2 = Res::default();
+                let mut c2 = Tally::default();
                 if self.one_pass(scratch.len()) {
                     let hi = self.pass_len(scratch.len()).min(self.count_end()?);
-                    let mut p = Pass {
-                        counts: &mut *scratch,
-                        lo: 0,
-                        hi,
-                        first: false,
-                        quiet: true,
-                        fix_entries: false,
-                        skip_refcount_structure: false,
-                        role_probe: false,
-                        touched_end: false,
-                        max_end: 0,
-                        rebuild: false,
-                        res: Res::default(),
-                    };
+                    let mut p = Pass::new(PassKind::Recount, &mut *scratch, 0, hi);
                     // touched_end is a property of the references: find it without counting.
-                    let mut probe = Pass {
-                        counts: &mut [],
-                        lo: 0,
-                        hi: 0,
-                        first: false,
-                        quiet: true,
-                        fix_entries: false,
-                        skip_refcount_structure: false,
-                        role_probe: false,
-                        touched_end: false,
-                        max_end: 0,
-                        rebuild: false,
-                        res: Res::default(),
-                    };
+                    let mut probe = Pass::probe(PassKind::Recount);
                     self.walk(&mut probe)?;
                     p.touched_end = probe.touched_end;
                     highest = 0;
                     self.compare(&mut p, Some(mode), &mut highest, &mut c2)?;
                 } else {
-                    let mut w3 = Res::default();
+                    let mut w3 = Tally::default();
                     let mut rebuild3 = false;
                     self.count_and_compare(
                         scratch,
-                        true,
-                        false,
+                        PassKind::Recount,
                         Some(mode),
                         &mut w3,
                         &mut c2,
@@ -244,7 +208,7 @@ impl<A: Access> Ctx<'_, A> {
             }
         }
         self.check_copied(fix, &mut res)?;
-        if fix.is_some() && res.check_errors == 0 && res.corruptions == 0 && g.h.version >= 3 {
+        if fix.is_some() && res.check_errors == 0 && res.corruptions == 0 && g.header.version >= 3 {
             let mut f = [0u8; 8];
             self.io
                 .read(self.bounce, field::INCOMPATIBLE_FEATURES, &mut f)?;
@@ -253,7 +217,7 @@ impl<A: Access> Ctx<'_, A> {
                 old & !(IncompatibleFeatures::DIRTY.bits() | IncompatibleFeatures::CORRUPT.bits());
             if new != old {
                 self.write_word(field::INCOMPATIBLE_FEATURES, new)?;
-                self.geo = load(&mut self.io, self.bounce)?;
+                self.image = load_image(&mut self.io, self.bounce)?;
             }
         }
         Ok(CheckReport {
@@ -262,8 +226,10 @@ impl<A: Access> Ctx<'_, A> {
             check_errors: res.check_errors,
             corruptions_fixed: res.corruptions_fixed,
             leaks_fixed: res.leaks_fixed,
-            image_end_offset: highest.saturating_add(1).saturating_mul(g.h.cluster_size()),
-            total_clusters: ceil_div(g.h.size, g.h.cluster_size()),
+            image_end_offset: highest
+                .saturating_add(1)
+                .saturating_mul(g.header.cluster_size()),
+            total_clusters: ceil_div(g.header.size, g.header.cluster_size()),
             allocated_clusters: res.allocated,
             fragmented_clusters: res.fragmented,
             compressed_clusters: res.compressed,

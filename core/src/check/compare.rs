@@ -3,19 +3,19 @@
 
 use super::*;
 
-impl<A: Access> Ctx<'_, A> {
+impl<A: Access> Checker<'_, A> {
     /// QEMU's `compare_refcounts` over the pass's range (clusters below `nb`).
     pub(super) fn compare(
         &mut self,
         p: &mut Pass<'_>,
         fix: Option<RepairMode>,
         highest: &mut u64,
-        res: &mut Res,
+        res: &mut Tally,
     ) -> Result<(), Error<A::E>> {
-        let g = self.geo;
-        let nb = g.nb_file.saturating_add(u64::from(p.touched_end));
+        let g = self.image;
+        let nb = g.file_clusters.saturating_add(u64::from(p.touched_end));
         let end = p.hi.min(nb);
-        let mut rr = RefReader::new();
+        let mut rr = RefcountReader::new();
         let mut c = p.lo;
         while c < end {
             // Where no refcount block covers the clusters, only those with references can differ: skip to the
@@ -35,7 +35,7 @@ impl<A: Access> Ctx<'_, A> {
             let Some(r1) = rr.get(&mut self.io, self.bounce, &g, cluster)? else {
                 self.signal_unreadable(&rr)?;
                 self.sink.report(Problem::RefcountUnreadable { cluster });
-                bump(&mut res.check_errors);
+                increment(&mut res.check_errors);
                 continue;
             };
             let r2 = p.count(cluster);
@@ -85,16 +85,16 @@ impl<A: Access> Ctx<'_, A> {
                     if r2 == 0 {
                         self.discard(cluster)?;
                     }
-                    bump(&mut res.leaks_fixed);
+                    increment(&mut res.leaks_fixed);
                 } else {
-                    bump(&mut res.corruptions_fixed);
+                    increment(&mut res.corruptions_fixed);
                 }
                 continue;
             }
             if r1 < r2 {
-                bump(&mut res.corruptions);
+                increment(&mut res.corruptions);
             } else {
-                bump(&mut res.leaks);
+                increment(&mut res.leaks);
             }
         }
         Ok(())
@@ -102,9 +102,11 @@ impl<A: Access> Ctx<'_, A> {
 
     /// Zeroes a freed cluster's bytes inside the file, as QEMU's discard of a freed cluster punches a hole.
     pub(super) fn discard(&mut self, cluster: u64) -> Result<(), Error<A::E>> {
-        let g = self.geo;
-        let start = cluster.saturating_mul(g.h.cluster_size());
-        let end = start.saturating_add(g.h.cluster_size()).min(g.file_len);
+        let g = self.image;
+        let start = cluster.saturating_mul(g.header.cluster_size());
+        let end = start
+            .saturating_add(g.header.cluster_size())
+            .min(g.file_len);
         let zeros = [0u8; PIECE];
         let mut at = start;
         while at < end {

@@ -3,15 +3,15 @@
 
 use super::*;
 
-impl<A: Access> Ctx<'_, A> {
+impl<A: Access> Checker<'_, A> {
     /// QEMU's `check_oflag_copied`: COPIED flags of the active L1 and L2 tables against the refcounts on disk.
     pub(super) fn check_copied(
         &mut self,
         fix: Option<RepairMode>,
-        res: &mut Res,
+        res: &mut Tally,
     ) -> Result<(), Error<A::E>> {
-        let g = self.geo;
-        let l2_format = g.h.l2_format();
+        let g = self.image;
+        let l2_format = g.header.l2_format();
         // Repairing leaks only, QEMU fixes COPIED flags when the refcounts are now known to be right.
         let fix_all = match fix {
             Some(RepairMode::All) => true,
@@ -20,10 +20,10 @@ impl<A: Access> Ctx<'_, A> {
             }
             None => false,
         };
-        let mut rr = RefReader::new();
+        let mut rr = RefcountReader::new();
         let bytes = self.in_file(
-            g.h.l1_table_offset,
-            u64::from(g.h.l1_size).saturating_mul(8),
+            g.header.l1_table_offset,
+            u64::from(g.header.l1_size).saturating_mul(8),
             8,
         );
         let mut l1 = [0u8; CHUNK];
@@ -35,8 +35,11 @@ impl<A: Access> Ctx<'_, A> {
         while pos < bytes {
             let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
             let chunk = l1.get_mut(..n).unwrap_or(&mut []);
-            self.io
-                .read(self.bounce, g.h.l1_table_offset.saturating_add(pos), chunk)?;
+            self.io.read(
+                self.bounce,
+                g.header.l1_table_offset.saturating_add(pos),
+                chunk,
+            )?;
             for k in 0..n / 8 {
                 let i = l1_index;
                 l1_index = l1_index.saturating_add(1);
@@ -45,14 +48,18 @@ impl<A: Access> Ctx<'_, A> {
                 if l2_offset == 0 {
                     continue;
                 }
-                let Some(refcount) =
-                    rr.get(&mut self.io, self.bounce, &g, l2_offset >> g.h.cluster_bits)?
+                let Some(refcount) = rr.get(
+                    &mut self.io,
+                    self.bounce,
+                    &g,
+                    l2_offset >> g.header.cluster_bits,
+                )?
                 else {
                     self.signal_unreadable(&rr)?;
                     continue;
                 };
                 if (refcount == 1) != (e & OFLAG_COPIED != 0) {
-                    bump(&mut res.corruptions);
+                    increment(&mut res.corruptions);
                     self.sink.report(Problem::CopiedL1 {
                         l1_index: i,
                         l1_entry: e,
@@ -65,21 +72,23 @@ impl<A: Access> Ctx<'_, A> {
                         } else {
                             e & !OFLAG_COPIED
                         };
-                        let at = g.h.l1_table_offset.saturating_add(i.saturating_mul(8));
+                        let at = g.header.l1_table_offset.saturating_add(i.saturating_mul(8));
                         self.write_word(at, new)?;
-                        drop1(&mut res.corruptions);
-                        bump(&mut res.corruptions_fixed);
+                        decrement(&mut res.corruptions);
+                        increment(&mut res.corruptions_fixed);
                     }
                 }
                 let l2_bytes = self.in_file(
                     l2_offset,
-                    g.h.l2_entries().saturating_mul(g.h.l2_entry_size()),
-                    g.h.l2_entry_size(),
+                    g.header
+                        .l2_entries()
+                        .saturating_mul(g.header.l2_entry_size()),
+                    g.header.l2_entry_size(),
                 );
                 if l2_bytes > 0 {
                     walks = walks.saturating_add(1);
-                    if walks > g.nb_file {
-                        return Err(too_many_l2(g.h.l1_table_offset));
+                    if walks > g.file_clusters {
+                        return Err(too_many_l2(g.header.l1_table_offset));
                     }
                 }
                 let mut lpos = 0u64;
@@ -89,8 +98,11 @@ impl<A: Access> Ctx<'_, A> {
                     let chunk = l2.get_mut(..m).unwrap_or(&mut []);
                     self.io
                         .read(self.bounce, l2_offset.saturating_add(lpos), chunk)?;
-                    for q in 0..(m as u64).checked_div(g.h.l2_entry_size()).unwrap_or(0) {
-                        let at = q.saturating_mul(g.h.l2_entry_size()) as usize;
+                    for q in 0..(m as u64)
+                        .checked_div(g.header.l2_entry_size())
+                        .unwrap_or(0)
+                    {
+                        let at = q.saturating_mul(g.header.l2_entry_size()) as usize;
                         let word = be64(&l2, at);
                         let jj = j;
                         j = j.saturating_add(1);
@@ -100,10 +112,15 @@ impl<A: Access> Ctx<'_, A> {
                             }
                             _ => continue,
                         };
-                        let refcount = if g.h.external_data_file() {
+                        let refcount = if g.header.external_data_file() {
                             1
                         } else {
-                            match rr.get(&mut self.io, self.bounce, &g, host >> g.h.cluster_bits)? {
+                            match rr.get(
+                                &mut self.io,
+                                self.bounce,
+                                &g,
+                                host >> g.header.cluster_bits,
+                            )? {
                                 Some(r) => r,
                                 None => {
                                     self.signal_unreadable(&rr)?;
@@ -112,7 +129,7 @@ impl<A: Access> Ctx<'_, A> {
                             }
                         };
                         if (refcount == 1) != (word & OFLAG_COPIED != 0) {
-                            bump(&mut res.corruptions);
+                            increment(&mut res.corruptions);
                             self.sink.report(Problem::CopiedL2 {
                                 l2_entry: word,
                                 refcount,
@@ -125,11 +142,11 @@ impl<A: Access> Ctx<'_, A> {
                                     word & !OFLAG_COPIED
                                 };
                                 let at = l2_offset
-                                    .saturating_add(jj.saturating_mul(g.h.l2_entry_size()));
+                                    .saturating_add(jj.saturating_mul(g.header.l2_entry_size()));
                                 self.io.write(self.bounce, at, &new.to_be_bytes())?;
                                 wrote = true;
-                                drop1(&mut res.corruptions);
-                                bump(&mut res.corruptions_fixed);
+                                decrement(&mut res.corruptions);
+                                increment(&mut res.corruptions_fixed);
                             }
                         }
                     }

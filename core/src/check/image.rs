@@ -1,24 +1,27 @@
-//! What the check knows about the image: the header's facts and the file's length ([`Geo`], read by [`load`]
-//! with the same header-extension and bitmap-directory validation as the engine's open), and the snapshot
-//! table's entries.
+//! What the check knows about the image: the header and the file's length ([`ImageFacts`], read by
+//! [`load_image`] with the same header-extension and bitmap-directory validation as the engine's open), and
+//! the snapshot table's entries (parsed by [`crate::format::SnapshotEntryLayout`]).
 
 use super::*;
 
 /// What the check needs to know about the image besides its header: the file's length and what the header's
 /// tables add up to.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Geo {
-    pub(super) h: Header,
+pub(super) struct ImageFacts {
+    pub(super) header: Header,
     pub(super) file_len: u64,
     /// Host clusters of the file (the last one may be partial).
-    pub(super) nb_file: u64,
+    pub(super) file_clusters: u64,
     /// Bytes of the snapshot table (the sum of its entries).
-    pub(super) snapshots_size: u64,
+    pub(super) snapshot_table_len: u64,
     /// The bitmaps extension, when the image has bitmaps.
     pub(super) bitmaps: Option<BitmapsExtension>,
 }
 
-pub(super) fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Error<A::E>> {
+pub(super) fn load_image<A: Access>(
+    io: &mut A,
+    bounce: &mut [u8],
+) -> Result<ImageFacts, Error<A::E>> {
     let file_len = io.size()?;
     let mut first = [0u8; HEADER_READ_LEN];
     let n = usize::try_from(file_len)
@@ -34,20 +37,20 @@ pub(super) fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Erro
             name: crate::format::FeatureName::EMPTY,
         });
     }
-    let mut geo = Geo {
-        h,
+    let mut image = ImageFacts {
+        header: h,
         file_len,
-        nb_file: ceil_div(file_len, h.cluster_size()),
-        snapshots_size: 0,
+        file_clusters: ceil_div(file_len, h.cluster_size()),
+        snapshot_table_len: 0,
         bitmaps: None,
     };
     // Snapshot table: its size is the sum of its entries.
     let mut at = h.snapshots_offset;
     for _ in 0..h.nb_snapshots {
-        let (next, _) = read_snapshot(io, bounce, &geo, at)?;
+        let (next, _) = read_snapshot(io, bounce, &image, at)?;
         at = next;
     }
-    geo.snapshots_size = at.saturating_sub(h.snapshots_offset);
+    image.snapshot_table_len = at.saturating_sub(h.snapshots_offset);
     // Header extensions: the same walk and the same validation as the engine's open, so that the check sees
     // the bitmaps that the image holds (and refuses what QEMU's open refuses).
     let mut walk = ExtensionWalk::new(&h);
@@ -91,14 +94,14 @@ pub(super) fn load<A: Access>(io: &mut A, bounce: &mut [u8]) -> Result<Geo, Erro
             dir.advance(&raw).map_err(invalid)?;
         }
         dir.finish().map_err(invalid)?;
-        geo.bitmaps = Some(bitmaps);
+        image.bitmaps = Some(bitmaps);
     }
-    Ok(geo)
+    Ok(image)
 }
 
 /// A snapshot table entry and where its id and name are.
 #[derive(Clone, Copy)]
-pub(super) struct Snap {
+pub(super) struct SnapshotTableEntry {
     pub(super) entry: SnapshotEntryLayout,
     pub(super) id_at: u64,
     pub(super) name_at: u64,
@@ -108,18 +111,18 @@ pub(super) struct Snap {
 pub(super) fn read_snapshot<A: Access>(
     io: &mut A,
     bounce: &mut [u8],
-    geo: &Geo,
+    image: &ImageFacts,
     at: u64,
-) -> Result<(u64, Snap), Error<A::E>> {
+) -> Result<(u64, SnapshotTableEntry), Error<A::E>> {
     let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
     io.read(bounce, at, &mut fixed)?;
     let entry = SnapshotEntryLayout::parse(&fixed);
     let next = entry
-        .next_entry(at, geo.h.snapshots_offset)
+        .next_entry(at, image.header.snapshots_offset)
         .map_err(|what| corrupt(what, at))?;
     Ok((
         next,
-        Snap {
+        SnapshotTableEntry {
             entry,
             id_at: entry.id_at(at),
             name_at: entry.name_at(at),

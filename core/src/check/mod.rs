@@ -105,7 +105,7 @@ mod tests;
 mod walk;
 
 use access::{Access, ReadOnly, Writable};
-use checker::Ctx;
+use checker::Checker;
 use counts::*;
 use image::*;
 pub use problems::{Problem, ShortName};
@@ -132,7 +132,7 @@ pub const MAX_CHECK_CLUSTERS: u64 = i32::MAX as u64;
 /// The [`Error::Unsupported`] `what` of a file with more than [`MAX_CHECK_CLUSTERS`] host clusters.
 pub const FILE_TOO_LARGE: &str = "File too large";
 /// Counting ranges up to this many host clusters are not cut to what the image references (see
-/// [`Ctx::count_end`]): finding the cut costs a walk of the metadata.
+/// [`Checker::count_end`]): finding the cut costs a walk of the metadata.
 const UNCUT_COUNT_CLUSTERS: u64 = 1 << 20;
 /// Longest snapshot id or name a [`Problem`] carries (longer ones are cut).
 pub const SNAPSHOT_NAME_LEN: usize = 32;
@@ -214,8 +214,8 @@ pub fn min_scratch_len<D: BlockDevice>(
     dev: &mut D,
     bounce: &mut [u8],
 ) -> Result<usize, Error<D::Error>> {
-    let geo = load(&mut ReadOnly(dev), bounce)?;
-    Ok((per_piece(geo.h.refcount_order) as usize).saturating_mul(COUNT_BYTES))
+    let image = load_image(&mut ReadOnly(dev), bounce)?;
+    Ok((per_piece(image.header.refcount_order) as usize).saturating_mul(COUNT_BYTES))
 }
 
 /// Bytes of scratch with which [`check`] and [`repair`] work in one pass over the image of `dev`, even when
@@ -224,36 +224,36 @@ pub fn scratch_len_for_one_pass<D: BlockDevice>(
     dev: &mut D,
     bounce: &mut [u8],
 ) -> Result<usize, Error<D::Error>> {
-    let g = load(&mut ReadOnly(dev), bounce)?;
-    let per_piece = per_piece(g.h.refcount_order);
-    let per_block = 1u64 << g.h.refcount_block_bits();
-    if g.nb_file > MAX_CHECK_CLUSTERS {
+    let g = load_image(&mut ReadOnly(dev), bounce)?;
+    let per_piece = per_piece(g.header.refcount_order);
+    let per_block = 1u64 << g.header.refcount_block_bits();
+    if g.file_clusters > MAX_CHECK_CLUSTERS {
         return Ok(COUNT_BYTES);
     }
-    // Counting covers what the image can make non-zero (Ctx::count_end). A file whose tail is cut off that
+    // Counting covers what the image can make non-zero (Checker::count_end). A file whose tail is cut off that
     // way is mostly sparse: a rebuild of its refcount structure, should it need one, works in passes.
     let count_end = {
         let mut sink = NoSink;
-        let mut ctx = Ctx {
+        let mut ctx = Checker {
             io: ReadOnly(&mut *dev),
             bounce: &mut *bounce,
-            geo: g,
+            image: g,
             sink: &mut sink,
             signalled: false,
         };
         ctx.count_end()?
     };
-    if count_end <= g.nb_file {
+    if count_end <= g.file_clusters {
         let clusters = count_end.saturating_add(1).next_multiple_of(per_piece);
         return Ok(
             usize::try_from(clusters.saturating_mul(COUNT_BYTES as u64)).unwrap_or(usize::MAX)
         );
     }
-    // Counting covers nb_file + 1 clusters; a rebuild covers whole refcount blocks past the new structure.
-    let start = g.nb_file.saturating_add(1);
+    // Counting covers file_clusters + 1 clusters; a rebuild covers whole refcount blocks past the new structure.
+    let start = g.file_clusters.saturating_add(1);
     let mut blocks = 1u64;
     for _ in 0..64 {
-        let table = ceil_div(blocks.saturating_mul(8), g.h.cluster_size());
+        let table = ceil_div(blocks.saturating_mul(8), g.header.cluster_size());
         let b = ceil_div(
             start.saturating_add(blocks).saturating_add(table),
             per_block,
@@ -283,11 +283,11 @@ pub fn check<D: BlockDevice>(
     sink: &mut dyn CheckSink,
 ) -> Result<CheckReport, Error<D::Error>> {
     let mut io = ReadOnly(dev);
-    let geo = load(&mut io, bounce)?;
-    let mut ctx = Ctx {
+    let image = load_image(&mut io, bounce)?;
+    let mut ctx = Checker {
         io,
         bounce,
-        geo,
+        image,
         sink,
         signalled: false,
     };
@@ -304,11 +304,11 @@ pub fn repair_once<D: BlockDeviceWrite>(
     sink: &mut dyn CheckSink,
 ) -> Result<CheckReport, Error<D::Error>> {
     let mut io = Writable(dev);
-    let geo = load(&mut io, bounce)?;
-    let mut ctx = Ctx {
+    let image = load_image(&mut io, bounce)?;
+    let mut ctx = Checker {
         io,
         bounce,
-        geo,
+        image,
         sink,
         signalled: false,
     };

@@ -7,16 +7,16 @@ use super::*;
 pub(super) type Located = Result<Option<(u64, usize)>, ()>;
 
 /// The on-disk refcounts, read through a one-piece cache (sequential lookups read each piece once).
-pub(super) struct RefReader {
+pub(super) struct RefcountReader {
     pub(super) table_index: u64,
     pub(super) block: u64,
     pub(super) piece_at: u64,
     pub(super) piece: [u8; PIECE],
 }
 
-impl RefReader {
-    pub(super) fn new() -> RefReader {
-        RefReader {
+impl RefcountReader {
+    pub(super) fn new() -> RefcountReader {
+        RefcountReader {
             table_index: u64::MAX,
             block: 0,
             piece_at: u64::MAX,
@@ -30,18 +30,19 @@ impl RefReader {
         &mut self,
         io: &mut A,
         bounce: &mut [u8],
-        geo: &Geo,
+        image: &ImageFacts,
         cluster: u64,
     ) -> Result<Located, Error<A::E>> {
-        let (ti, idx) = refcount_location(cluster, geo.h.refcount_block_bits());
-        if ti >= geo.h.refcount_table_entries() {
+        let (ti, idx) = refcount_location(cluster, image.header.refcount_block_bits());
+        if ti >= image.header.refcount_table_entries() {
             return Ok(Ok(None));
         }
         if ti != self.table_index {
             let mut e = [0u8; 8];
             io.read(
                 bounce,
-                geo.h
+                image
+                    .header
                     .refcount_table_offset
                     .saturating_add(ti.saturating_mul(8)),
                 &mut e,
@@ -52,11 +53,11 @@ impl RefReader {
         if self.block == 0 {
             return Ok(Ok(None));
         }
-        if self.block & geo.h.cluster_size().wrapping_sub(1) != 0 {
+        if self.block & image.header.cluster_size().wrapping_sub(1) != 0 {
             return Ok(Err(()));
         }
         let (piece_start, in_piece) =
-            refcount_slice_position(idx, geo.h.refcount_order, PIECE as u64);
+            refcount_slice_position(idx, image.header.refcount_order, PIECE as u64);
         let piece_at = self.block.saturating_add(piece_start);
         if piece_at != self.piece_at {
             io.read(bounce, piece_at, &mut self.piece)?;
@@ -71,18 +72,18 @@ impl RefReader {
         &mut self,
         io: &mut A,
         bounce: &mut [u8],
-        geo: &Geo,
+        image: &ImageFacts,
         cluster: u64,
     ) -> Result<Option<u64>, Error<A::E>> {
-        let (ti, _) = refcount_location(cluster, geo.h.refcount_block_bits());
-        if ti >= geo.h.refcount_table_entries() {
+        let (ti, _) = refcount_location(cluster, image.header.refcount_block_bits());
+        if ti >= image.header.refcount_table_entries() {
             return Ok(Some(u64::MAX));
         }
         // locate() reads the table entry (and the block's piece, when there is a block).
-        let _ = self.locate(io, bounce, geo, cluster)?;
+        let _ = self.locate(io, bounce, image, cluster)?;
         Ok((self.block == 0).then(|| {
             ti.saturating_add(1)
-                .checked_shl(geo.h.refcount_block_bits())
+                .checked_shl(image.header.refcount_block_bits())
                 .unwrap_or(u64::MAX)
         }))
     }
@@ -92,13 +93,13 @@ impl RefReader {
         &mut self,
         io: &mut A,
         bounce: &mut [u8],
-        geo: &Geo,
+        image: &ImageFacts,
         cluster: u64,
     ) -> Result<Option<u64>, Error<A::E>> {
-        match self.locate(io, bounce, geo, cluster)? {
+        match self.locate(io, bounce, image, cluster)? {
             Err(()) => Ok(None),
             Ok(None) => Ok(Some(0)),
-            Ok(Some((_, i))) => Ok(refcount_get(&self.piece, geo.h.refcount_order, i)),
+            Ok(Some((_, i))) => Ok(refcount_get(&self.piece, image.header.refcount_order, i)),
         }
     }
 
@@ -107,13 +108,13 @@ impl RefReader {
         &mut self,
         io: &mut A,
         bounce: &mut [u8],
-        geo: &Geo,
+        image: &ImageFacts,
         cluster: u64,
         value: u64,
     ) -> Result<bool, Error<A::E>> {
-        match self.locate(io, bounce, geo, cluster)? {
+        match self.locate(io, bounce, image, cluster)? {
             Ok(Some((at, i))) => {
-                if refcount_set(&mut self.piece, geo.h.refcount_order, i, value).is_none() {
+                if refcount_set(&mut self.piece, image.header.refcount_order, i, value).is_none() {
                     return Ok(false);
                 }
                 io.write(bounce, at, &self.piece)?;
