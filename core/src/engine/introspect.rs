@@ -118,17 +118,13 @@ where
             value: 0,
         })?;
         let h = meta.header;
-        let table_end = h.snapshots_offset.saturating_add(MAX_SNAPSHOT_TABLE_BYTES);
         let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
         read_bytes(&mut layer.dev, bounce.as_mut(), at, &mut fixed)?;
         let layout = SnapshotEntryLayout::parse(&fixed);
         let (id_len, name_len, extra_len) = (layout.id_len, layout.name_len, layout.extra_len);
-        if extra_len > MAX_SNAPSHOT_EXTRA {
-            return Err(corrupt(
-                "snapshot table entry has more than 1024 bytes of extra data",
-                at,
-            ));
-        }
+        let next = layout
+            .next_entry(at, h.snapshots_offset)
+            .map_err(|what| corrupt(what, at))?;
         let mut extra = [0u8; 24];
         let extra_read = (extra_len as usize).min(extra.len());
         let extra_at = at.saturating_add(40);
@@ -138,12 +134,7 @@ where
             extra_at,
             extra.get_mut(..extra_read).unwrap_or(&mut []),
         )?;
-        let id_at = extra_at.saturating_add(extra_len.into());
-        let name_at = id_at.saturating_add(id_len.into());
-        let next = at.saturating_add(layout.entry_len());
-        if next > table_end {
-            return Err(corrupt("snapshot table is larger than 64 MiB", at));
-        }
+        let (id_at, name_at) = (layout.id_at(at), layout.name_at(at));
         let entry = SnapshotEntry {
             l1_table_offset: layout.l1_table_offset,
             l1_size: layout.l1_size,
@@ -186,14 +177,9 @@ where
             value: 0,
         })?;
         let h = meta.header;
-        let block_bits = h
-            .cluster_bits
-            .saturating_add(3)
-            .saturating_sub(h.refcount_order);
-        let table_index = cluster >> block_bits;
-        let table_entries =
-            u64::from(h.refcount_table_clusters) << h.cluster_bits.saturating_sub(3);
-        if table_index >= table_entries {
+        let (table_index, index) =
+            crate::format::refcount_location(cluster, h.refcount_block_bits());
+        if table_index >= h.refcount_table_entries() {
             return Ok(0);
         }
         let slice_len = (cache.slot_size() as u64).min(h.cluster_size());
@@ -221,11 +207,8 @@ where
                 block,
             ));
         }
-        // Bit offset of the entry inside the block, then the slice holding it.
-        let index = cluster & (1u64 << block_bits).wrapping_sub(1);
-        let bit = index << h.refcount_order;
-        let slice_bits = slice_len.saturating_mul(8);
-        let slice_start = (bit & !slice_bits.wrapping_sub(1)) >> 3;
+        let (slice_start, in_slice) =
+            crate::format::refcount_slice_position(index, h.refcount_order, slice_len);
         let slice = cache.get(
             &mut layer.dev,
             bounce.as_mut(),
@@ -233,7 +216,6 @@ where
             block.saturating_add(slice_start),
             slice_len as usize,
         )?;
-        let in_slice = (index & (slice_bits >> h.refcount_order).wrapping_sub(1)) as usize;
         crate::format::refcount_get(slice, h.refcount_order, in_slice)
             .ok_or(corrupt("refcount index", block))
     }

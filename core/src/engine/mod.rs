@@ -21,9 +21,9 @@ use crate::device::BlockDevice;
 use crate::error::corrupt;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompressedDescriptor, CompressionType, ExtensionWalk,
-    FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, IncompatibleFeatures, L1Entry,
-    L2Entry, L2Format, MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, SNAPSHOT_FIXED_LEN,
-    SnapshotEntryLayout, extension,
+    FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, L1Entry, L2Entry, L2Format,
+    MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, SNAPSHOT_FIXED_LEN, SnapshotEntryLayout,
+    extension,
 };
 use crate::format::{be32, be64};
 use crate::io::{check_block_size, read_bytes};

@@ -18,14 +18,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
     let header = Header::parse(first.get(..n).unwrap_or(&[])).map_err(Error::from_format)?;
     let mut meta = Qcow2Meta {
         header,
-        l2: L2Format {
-            cluster_bits: header.cluster_bits,
-            v3: header.version >= 3,
-            extended: header.extended_l2(),
-            external_data: header
-                .incompatible_features
-                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
-        },
+        l2: header.l2_format(),
         backing_name: (header.backing_file_offset != 0).then_some(StoredName {
             offset: header.backing_file_offset,
             len: header.backing_file_size,

@@ -128,6 +128,28 @@ impl L2Entry {
         self.word & OFLAG_COPIED != 0
     }
 
+    /// QEMU's cluster type of the entry (`qcow2_get_cluster_type`), from its flags and offset alone, without
+    /// the validation of [`L2Entry::classify`]: compressed, zero (preallocated when the offset is not 0,
+    /// without extended L2 only), data (an offset, or with an external data file offset 0 and COPIED), or
+    /// unallocated. `qemu-img check` counts references by this type, and reports what is invalid itself.
+    pub fn kind(self, f: L2Format) -> ClusterKind {
+        let host = self.word & OFFSET_MASK;
+        if self.word & OFLAG_COMPRESSED != 0 {
+            ClusterKind::Compressed(CompressedDescriptor::decode_unclamped(
+                self.word,
+                f.cluster_bits,
+            ))
+        } else if self.word & OFLAG_ZERO != 0 && !f.extended {
+            ClusterKind::Zero {
+                host: (host != 0).then_some(host),
+            }
+        } else if host == 0 && !(f.external_data && self.copied()) {
+            ClusterKind::Unallocated
+        } else {
+            ClusterKind::Data { host }
+        }
+    }
+
     /// Classifies the whole cluster (for standard L2) or, with extended L2, the cluster before looking at
     /// subclusters: [`ClusterKind::Data`] then means "the host cluster", and [`L2Entry::subcluster`] says which
     /// subclusters of it are allocated.
@@ -223,9 +245,19 @@ pub struct CompressedDescriptor {
 impl CompressedDescriptor {
     /// Decodes the descriptor bits of a compressed L2 entry for an image with `cluster_bits`.
     pub fn decode(word: u64, cluster_bits: u32) -> CompressedDescriptor {
+        let d = CompressedDescriptor::decode_unclamped(word, cluster_bits);
+        CompressedDescriptor {
+            offset: d.offset & MAX_HOST_OFFSET,
+            len: d.len,
+        }
+    }
+
+    /// [`CompressedDescriptor::decode`] as QEMU's `qcow2_parse_compressed_l2_entry` does it: the offset is the
+    /// whole offset field, also the bits above [`MAX_HOST_OFFSET`] that small clusters leave in it.
+    pub fn decode_unclamped(word: u64, cluster_bits: u32) -> CompressedDescriptor {
         // x = 62 - (cluster_bits - 8): the offset field's width.
         let x = 70u32.saturating_sub(cluster_bits).min(62);
-        let offset = word & (1u64 << x).wrapping_sub(1) & MAX_HOST_OFFSET;
+        let offset = word & (1u64 << x).wrapping_sub(1);
         let sectors = ((word & !(OFLAG_COPIED | OFLAG_COMPRESSED)) >> x).saturating_add(1);
         let len = sectors.saturating_mul(512).saturating_sub(offset & 511);
         CompressedDescriptor { offset, len }
@@ -238,6 +270,26 @@ impl CompressedDescriptor {
         let sectors = end.div_ceil(512).saturating_sub(self.offset / 512);
         (self.offset & (1u64 << x).wrapping_sub(1)) | (sectors.saturating_sub(1) << x)
     }
+}
+
+/// Where the refcount of host cluster `cluster` lives: (index of the refcount table entry naming its refcount
+/// block, index of the refcount in that block), for refcount blocks of `1 << refcount_block_bits` entries
+/// ([`super::Header::refcount_block_bits`]).
+pub fn refcount_location(cluster: u64, refcount_block_bits: u32) -> (u64, u64) {
+    let bits = refcount_block_bits & 63;
+    (cluster >> bits, cluster & (1u64 << bits).wrapping_sub(1))
+}
+
+/// Where refcount `index` of a refcount block lies when the block is read in slices of `slice_len` bytes
+/// (a power of two): (byte offset of its slice in the block, index of the refcount in the slice), for
+/// refcounts of `1 << refcount_order` bits.
+pub fn refcount_slice_position(index: u64, refcount_order: u32, slice_len: u64) -> (u64, usize) {
+    let order = refcount_order & 63;
+    let bit = index << order;
+    let slice_bits = slice_len.saturating_mul(8);
+    let start = (bit & !slice_bits.wrapping_sub(1)) >> 3;
+    let in_slice = index & (slice_bits >> order).wrapping_sub(1);
+    (start, in_slice as usize)
 }
 
 /// Reads refcount `index` of a refcount block slice with refcount width `1 << order` bits. `None` if `index`

@@ -6,7 +6,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::FormatError;
 use super::{
-    AutoclearFeatures, CompatibleFeatures, CompressionType, IncompatibleFeatures,
+    AutoclearFeatures, CompatibleFeatures, CompressionType, IncompatibleFeatures, L2Format,
     MAX_BACKING_NAME_LEN, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER, MAX_REFTABLE_BYTES,
     MAX_SNAPSHOTS, MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS,
 };
@@ -325,9 +325,7 @@ impl Header {
         if self
             .autoclear_features
             .contains(AutoclearFeatures::DATA_FILE_RAW)
-            && !self
-                .incompatible_features
-                .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+            && !self.external_data_file()
         {
             return Err(invalid(
                 "autoclear_features",
@@ -454,6 +452,22 @@ impl Header {
     /// Bytes per cluster.
     pub fn cluster_size(&self) -> u64 {
         1u64 << (self.cluster_bits & 63)
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn external_data_file(&self) -> bool {
+        self.incompatible_features
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+    }
+
+    /// What decoding this image's L2 entries needs to know.
+    pub fn l2_format(&self) -> L2Format {
+        L2Format {
+            cluster_bits: self.cluster_bits,
+            v3: self.version >= 3,
+            extended: self.extended_l2(),
+            external_data: self.external_data_file(),
+        }
     }
 
     /// Whether L2 entries are extended (16 bytes, with a subcluster bitmap).

@@ -42,6 +42,31 @@ impl SnapshotEntryLayout {
         }
     }
 
+    /// Host offset of the unique id of the entry at host offset `at`.
+    pub fn id_at(&self, at: u64) -> u64 {
+        at.saturating_add(SNAPSHOT_FIXED_LEN as u64)
+            .saturating_add(self.extra_len.into())
+    }
+
+    /// Host offset of the name of the entry at host offset `at`.
+    pub fn name_at(&self, at: u64) -> u64 {
+        self.id_at(at).saturating_add(self.id_len.into())
+    }
+
+    /// QEMU's limits on the entry at host offset `at` of the table at `table_offset`: the host offset of the
+    /// next entry, or what is wrong (more than [`MAX_SNAPSHOT_EXTRA`] bytes of extra data, or a table larger
+    /// than [`MAX_SNAPSHOT_TABLE_BYTES`]).
+    pub fn next_entry(&self, at: u64, table_offset: u64) -> Result<u64, &'static str> {
+        if self.extra_len > MAX_SNAPSHOT_EXTRA {
+            return Err("snapshot table entry has more than 1024 bytes of extra data");
+        }
+        let next = at.saturating_add(self.entry_len());
+        if next.saturating_sub(table_offset) > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err("snapshot table is larger than 64 MiB");
+        }
+        Ok(next)
+    }
+
     /// Bytes of the whole entry, padding included.
     pub fn entry_len(&self) -> u64 {
         (SNAPSHOT_FIXED_LEN as u64)

@@ -70,17 +70,14 @@ where
     /// Where cluster `c`'s refcount lives: (host offset of its slice, index inside the slice), or `None` when
     /// no refcount block covers it.
     pub(super) fn refcount_loc(&mut self, c: u64) -> Result<Option<(u64, usize)>, Error<D::Error>> {
-        let r = c >> self.g.refcount_block_bits;
+        let (r, index) = refcount_location(c, self.g.refcount_block_bits);
         let block = self.reftable_entry(r)?;
         if block == 0 {
             return Ok(None);
         }
-        let index = c & (1u64 << self.g.refcount_block_bits).wrapping_sub(1);
-        let bit = index << self.g.refcount_order;
-        let slice_bits = self.g.slice_size.saturating_mul(8);
-        let start = (bit & !slice_bits.wrapping_sub(1)) >> 3;
-        let in_slice = index & (slice_bits >> self.g.refcount_order).wrapping_sub(1);
-        Ok(Some((block.saturating_add(start), in_slice as usize)))
+        let (start, in_slice) =
+            refcount_slice_position(index, self.g.refcount_order, self.g.slice_size);
+        Ok(Some((block.saturating_add(start), in_slice)))
     }
 
     pub(super) fn refcount(&mut self, c: u64) -> Result<u64, Error<D::Error>> {
