@@ -29,9 +29,8 @@ use crate::format::field;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
-    OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFTABLE_OFFSET_MASK,
-    REFTABLE_RESERVED_MASK, be64, refcount_get, refcount_location, refcount_set,
-    refcount_slice_position,
+    OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, be64, refcount_get, refcount_location,
+    refcount_set, refcount_slice_position,
 };
 use crate::io::{ceil_div, copy_exact, read_bytes, write_bytes};
 use crate::meta::{SliceCache, SliceKind};

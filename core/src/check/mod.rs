@@ -84,9 +84,8 @@ use crate::format::bitmap::{
 use crate::format::{
     AutoclearFeatures, ClusterKind, ExtensionWalk, HEADER_READ_LEN, Header, IncompatibleFeatures,
     L1_RESERVED_MASK, L2_RESERVED_MASK, L2Entry, MAX_L1_BYTES, OFFSET_MASK, OFLAG_COPIED,
-    OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK, SNAPSHOT_FIXED_LEN,
-    SnapshotEntryLayout, be64, extension, field, refcount_get, refcount_location, refcount_set,
-    refcount_slice_position,
+    OFLAG_ZERO, REFTABLE_OFFSET_MASK, SNAPSHOT_FIXED_LEN, SnapshotEntryLayout, be64, extension,
+    field, refcount_get, refcount_location, refcount_set, refcount_slice_position,
 };
 use crate::io::{ceil_div, read_bytes, write_bytes};
 

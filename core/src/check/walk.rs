@@ -3,6 +3,7 @@
 //! entry-level problems it finds.
 
 use super::*;
+use crate::format::{EntryError, RefcountTableEntry};
 
 /// An L1 table with more entries pointing into the file than the file has clusters: some L2 table is
 /// referenced again and again. QEMU would walk it each time; the check stops instead of spending time
@@ -387,19 +388,14 @@ impl<A: Access> Checker<'_, A> {
                 let e = be64(&buf, k.saturating_mul(8));
                 let offset = e & REFTABLE_OFFSET_MASK;
                 let cluster = offset >> g.header.cluster_bits;
-                if e & REFTABLE_RESERVED_MASK != 0 {
+                if let Err(problem) = RefcountTableEntry(e).block_offset(g.header.cluster_size()) {
                     if p.reports() {
-                        self.sink
-                            .report(Problem::RefcountTableReservedBits { index: i });
-                        increment(&mut p.res.corruptions);
-                    }
-                    p.rebuild = true;
-                    continue;
-                }
-                if offset & g.header.cluster_size().wrapping_sub(1) != 0 {
-                    if p.reports() {
-                        self.sink
-                            .report(Problem::RefcountBlockUnaligned { index: i });
+                        self.sink.report(match problem {
+                            EntryError::ReservedBits => {
+                                Problem::RefcountTableReservedBits { index: i }
+                            }
+                            _ => Problem::RefcountBlockUnaligned { index: i },
+                        });
                         increment(&mut p.res.corruptions);
                     }
                     p.rebuild = true;

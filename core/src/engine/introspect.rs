@@ -194,19 +194,12 @@ where
             slice_len as usize,
         )?;
         let word = be64(slice, byte.saturating_sub(slice_start) as usize);
-        if word & crate::format::REFTABLE_RESERVED_MASK != 0 {
-            return Err(corrupt("refcount table entry has reserved bits set", host));
-        }
-        let block = word & crate::format::REFTABLE_OFFSET_MASK;
-        if block == 0 {
+        let Some(block) = crate::format::RefcountTableEntry(word)
+            .block_offset(h.cluster_size())
+            .map_err(|e| corrupt(e.describe("refcount table"), host))?
+        else {
             return Ok(0);
-        }
-        if block & h.cluster_size().wrapping_sub(1) != 0 {
-            return Err(corrupt(
-                "refcount block offset is not cluster-aligned",
-                block,
-            ));
-        }
+        };
         let (slice_start, in_slice) =
             crate::format::refcount_slice_position(index, h.refcount_order, slice_len);
         let slice = cache.get(

@@ -39,6 +39,12 @@ impl EntryError {
     /// What is wrong, in the specification's words.
     pub fn describe(self, table: &'static str) -> &'static str {
         match (self, table) {
+            (EntryError::ReservedBits, "refcount table") => {
+                "refcount table entry has reserved bits set"
+            }
+            (EntryError::Unaligned, "refcount table") => {
+                "refcount block offset is not cluster-aligned"
+            }
             (EntryError::ReservedBits, "L1") => "L1 entry has reserved bits set",
             (EntryError::Unaligned, "L1") => "L2 table offset in L1 entry is not cluster-aligned",
             (EntryError::ReservedBits, _) => "L2 entry has reserved bits set",
@@ -47,6 +53,26 @@ impl EntryError {
             (EntryError::InvalidBitmap, _) => "extended L2 entry has an invalid subcluster bitmap",
             (EntryError::InvalidCompressed, _) => "invalid compressed L2 entry",
         }
+    }
+}
+
+/// One refcount table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RefcountTableEntry(pub u64);
+
+impl RefcountTableEntry {
+    /// Host offset of the refcount block, or `None` where no block is allocated. Checks reserved bits and
+    /// alignment against `cluster_size`.
+    pub fn block_offset(self, cluster_size: u64) -> Result<Option<u64>, EntryError> {
+        if self.0 & REFTABLE_RESERVED_MASK != 0 {
+            return Err(EntryError::ReservedBits);
+        }
+        let off = self.0 & REFTABLE_OFFSET_MASK;
+        if off & cluster_size.wrapping_sub(1) != 0 {
+            return Err(EntryError::Unaligned);
+        }
+        Ok((off != 0).then_some(off))
     }
 }
 

@@ -2,6 +2,7 @@
 //! lives, its value, and raising or lowering it (a freed cluster's cached slices are forgotten).
 
 use super::*;
+use crate::format::RefcountTableEntry;
 
 impl<D, B, const SLICES: usize> Meta<'_, D, B, SLICES>
 where
@@ -51,20 +52,11 @@ where
         }
         let byte = r.saturating_mul(8);
         let w = self.table_word(self.g.refcount_table_offset, byte)?;
-        if w & REFTABLE_RESERVED_MASK != 0 {
-            return Err(corrupt(
-                "refcount table entry has reserved bits set",
-                self.g.refcount_table_offset.saturating_add(byte),
-            ));
-        }
-        let block = w & REFTABLE_OFFSET_MASK;
-        if block & self.g.cluster_size.wrapping_sub(1) != 0 {
-            return Err(corrupt(
-                "refcount block offset is not cluster-aligned",
-                block,
-            ));
-        }
-        Ok(block)
+        let at = self.g.refcount_table_offset.saturating_add(byte);
+        let block = RefcountTableEntry(w)
+            .block_offset(self.g.cluster_size)
+            .map_err(|e| corrupt(e.describe("refcount table"), at))?;
+        Ok(block.unwrap_or(0))
     }
 
     /// Where cluster `c`'s refcount lives: (host offset of its slice, index inside the slice), or `None` when
