@@ -9,7 +9,8 @@
 //! - [`device`]: the block-device traits; [`io`]: byte ranges over blocks through one bounce block, plus a
 //!   memory device and (feature `embedded-io`) an adapter for `Read + Seek` streams.
 //! - [`format`]: on-disk types, parsed once with full validation.
-//! - [`meta`]: a bounded cache of metadata slices.
+//! - [`meta`]: a bounded cache of metadata slices, and typed access to L1, L2 and refcount-table entries and
+//!   refcounts through it.
 //! - [`engine`]: the image and its backing chain: open, map, read; and (for a [`BlockDeviceWrite`]) writes
 //!   with allocation and copy-on-write, zeroes, discard, compressed clusters, flush and close, in QEMU's
 //!   crash-safe order (see [`Image::open_writable`]).

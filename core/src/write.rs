@@ -28,12 +28,11 @@ use crate::format::bitmap::{BitmapDirEntry, BitmapTableEntry, DIR_ENTRY_LEN, Dir
 use crate::format::field;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompatibleFeatures, CompressedDescriptor, Header,
-    IncompatibleFeatures, L1Entry, L2Entry, L2Format, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES,
-    OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, be64, refcount_get, refcount_location,
-    refcount_set, refcount_slice_position,
+    IncompatibleFeatures, L1Entry, L2Entry, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES, OFFSET_MASK,
+    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, be64, refcount_get, refcount_set,
 };
 use crate::io::{ceil_div, copy_exact, read_bytes, write_bytes};
-use crate::meta::{SliceCache, SliceKind};
+use crate::meta::{SliceCache, SliceKind, TableAccess, TableLayout};
 
 mod allocate;
 mod bitmaps;
@@ -108,57 +107,41 @@ impl<'a> WriteSource<'a> {
 /// writer keeps up to date when the refcount table moves).
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
+    /// Where the tables are and the cache's slice length, as every reader of them sees it.
+    tables: TableLayout,
     cluster_bits: u32,
-    cluster_size: u64,
-    refcount_order: u32,
-    /// log2 of the refcount entries per refcount block.
-    refcount_block_bits: u32,
-    l2_format: L2Format,
-    l2_entry_size: u64,
     l2_entries: u64,
     l2_coverage_bits: u32,
     subcluster_size: u64,
-    /// Bytes of one metadata cache slice (at most a cluster).
-    slice_size: u64,
-    refcount_table_offset: u64,
-    refcount_table_entries: u64,
-    l1_table_offset: u64,
-    l1_size: u64,
     max_refcount: u64,
 }
 
 impl Geometry {
-    fn new(h: &Header, l2_format: L2Format, slot: usize) -> Geometry {
-        let cluster_size = h.cluster_size();
+    fn new(h: &Header, slot: usize) -> Geometry {
         Geometry {
+            tables: TableLayout::of(h, slot),
             cluster_bits: h.cluster_bits,
-            cluster_size,
-            refcount_order: h.refcount_order,
-            refcount_block_bits: h.refcount_block_bits(),
-            l2_format,
-            l2_entry_size: h.l2_entry_size(),
             l2_entries: h.l2_entries(),
             l2_coverage_bits: h.l2_coverage_bits(),
             subcluster_size: h.subcluster_size(),
-            slice_size: (slot as u64).min(cluster_size),
-            refcount_table_offset: h.refcount_table_offset,
-            refcount_table_entries: h.refcount_table_entries(),
-            l1_table_offset: h.l1_table_offset,
-            l1_size: u64::from(h.l1_size),
             max_refcount: h.max_refcount(),
         }
     }
 
     /// Subclusters (or the one piece of a standard cluster) per cluster.
     fn pieces(&self) -> u64 {
-        if self.l2_format.extended { 32 } else { 1 }
+        if self.tables.l2_format.extended {
+            32
+        } else {
+            1
+        }
     }
 
     fn piece_size(&self) -> u64 {
-        if self.l2_format.extended {
+        if self.tables.l2_format.extended {
             self.subcluster_size
         } else {
-            self.cluster_size
+            self.tables.cluster_size
         }
     }
 }
@@ -305,7 +288,7 @@ where
         } = self;
         let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
         let meta = layer.meta.as_mut().ok_or(Error::ReadOnly)?;
-        let g = Geometry::new(&meta.header, meta.l2, cache.slot_size());
+        let g = Geometry::new(&meta.header, cache.slot_size());
         let bitmaps = meta.bitmaps;
         Ok(Meta {
             bitmaps,

@@ -5,6 +5,9 @@ use super::*;
 /// The device access the check needs: reads always, writes only when repairing.
 pub(super) trait Access {
     type E: fmt::Debug;
+    /// The device underneath, as the metadata cache reads it.
+    type Device: BlockDevice<Error = Self::E>;
+    fn device(&mut self) -> &mut Self::Device;
     fn size(&mut self) -> Result<u64, Error<Self::E>>;
     fn read(&mut self, bounce: &mut [u8], at: u64, buf: &mut [u8]) -> Result<(), Error<Self::E>>;
     fn write(&mut self, bounce: &mut [u8], at: u64, buf: &[u8]) -> Result<(), Error<Self::E>>;
@@ -16,6 +19,10 @@ pub(super) struct ReadOnly<'a, D>(pub(super) &'a mut D);
 
 impl<D: BlockDevice> Access for ReadOnly<'_, D> {
     type E = D::Error;
+    type Device = D;
+    fn device(&mut self) -> &mut D {
+        self.0
+    }
     fn size(&mut self) -> Result<u64, Error<D::Error>> {
         Ok(self.0.size()?)
     }
@@ -37,6 +44,10 @@ pub(super) struct Writable<'a, D>(pub(super) &'a mut D);
 
 impl<D: BlockDeviceWrite> Access for Writable<'_, D> {
     type E = D::Error;
+    type Device = D;
+    fn device(&mut self) -> &mut D {
+        self.0
+    }
     fn size(&mut self) -> Result<u64, Error<D::Error>> {
         Ok(self.0.size()?)
     }

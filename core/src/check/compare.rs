@@ -15,7 +15,7 @@ impl<A: Access> Checker<'_, A> {
         let g = self.image;
         let nb = g.file_clusters.saturating_add(u64::from(p.touched_end));
         let end = p.hi.min(nb);
-        let mut rr = RefcountReader::new();
+        let mut rr = RefcountReader::new()?;
         let mut c = p.lo;
         while c < end {
             // Where no refcount block covers the clusters, only those with references can differ: skip to the

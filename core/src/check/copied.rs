@@ -20,7 +20,7 @@ impl<A: Access> Checker<'_, A> {
             }
             None => false,
         };
-        let mut rr = RefcountReader::new();
+        let mut rr = RefcountReader::new()?;
         let bytes = self.in_file(
             g.header.l1_table_offset,
             u64::from(g.header.l1_size).saturating_mul(8),

@@ -1,12 +1,15 @@
 //! Refcount table and refcount block entries on the device, as the replay reads and sets them: a refcount
 //! block's offset from the refcount table, one cluster's refcount, and runs of refcounts set to 0 or 1. The
-//! bit packing of every refcount width is format's ([`refcount_get`], [`refcount_set`]); this file only finds
-//! the bytes that hold an entry.
+//! bit packing and the place of every refcount width is format's ([`refcount_location`],
+//! [`refcount_slice_position`], [`refcount_get`], [`refcount_set`]). The image is being laid out, so these
+//! read and write the device directly in the smallest pieces instead of through the metadata cache.
 
 use crate::Error;
 use crate::device::BlockDeviceWrite;
 use crate::error::corrupt;
-use crate::format::{REFTABLE_OFFSET_MASK, refcount_get, refcount_set};
+use crate::format::{
+    REFTABLE_OFFSET_MASK, refcount_get, refcount_location, refcount_set, refcount_slice_position,
+};
 
 use super::builder::{Builder, div, overflow, rem};
 
@@ -54,25 +57,18 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
         if self.known_used.contains(&cluster) {
             return Ok(1);
         }
-        let per_block = self.refcount_block_entries();
-        let block = self.refcount_block_offset(div(cluster, per_block))?;
+        let (table_index, index) = refcount_location(cluster, self.header.refcount_block_bits());
+        let block = self.refcount_block_offset(table_index)?;
         if block == 0 {
             return Ok(0);
         }
-        let index = rem(cluster, per_block);
-        let (piece_len, per_piece) = self.refcount_piece();
+        let (piece_len, _) = self.refcount_piece();
+        let (start, in_piece) =
+            refcount_slice_position(index, self.header.refcount_order, piece_len);
         let mut piece = [0u8; 8];
         let piece = piece.get_mut(..piece_len as usize).ok_or(overflow())?;
-        self.read(
-            block.saturating_add(div(index, per_piece).saturating_mul(piece_len)),
-            piece,
-        )?;
-        refcount_get(
-            piece,
-            self.header.refcount_order,
-            rem(index, per_piece) as usize,
-        )
-        .ok_or(overflow())
+        self.read(block.saturating_add(start), piece)?;
+        refcount_get(piece, self.header.refcount_order, in_piece).ok_or(overflow())
     }
 
     /// Sets the refcounts of `count` clusters from entry `first` of the refcount block at `block` to `value`

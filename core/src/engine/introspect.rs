@@ -176,40 +176,13 @@ where
             what: "refcounts of a raw image",
             value: 0,
         })?;
-        let h = meta.header;
-        let (table_index, index) =
-            crate::format::refcount_location(cluster, h.refcount_block_bits());
-        if table_index >= h.refcount_table_entries() {
-            return Ok(0);
+        TableAccess {
+            layout: TableLayout::of(&meta.header, cache.slot_size()),
+            dev: &mut layer.dev,
+            cache,
+            bounce: bounce.as_mut(),
+            layer: depth as u8,
         }
-        let slice_len = (cache.slot_size() as u64).min(h.cluster_size());
-        let byte = table_index.saturating_mul(8);
-        let slice_start = byte & !slice_len.wrapping_sub(1);
-        let host = h.refcount_table_offset.saturating_add(slice_start);
-        let slice = cache.get(
-            &mut layer.dev,
-            bounce.as_mut(),
-            depth as u8,
-            host,
-            slice_len as usize,
-        )?;
-        let word = be64(slice, byte.saturating_sub(slice_start) as usize);
-        let Some(block) = crate::format::RefcountTableEntry(word)
-            .block_offset(h.cluster_size())
-            .map_err(|e| corrupt(e.describe("refcount table"), host))?
-        else {
-            return Ok(0);
-        };
-        let (slice_start, in_slice) =
-            crate::format::refcount_slice_position(index, h.refcount_order, slice_len);
-        let slice = cache.get(
-            &mut layer.dev,
-            bounce.as_mut(),
-            depth as u8,
-            block.saturating_add(slice_start),
-            slice_len as usize,
-        )?;
-        crate::format::refcount_get(slice, h.refcount_order, in_slice)
-            .ok_or(corrupt("refcount index", block))
+        .refcount(cluster)
     }
 }

@@ -68,12 +68,17 @@ pub(super) fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: u
     let cluster_bits = h.cluster_bits;
     let cluster_size = h.cluster_size();
     let coverage_bits = h.l2_coverage_bits();
-    let entry_size = h.l2_entry_size();
     let l2_entries = h.l2_entries();
     let sub_size = h.subcluster_size();
-    let slice_len = (cache.slot_size() as u64).min(cluster_size);
-    let layer = depth as u8;
     let external = meta.l2.external_data;
+    let mut tables = TableAccess {
+        layout: TableLayout::of(h, cache.slot_size()),
+        dev,
+        cache,
+        bounce,
+        layer: depth as u8,
+    };
+    let slice_len = tables.layout.slice_size;
 
     let end = pos.saturating_add(limit);
     let mut run: Option<(Source, u64)> = None;
@@ -86,18 +91,14 @@ pub(super) fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: u
             .checked_shl(coverage_bits)
             .unwrap_or(u64::MAX)
             .min(end);
-        let l2_offset = if l1_index >= u64::from(h.l1_size) {
-            None
-        } else {
-            let byte = l1_index.saturating_mul(8);
-            let slice_start = byte & !(slice_len.saturating_sub(1));
-            let host = h.l1_table_offset.saturating_add(slice_start);
-            let slice = cache.get(dev, bounce, layer, host, slice_len as usize)?;
-            let at = byte.saturating_sub(slice_start) as usize;
-            let word = be64(slice, at);
-            L1Entry(word)
-                .l2_offset(cluster_size)
-                .map_err(|e| corrupt(e.describe("L1"), h.l1_table_offset.saturating_add(byte)))?
+        let l2_offset = match tables.l1_entry(l1_index)? {
+            None => None,
+            Some(entry) => entry.l2_offset(cluster_size).map_err(|e| {
+                corrupt(
+                    e.describe("L1"),
+                    h.l1_table_offset.saturating_add(l1_index.saturating_mul(8)),
+                )
+            })?,
         };
         let Some(l2_offset) = l2_offset else {
             let piece = Source::Unallocated { host: None };
@@ -114,27 +115,16 @@ pub(super) fn map_qcow2<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const N: u
         // L2 entries of this table, slice by slice.
         while cur < l1_span_end {
             let cluster_index = (cur >> cluster_bits) & l2_entries.wrapping_sub(1);
-            let byte = cluster_index.saturating_mul(entry_size);
-            let slice_start = byte & !slice_len.wrapping_sub(1);
-            let host = l2_offset.saturating_add(slice_start);
-            let slice = cache.get(dev, bounce, layer, host, slice_len as usize)?;
-            let mut at = byte.saturating_sub(slice_start);
+            let (host, at) = tables.layout.l2_position(l2_offset, cluster_index);
+            let entry_size = tables.layout.l2_entry_size();
+            let slice = tables.slice(host)?;
+            let mut at = at as u64;
             let mut stop = false;
             while at < slice_len && cur < l1_span_end {
-                let entry = L2Entry {
-                    word: be64(slice, at as usize),
-                    bitmap: if meta.l2.extended {
-                        be64(slice, (at as usize).saturating_add(8))
-                    } else {
-                        0
-                    },
-                };
-                let kind = entry.classify(meta.l2).map_err(|e| {
-                    corrupt(
-                        e.describe("L2"),
-                        l2_offset.saturating_add(slice_start).saturating_add(at),
-                    )
-                })?;
+                let entry = l2_entry_at(slice, at as usize, meta.l2.extended);
+                let kind = entry
+                    .classify(meta.l2)
+                    .map_err(|e| corrupt(e.describe("L2"), host.saturating_add(at)))?;
                 let cluster_start = cur & !cluster_size.wrapping_sub(1);
                 let cluster_end = cluster_start.saturating_add(cluster_size).min(l1_span_end);
                 // Walk the cluster piece by piece (subclusters with extended L2, else the whole cluster).

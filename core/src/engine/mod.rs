@@ -1,8 +1,9 @@
 //! The image: the types a caller sees ([`Image`], [`Layer`], [`Mapping`], [`Resolver`], ...) and, one concern
 //! a file, opening and chain resolution (`open`), mapping guest ranges to host runs (`map`), reading
 //! (`read`) and introspection (`introspect`). A guest read travels: [`Image::read_at`] (`read`) ->
-//! `Reader::read` -> `map_from` / `map_qcow2` (`map`, L2 slices from [`crate::meta::SliceCache`]) -> one
-//! device read per run ([`crate::io::read_bytes`]) into the caller's buffer.
+//! `Reader::read` -> `map_from` / `map_qcow2` (`map`, L1 and L2 entries through
+//! [`crate::meta::TableAccess`] and its [`crate::meta::SliceCache`]) -> one device read per run
+//! ([`crate::io::read_bytes`]) into the caller's buffer.
 
 mod introspect;
 mod map;
@@ -21,13 +22,13 @@ use crate::device::BlockDevice;
 use crate::error::corrupt;
 use crate::format::{
     AutoclearFeatures, ClusterKind, CompressedDescriptor, CompressionType, ExtensionWalk,
-    FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, L1Entry, L2Entry, L2Format,
-    MAGIC, MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, SNAPSHOT_FIXED_LEN, SnapshotEntryLayout,
+    FEATURE_NAME_ENTRY_LEN, FeatureName, HEADER_READ_LEN, Header, L2Format, MAGIC,
+    MAX_BACKING_FORMAT_LEN, MAX_BACKING_NAME_LEN, SNAPSHOT_FIXED_LEN, SnapshotEntryLayout,
     extension,
 };
 use crate::format::{be32, be64};
 use crate::io::{check_block_size, read_bytes};
-use crate::meta::SliceCache;
+use crate::meta::{SliceCache, TableAccess, TableLayout, tables::l2_entry_at};
 
 /// Default capacity of the backing chain (the image itself included).
 pub const DEFAULT_MAX_DEPTH: usize = 16;

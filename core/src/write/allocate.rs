@@ -31,8 +31,8 @@ where
     /// The first cluster at or after `from` whose refcount is 0.
     pub(super) fn find_free(&mut self, from: u64) -> Result<u64, Error<D::Error>> {
         let mut c = from.max(1);
-        let order = self.g.refcount_order;
-        let per_slice = (self.g.slice_size.saturating_mul(8)) >> order;
+        let order = self.g.tables.refcount_order;
+        let per_slice = (self.g.tables.slice_size.saturating_mul(8)) >> order;
         loop {
             if c > self.max_cluster() {
                 return Err(Error::NoSpace {
@@ -42,7 +42,7 @@ where
             let Some((host, idx)) = self.refcount_loc(c)? else {
                 return Ok(c);
             };
-            let slice = self.g.slice_size as usize;
+            let slice = self.g.tables.slice_size as usize;
             let s = self
                 .cache
                 .get(self.dev, bounce_of(self.bounce, 0), 0, host, slice)?;
@@ -62,8 +62,8 @@ where
     pub(super) fn alloc_clusters(&mut self, max: u64) -> Result<(u64, u64), Error<D::Error>> {
         for _ in 0..64 {
             let c = self.find_free(self.w.free_hint)?;
-            let r = c >> self.g.refcount_block_bits;
-            if r >= self.g.refcount_table_entries {
+            let r = c >> self.g.tables.refcount_block_bits;
+            if r >= self.g.tables.refcount_table_entries {
                 self.grow_reftable(c)?;
                 continue;
             }
@@ -85,7 +85,7 @@ where
             // A free cluster is never one the engine knows to hold metadata (a refcount that lies).
             self.guard(
                 c << self.g.cluster_bits,
-                count.saturating_mul(self.g.cluster_size),
+                count.saturating_mul(self.g.tables.cluster_size),
                 false,
             )?;
             for i in 0..count {
@@ -94,7 +94,7 @@ where
             self.w.free_hint = c.saturating_add(count);
             let host = c << self.g.cluster_bits;
             self.cache
-                .forget_range(0, host, count.saturating_mul(self.g.cluster_size));
+                .forget_range(0, host, count.saturating_mul(self.g.tables.cluster_size));
             return Ok((host, count));
         }
         Err(Error::NoSpace {
@@ -116,16 +116,20 @@ where
     /// that it covers itself), then points the refcount table at it.
     pub(super) fn alloc_refblock(&mut self, r: u64, c: u64) -> Result<(), Error<D::Error>> {
         let host = c << self.g.cluster_bits;
-        self.guard(host, self.g.cluster_size, false)?;
+        self.guard(host, self.g.tables.cluster_size, false)?;
         self.note_table(host);
-        self.cache.forget_range(0, host, self.g.cluster_size);
-        let self_index = c & (1u64 << self.g.refcount_block_bits).wrapping_sub(1);
-        let order = self.g.refcount_order;
+        self.cache.forget_range(0, host, self.g.tables.cluster_size);
+        let self_index = c & (1u64 << self.g.tables.refcount_block_bits).wrapping_sub(1);
+        let order = self.g.tables.refcount_order;
         self.write_block_with(host, |_, chunk_start, chunk| {
             set_in_chunk(chunk, chunk_start, self_index, order)
         })?;
         self.flush_dev()?;
-        self.set_table_word(self.g.refcount_table_offset, r.saturating_mul(8), host)?;
+        self.set_table_word(
+            self.g.tables.refcount_table_offset,
+            r.saturating_mul(8),
+            host,
+        )?;
         Ok(())
     }
 
@@ -135,7 +139,7 @@ where
         match old {
             // Copy the shared table; its entries keep their (shared) COPIED-less state.
             Some(old) => self.copy_cluster(old, new)?,
-            None => self.write_zeros(new, self.g.cluster_size)?,
+            None => self.write_zeros(new, self.g.tables.cluster_size)?,
         }
         if !self.w.lazy {
             self.writeback(SliceKind::Refcount)?;
@@ -149,7 +153,7 @@ where
     /// every allocation of that request runs.
     #[inline(never)]
     pub(super) fn copy_cluster(&mut self, from: u64, to: u64) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cluster_size;
+        let cs = self.g.tables.cluster_size;
         let bs = self.dev.block_size();
         let (bounce, rest) = split_bounce(self.bounce, bs);
         let mut stack = [0u8; STACK_CHUNK];
@@ -176,7 +180,7 @@ where
         F: FnMut(bool, u64, &mut [u8]) -> Option<()>,
     {
         let bs = self.dev.block_size();
-        let cs = self.g.cluster_size;
+        let cs = self.g.tables.cluster_size;
         let (bounce, rest) = split_bounce(self.bounce, bs);
         let mut stack = [0u8; STACK_CHUNK];
         let chunk = chunk_of(rest, &mut stack);
@@ -197,9 +201,9 @@ where
     /// refcount block yet). The new table and the refcount blocks that cover it are placed at `c`.
     pub(super) fn grow_reftable(&mut self, c: u64) -> Result<(), Error<D::Error>> {
         let g = self.g;
-        let per_cluster = g.cluster_size >> 3;
-        let r0 = c >> g.refcount_block_bits;
-        let old_entries = g.refcount_table_entries;
+        let per_cluster = g.tables.cluster_size >> 3;
+        let r0 = c >> g.tables.refcount_block_bits;
+        let old_entries = g.tables.refcount_table_entries;
         let want = old_entries
             .saturating_add(old_entries / 2)
             .max(r0.saturating_add(2));
@@ -209,7 +213,7 @@ where
             let need = want.max(r0.saturating_add(k).saturating_add(1));
             t = ceil_div(need, per_cluster);
             let last = c.saturating_add(k).saturating_add(t).saturating_sub(1);
-            let regions = (last >> g.refcount_block_bits)
+            let regions = (last >> g.tables.refcount_block_bits)
                 .saturating_sub(r0)
                 .saturating_add(1);
             if regions <= k {
@@ -222,7 +226,7 @@ where
                 });
             }
         }
-        if t.saturating_mul(g.cluster_size) > MAX_REFTABLE_BYTES || t > u64::from(u32::MAX) {
+        if t.saturating_mul(g.tables.cluster_size) > MAX_REFTABLE_BYTES || t > u64::from(u32::MAX) {
             return Err(Error::NoSpace {
                 what: "the refcount table would exceed 8 MiB",
             });
@@ -235,28 +239,30 @@ where
         }
         self.guard(
             c << g.cluster_bits,
-            area_end.saturating_sub(c).saturating_mul(g.cluster_size),
+            area_end
+                .saturating_sub(c)
+                .saturating_mul(g.tables.cluster_size),
             false,
         )?;
         // Refcount blocks: block i (at cluster c + i) covers region r0 + i and counts the new area's clusters.
         for i in 0..k {
             self.note_table(c.saturating_add(i) << g.cluster_bits);
             let region = r0.saturating_add(i);
-            let first = region << g.refcount_block_bits;
+            let first = region << g.tables.refcount_block_bits;
             let lo = c.max(first).saturating_sub(first);
             let hi = area_end
-                .min(first.saturating_add(1u64 << g.refcount_block_bits))
+                .min(first.saturating_add(1u64 << g.tables.refcount_block_bits))
                 .saturating_sub(first);
             let host = c.saturating_add(i) << g.cluster_bits;
-            self.cache.forget_range(0, host, g.cluster_size);
+            self.cache.forget_range(0, host, g.tables.cluster_size);
             self.write_block_with(host, |_, chunk_start, chunk| {
-                let entries = (chunk.len() as u64).saturating_mul(8) >> g.refcount_order;
-                let first_entry = chunk_start.saturating_mul(8) >> g.refcount_order;
+                let entries = (chunk.len() as u64).saturating_mul(8) >> g.tables.refcount_order;
+                let first_entry = chunk_start.saturating_mul(8) >> g.tables.refcount_order;
                 let from = lo.max(first_entry);
                 let to = hi.min(first_entry.saturating_add(entries));
                 let mut e = from;
                 while e < to {
-                    set_in_chunk(chunk, chunk_start, e, g.refcount_order)?;
+                    set_in_chunk(chunk, chunk_start, e, g.tables.refcount_order)?;
                     e = e.saturating_add(1);
                 }
                 Some(())
@@ -265,14 +271,14 @@ where
         // The new table: the old entries, then the new blocks.
         let table = c.saturating_add(k) << g.cluster_bits;
         self.cache
-            .forget_range(0, table, t.saturating_mul(g.cluster_size));
+            .forget_range(0, table, t.saturating_mul(g.tables.cluster_size));
         let old_bytes = old_entries.saturating_mul(8);
         let bs = self.dev.block_size();
         {
             let (bounce, rest) = split_bounce(self.bounce, bs);
             let mut stack = [0u8; STACK_CHUNK];
             let chunk = chunk_of(rest, &mut stack);
-            let total = t.saturating_mul(g.cluster_size);
+            let total = t.saturating_mul(g.tables.cluster_size);
             let mut done = 0u64;
             while done < total {
                 let n = (chunk.len() as u64).min(total.saturating_sub(done)) as usize;
@@ -283,7 +289,7 @@ where
                     read_bytes(
                         self.dev,
                         bounce,
-                        g.refcount_table_offset.saturating_add(done),
+                        g.tables.refcount_table_offset.saturating_add(done),
                         part.get_mut(..m).unwrap_or(&mut []),
                     )?;
                 }
@@ -308,14 +314,17 @@ where
         let _ = copy_exact(offset, &table.to_be_bytes());
         let _ = copy_exact(clusters, &(t as u32).to_be_bytes());
         self.write_header(field::REFCOUNT_TABLE_OFFSET, &field)?;
-        let old_off = g.refcount_table_offset;
+        let old_off = g.tables.refcount_table_offset;
         let old_clusters = old_entries.checked_div(per_cluster).unwrap_or(0);
         self.header.refcount_table_offset = table;
         self.header.refcount_table_clusters = t as u32;
-        self.g.refcount_table_offset = table;
-        self.g.refcount_table_entries = t.saturating_mul(per_cluster);
-        self.cache
-            .forget_range(0, old_off, old_clusters.saturating_mul(g.cluster_size));
+        self.g.tables.refcount_table_offset = table;
+        self.g.tables.refcount_table_entries = t.saturating_mul(per_cluster);
+        self.cache.forget_range(
+            0,
+            old_off,
+            old_clusters.saturating_mul(g.tables.cluster_size),
+        );
         // The old table is no longer referenced by the (durable) header.
         for i in 0..old_clusters {
             self.change_refcount((old_off >> g.cluster_bits).saturating_add(i), false)?;

@@ -18,7 +18,7 @@ where
     /// The directory was validated when the image was opened (QEMU's limits: at most 65535 entries, each table
     /// at most 512 MiB of bitmap data); tables are read a chunk at a time, and each owned table once.
     pub(super) fn drop_bitmaps(&mut self, b: BitmapsExtension) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cluster_size;
+        let cs = self.g.tables.cluster_size;
         let next = b.extension_at.saturating_add(8 + 24);
         let mut word = [0u8; 8];
         read_bytes(self.dev, bounce_of(self.bounce, 0), next, &mut word)?;
@@ -102,7 +102,10 @@ where
 
     /// Lowers the refcount of the cluster at `host` if it is exactly 1 (a bitmap cluster is never shared).
     pub(super) fn free_owned(&mut self, host: u64) -> Result<(), Error<D::Error>> {
-        if host == 0 || host & self.g.cluster_size.wrapping_sub(1) != 0 || host > MAX_HOST_OFFSET {
+        if host == 0
+            || host & self.g.tables.cluster_size.wrapping_sub(1) != 0
+            || host > MAX_HOST_OFFSET
+        {
             return Ok(());
         }
         let c = host >> self.g.cluster_bits;

@@ -20,21 +20,21 @@ where
     ) -> Result<(), Error<D::Error>> {
         let g = self.geometry()?;
         let n = compressed.len() as u64;
-        if offset & g.cluster_size.wrapping_sub(1) != 0 || offset >= self.virtual_size() {
+        if offset & g.tables.cluster_size.wrapping_sub(1) != 0 || offset >= self.virtual_size() {
             return Err(Error::OutOfRange {
                 offset,
-                len: g.cluster_size,
+                len: g.tables.cluster_size,
                 size: self.virtual_size(),
             });
         }
-        if n == 0 || n >= g.cluster_size {
+        if n == 0 || n >= g.tables.cluster_size {
             return Err(Error::BufferTooSmall {
                 what: "compressed cluster (must be shorter than a cluster)",
-                need: g.cluster_size.saturating_sub(1),
+                need: g.tables.cluster_size.saturating_sub(1),
                 have: n,
             });
         }
-        if g.l2_format.external_data {
+        if g.tables.l2_format.external_data {
             return Err(Error::Unsupported {
                 what: "compressed clusters in an image with an external data file",
                 value: offset,
@@ -54,10 +54,10 @@ where
         }
         // Pack compressed data into the current compressed-data cluster while it fits.
         let at = m.w.compressed_at;
-        let cl = at & !g.cluster_size.wrapping_sub(1);
+        let cl = at & !g.tables.cluster_size.wrapping_sub(1);
         // A cluster whose refcount is at its largest value takes no more compressed clusters (narrow refcounts).
         let room = at != 0
-            && at.saturating_add(n) <= cl.saturating_add(g.cluster_size)
+            && at.saturating_add(n) <= cl.saturating_add(g.tables.cluster_size)
             && m.refcount(cl >> g.cluster_bits)? < g.max_refcount;
         let host = if room {
             m.change_refcount(cl >> g.cluster_bits, true)?;
@@ -66,7 +66,7 @@ where
             m.alloc_clusters(1)?.0
         };
         let next = host.saturating_add(n);
-        m.w.compressed_at = if next & g.cluster_size.wrapping_sub(1) == 0 {
+        m.w.compressed_at = if next & g.tables.cluster_size.wrapping_sub(1) == 0 {
             0
         } else {
             next

@@ -29,7 +29,7 @@ where
             return Err(e);
         }
         m.set_table_word(
-            g.l1_table_offset,
+            g.tables.l1_table_offset,
             l1_index.saturating_mul(8),
             new | OFLAG_COPIED,
         )?;
@@ -138,11 +138,13 @@ where
         // Which pieces hold data now, and which does this write touch.
         let full = if pieces == 32 { u32::MAX } else { 1 };
         let old_alloc: u32 = match kind {
-            ClusterKind::Data { .. } if g.l2_format.extended => (old.bitmap & 0xffff_ffff) as u32,
+            ClusterKind::Data { .. } if g.tables.l2_format.extended => {
+                (old.bitmap & 0xffff_ffff) as u32
+            }
             ClusterKind::Data { .. } | ClusterKind::Compressed(_) => full,
             _ => 0,
         };
-        let old_zero: u32 = if g.l2_format.extended {
+        let old_zero: u32 = if g.tables.l2_format.extended {
             (old.bitmap >> 32) as u32
         } else {
             0
@@ -157,7 +159,9 @@ where
         }
         let in_place = match kind {
             ClusterKind::Data { host } if old.copied() => Some(host),
-            ClusterKind::Zero { host: Some(host) } if old.copied() && !g.l2_format.extended => {
+            ClusterKind::Zero { host: Some(host) }
+                if old.copied() && !g.tables.l2_format.extended =>
+            {
                 Some(host)
             }
             _ => None,
@@ -166,11 +170,11 @@ where
         let target = match in_place {
             Some(host) => host,
             // An external data file maps guest clusters to the same offsets, without refcounts.
-            None if g.l2_format.external_data => gc,
+            None if g.tables.l2_format.external_data => gc,
             None => m.alloc_clusters(1)?.0,
         };
-        if !g.l2_format.external_data {
-            m.guard(target, g.cluster_size, in_place.is_some())?;
+        if !g.tables.l2_format.external_data {
+            m.guard(target, g.tables.cluster_size, in_place.is_some())?;
         }
         // Copy what the write does not cover in the pieces that will be allocated, from the old content, then
         // store the new bytes. If that fails, a cluster allocated for it goes back: nothing references it yet.
@@ -179,12 +183,12 @@ where
             None => new_alloc,
         };
         if let Err(e) = self.fill_cluster(gc, target, a, b, src, copy) {
-            if in_place.is_none() && !g.l2_format.external_data {
+            if in_place.is_none() && !g.tables.l2_format.external_data {
                 self.give_back(target);
             }
             return Err(e);
         }
-        let new = if g.l2_format.extended {
+        let new = if g.tables.l2_format.extended {
             L2Entry {
                 word: target | OFLAG_COPIED,
                 bitmap: u64::from(new_alloc) | (u64::from(old_zero & !new_alloc) << 32),
@@ -284,10 +288,10 @@ where
     ) -> Result<(), Error<D::Error>> {
         let mut m = self.meta()?;
         let g = m.g;
-        if g.l2_format.external_data {
+        if g.tables.l2_format.external_data {
             return Ok(());
         }
-        let mut gc = offset & !g.cluster_size.wrapping_sub(1);
+        let mut gc = offset & !g.tables.cluster_size.wrapping_sub(1);
         let end = offset.saturating_add(len);
         while gc < end {
             let (_, Some(l2)) = m.l2_table(gc)? else {
@@ -299,12 +303,12 @@ where
             let (_, _, kind) = m.cluster_entry(l2, gc)?;
             match kind {
                 ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
-                    m.guard(host, g.cluster_size, true)?;
+                    m.guard(host, g.tables.cluster_size, true)?;
                 }
                 ClusterKind::Compressed(d) => m.guard(d.offset, d.len, true)?,
                 ClusterKind::Unallocated | ClusterKind::Zero { host: None } => {}
             }
-            gc = gc.saturating_add(g.cluster_size);
+            gc = gc.saturating_add(g.tables.cluster_size);
         }
         Ok(())
     }
@@ -315,7 +319,7 @@ where
         len: u64,
         src: WriteSource<'_>,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.geometry()?.cluster_size;
+        let cs = self.geometry()?.tables.cluster_size;
         let mut pos = offset;
         let end = offset.saturating_add(len);
         while pos < end {

@@ -1,4 +1,5 @@
-//! L2 entries through the metadata cache: locating, reading and changing an entry, the L2 table for a
+//! L2 entries through the metadata cache (read through [`TableAccess`](crate::meta::TableAccess) as every
+//! reader does): locating, reading and changing an entry, the L2 table for a
 //! guest offset (invalid entries mark the image corrupt), and queueing what a dropped entry held.
 
 use super::*;
@@ -8,30 +9,13 @@ where
     D: BlockDeviceWrite,
     B: AsRef<[u8]> + AsMut<[u8]>,
 {
+    /// Where entry `index` of the L2 table at `l2` lives: (slice, offset in it).
     pub(super) fn l2_loc(&self, l2: u64, index: u64) -> (u64, usize) {
-        let byte = index.saturating_mul(self.g.l2_entry_size);
-        let start = byte & !self.g.slice_size.wrapping_sub(1);
-        (
-            l2.saturating_add(start),
-            byte.saturating_sub(start) as usize,
-        )
+        self.g.tables.l2_position(l2, index)
     }
 
     pub(super) fn l2_get(&mut self, l2: u64, index: u64) -> Result<L2Entry, Error<D::Error>> {
-        let (host, at) = self.l2_loc(l2, index);
-        let slice = self.g.slice_size as usize;
-        let extended = self.g.l2_format.extended;
-        let s = self
-            .cache
-            .get(self.dev, bounce_of(self.bounce, 0), 0, host, slice)?;
-        Ok(L2Entry {
-            word: be64(s, at),
-            bitmap: if extended {
-                be64(s, at.saturating_add(8))
-            } else {
-                0
-            },
-        })
+        self.tables().l2_entry(l2, index)
     }
 
     pub(super) fn l2_set(
@@ -42,8 +26,8 @@ where
     ) -> Result<(), Error<D::Error>> {
         self.make_room(1)?;
         let (host, at) = self.l2_loc(l2, index);
-        let slice = self.g.slice_size as usize;
-        let extended = self.g.l2_format.extended;
+        let slice = self.g.tables.slice_size as usize;
+        let extended = self.g.tables.l2_format.extended;
         let bs = self.dev.block_size();
         let s = self.cache.get_mut(
             self.dev,
@@ -75,10 +59,12 @@ where
         let g = self.g;
         let l1_index = guest >> g.l2_coverage_bits;
         let entry = self.l1_entry(l1_index)?;
-        let l2 = entry.l2_offset(g.cluster_size).map_err(|e| {
+        let l2 = entry.l2_offset(g.tables.cluster_size).map_err(|e| {
             self.mark_corrupt(
                 e.describe("L1"),
-                g.l1_table_offset.saturating_add(l1_index.saturating_mul(8)),
+                g.tables
+                    .l1_table_offset
+                    .saturating_add(l1_index.saturating_mul(8)),
             )
         })?;
         Ok((entry, l2))
@@ -96,7 +82,7 @@ where
         let old = self.l2_get(l2, index)?;
         let (entry_host, _) = self.l2_loc(l2, index);
         let kind = old
-            .classify(g.l2_format)
+            .classify(g.tables.l2_format)
             .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
         Ok((index, old, kind))
     }
@@ -105,7 +91,7 @@ where
     pub(super) fn free_entry(&mut self, kind: ClusterKind) -> Result<(), Error<D::Error>> {
         match kind {
             ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
-                if !self.g.l2_format.external_data {
+                if !self.g.tables.l2_format.external_data {
                     self.free_later(host)?;
                 }
             }

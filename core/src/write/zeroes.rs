@@ -31,14 +31,14 @@ where
         unmap: bool,
     ) -> Result<(), Error<D::Error>> {
         let g = self.geometry()?;
-        if g.l2_format.external_data && self.data_raw() {
+        if g.tables.l2_format.external_data && self.data_raw() {
             // A raw data file must read as the guest disk: zero it too.
             self.store(offset, WriteSource::Zeros, len)?;
         }
         let size = self.virtual_size();
         let end = offset.saturating_add(len);
         let backing = self.layers.len() > 1;
-        if !g.l2_format.v3 && backing {
+        if !g.tables.l2_format.v3 && backing {
             // Version 2 has no zero flag, and a deallocated cluster would show the backing file: write zeros.
             return self.write_range(offset, len, WriteSource::Zeros);
         }
@@ -46,13 +46,13 @@ where
         let piece = g.piece_size();
         let mut pos = offset;
         while pos < end {
-            let gc = pos & !g.cluster_size.wrapping_sub(1);
+            let gc = pos & !g.tables.cluster_size.wrapping_sub(1);
             let ps = pos & !piece.wrapping_sub(1);
             let pe = ps.saturating_add(piece).min(size);
             let b = end.min(pe);
-            if pos == gc && (b == gc.saturating_add(g.cluster_size) || b >= size) {
+            if pos == gc && (b == gc.saturating_add(g.tables.cluster_size) || b >= size) {
                 // A whole cluster.
-                if g.l2_format.v3 {
+                if g.tables.l2_format.v3 {
                     self.zero_cluster(gc, unmap)?;
                 } else {
                     self.discard_cluster(gc, false)?;
@@ -67,9 +67,9 @@ where
                 || (self.holds_no_data(ps)?
                     && self.reads_as_zero(ps, pos.saturating_sub(ps))?
                     && self.reads_as_zero(b, pe.saturating_sub(b))?);
-            if promote && !g.l2_format.v3 {
+            if promote && !g.tables.l2_format.v3 {
                 self.discard_cluster(gc, false)?;
-            } else if promote && g.l2_format.extended {
+            } else if promote && g.tables.l2_format.extended {
                 let s = ps.saturating_sub(gc).checked_div(piece).unwrap_or(0);
                 self.zero_subclusters(gc, s, s.saturating_add(1))?;
             } else if promote {
@@ -153,9 +153,9 @@ where
             ClusterKind::Data { .. } | ClusterKind::Zero { host: Some(_) }
         );
         // An external data file keeps its clusters (they are not refcounted).
-        let drop_host = !g.l2_format.external_data
+        let drop_host = !g.tables.l2_format.external_data
             && (matches!(kind, ClusterKind::Compressed(_)) || (unmap && allocated));
-        let new = if g.l2_format.extended {
+        let new = if g.tables.l2_format.extended {
             L2Entry {
                 word: if drop_host { 0 } else { old.word },
                 bitmap: ALL_ZEROES,
@@ -219,13 +219,13 @@ where
         let g = self.geometry()?;
         let size = self.virtual_size();
         let end_req = offset.saturating_add(len);
-        let start = ceil_div(offset, g.cluster_size).saturating_mul(g.cluster_size);
+        let start = ceil_div(offset, g.tables.cluster_size).saturating_mul(g.tables.cluster_size);
         let end = if end_req == size {
             end_req
         } else {
-            end_req & !g.cluster_size.wrapping_sub(1)
+            end_req & !g.tables.cluster_size.wrapping_sub(1)
         };
-        if g.l2_format.external_data {
+        if g.tables.l2_format.external_data {
             // Clusters of an external data file stay mapped; the discarded range reads as zeros.
             if start < end {
                 self.zero_range(start, end.saturating_sub(start), false)?;
@@ -233,7 +233,7 @@ where
             return self.end_write();
         }
         let backing = self.layers.len() > 1;
-        if backing && !g.l2_format.v3 {
+        if backing && !g.tables.l2_format.v3 {
             // Version 2 cannot mark a cluster as zeros, and dropping it would expose the backing file's
             // data: like QEMU, leave such clusters in place.
             return self.end_write();
@@ -241,7 +241,7 @@ where
         let mut gc = start;
         while gc < end {
             self.discard_cluster(gc, backing)?;
-            gc = gc.saturating_add(g.cluster_size);
+            gc = gc.saturating_add(g.tables.cluster_size);
         }
         self.end_write()
     }
@@ -269,14 +269,14 @@ where
         if !backing && !allocated {
             return Ok(());
         }
-        let new = if g.l2_format.extended {
+        let new = if g.tables.l2_format.extended {
             L2Entry {
                 word: 0,
                 bitmap: ALL_ZEROES,
             }
         } else {
             L2Entry {
-                word: if g.l2_format.v3 { OFLAG_ZERO } else { 0 },
+                word: if g.tables.l2_format.v3 { OFLAG_ZERO } else { 0 },
                 bitmap: 0,
             }
         };

@@ -222,18 +222,23 @@ where
     fn fixed_structure_at(&self, host: u64) -> Option<Structure> {
         let g = self.g;
         let h = &*self.header;
-        let cs = g.cluster_size;
+        let cs = g.tables.cluster_size;
         if host < cs {
             return Some(Structure::Header);
         }
-        if cluster_in(host, cs, g.l1_table_offset, g.l1_size.saturating_mul(8)) {
+        if cluster_in(
+            host,
+            cs,
+            g.tables.l1_table_offset,
+            g.tables.l1_size.saturating_mul(8),
+        ) {
             return Some(Structure::L1);
         }
         if cluster_in(
             host,
             cs,
-            g.refcount_table_offset,
-            g.refcount_table_entries.saturating_mul(8),
+            g.tables.refcount_table_offset,
+            g.tables.refcount_table_entries.saturating_mul(8),
         ) {
             return Some(Structure::RefcountTable);
         }
@@ -266,7 +271,10 @@ where
         if let Some(s) = self.fixed_structure_at(host) {
             return Ok(Some(s));
         }
-        if self.cache.overlaps_cluster(0, host, 1, self.g.cluster_size) {
+        if self
+            .cache
+            .overlaps_cluster(0, host, 1, self.g.tables.cluster_size)
+        {
             return Ok(Some(Structure::Cached));
         }
         if !exact || !self.w.filter.may_contain(host >> self.g.cluster_bits) {
@@ -284,7 +292,7 @@ where
         len: u64,
         exact: bool,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cluster_size;
+        let cs = self.g.tables.cluster_size;
         let mut c = host & !cs.wrapping_sub(1);
         let end = host.saturating_add(len);
         while c < end {
@@ -299,7 +307,7 @@ where
     /// Whether host cluster `host` may be freed: it lies in no metadata structure (exact check).
     pub(super) fn is_metadata(&mut self, host: u64) -> Result<bool, Error<D::Error>> {
         Ok(self
-            .structure_at(host & !self.g.cluster_size.wrapping_sub(1), true)?
+            .structure_at(host & !self.g.tables.cluster_size.wrapping_sub(1), true)?
             .is_some())
     }
 

@@ -179,7 +179,7 @@ where
     /// writes still apply then.
     pub(in crate::write) fn verify_references(&mut self) -> Result<bool, Error<D::Error>> {
         let g = self.g;
-        let cs = g.cluster_size;
+        let cs = g.tables.cluster_size;
         let h = *self.header;
         let snapshot_len = self.w.snapshot_table_len;
         let bitmaps = self.bitmaps.filter(|_| self.bitmaps_live());
@@ -195,13 +195,13 @@ where
         };
         let mut fits = list.push_range(0, cs, Structure::Header)
             && list.push_range(
-                g.l1_table_offset,
-                g.l1_size.saturating_mul(8),
+                g.tables.l1_table_offset,
+                g.tables.l1_size.saturating_mul(8),
                 Structure::L1,
             )
             && list.push_range(
-                g.refcount_table_offset,
-                g.refcount_table_entries.saturating_mul(8),
+                g.tables.refcount_table_offset,
+                g.tables.refcount_table_entries.saturating_mul(8),
                 Structure::RefcountTable,
             );
         if fits && h.nb_snapshots != 0 {
@@ -220,8 +220,8 @@ where
             fits = for_each_word(
                 dev,
                 bounce,
-                g.refcount_table_offset,
-                g.refcount_table_entries,
+                g.tables.refcount_table_offset,
+                g.tables.refcount_table_entries,
                 |_, w| {
                     let block = w & REFTABLE_OFFSET_MASK;
                     block == 0 || list.push(block, Structure::RefcountBlock)
@@ -229,10 +229,16 @@ where
             )?;
         }
         if fits {
-            fits = for_each_word(dev, bounce, g.l1_table_offset, g.l1_size, |_, w| {
-                let l2 = l2_table_of(w, cs);
-                l2 == 0 || list.push(l2, Structure::L2)
-            })?;
+            fits = for_each_word(
+                dev,
+                bounce,
+                g.tables.l1_table_offset,
+                g.tables.l1_size,
+                |_, w| {
+                    let l2 = l2_table_of(w, cs);
+                    l2 == 0 || list.push(l2, Structure::L2)
+                },
+            )?;
         }
         let mut at = h.snapshots_offset;
         for _ in 0..h.nb_snapshots {
@@ -280,20 +286,22 @@ where
             ));
         }
         // Every entry of every active L2 table.
-        let entry_words = g.l2_entry_size / 8;
+        let entry_words = g.tables.l2_entry_size() / 8;
         let mut bad = None;
         let mut l1_index = 0u64;
-        while l1_index < g.l1_size && bad.is_none() {
+        while l1_index < g.tables.l1_size && bad.is_none() {
             let mut word = [0u8; 8];
             read_part(
                 dev,
                 bounce,
-                g.l1_table_offset.saturating_add(l1_index.saturating_mul(8)),
+                g.tables
+                    .l1_table_offset
+                    .saturating_add(l1_index.saturating_mul(8)),
                 &mut word,
             )?;
             l1_index = l1_index.saturating_add(1);
             let table = l2_table_of(u64::from_be_bytes(word), cs);
-            if table == 0 || g.l2_format.external_data {
+            if table == 0 || g.tables.l2_format.external_data {
                 continue;
             }
             let mut previous = 0u64;
@@ -310,7 +318,7 @@ where
                             word: previous,
                             bitmap: w,
                         };
-                        if let Some((host, len)) = entry_hosts(entry, g.l2_format, cs)
+                        if let Some((host, len)) = entry_hosts(entry, g.tables.l2_format, cs)
                             && holds_metadata(sorted, host, len, cs)
                         {
                             bad = Some(pos.saturating_sub(8));
@@ -323,7 +331,7 @@ where
                         return true;
                     }
                     let entry = L2Entry { word: w, bitmap: 0 };
-                    if let Some((host, len)) = entry_hosts(entry, g.l2_format, cs)
+                    if let Some((host, len)) = entry_hosts(entry, g.tables.l2_format, cs)
                         && holds_metadata(sorted, host, len, cs)
                     {
                         bad = Some(pos);

@@ -12,15 +12,20 @@ where
     /// the snapshot table and each snapshot's L1 table, and the bitmap directory.
     pub(super) fn names_of(&mut self, host: u64) -> Result<Names, Error<D::Error>> {
         let g = self.g;
-        let cs = g.cluster_size;
+        let cs = g.tables.cluster_size;
         let mut names = Names {
             refcount_blocks: self.count_in_table(
-                g.refcount_table_offset,
-                g.refcount_table_entries,
+                g.tables.refcount_table_offset,
+                g.tables.refcount_table_entries,
                 REFTABLE_OFFSET_MASK,
                 host,
             )?,
-            l2_tables: self.count_in_table(g.l1_table_offset, g.l1_size, OFFSET_MASK, host)?,
+            l2_tables: self.count_in_table(
+                g.tables.l1_table_offset,
+                g.tables.l1_size,
+                OFFSET_MASK,
+                host,
+            )?,
             ..Names::default()
         };
         let nb = self.header.nb_snapshots;
@@ -92,7 +97,7 @@ where
         len: u64,
         s: Structure,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cluster_size;
+        let cs = self.g.tables.cluster_size;
         let mut host = offset & !cs.wrapping_sub(1);
         let end = offset.saturating_add(len);
         while host < end && host <= MAX_HOST_OFFSET {
@@ -112,7 +117,7 @@ where
         s: Structure,
         scans: &mut u32,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.g.cluster_size;
+        let cs = self.g.tables.cluster_size;
         if host == 0 || host & cs.wrapping_sub(1) != 0 || host > MAX_HOST_OFFSET {
             // Not a table the engine would use: an invalid entry is refused where it is met.
             return Ok(());
@@ -155,7 +160,7 @@ where
                     word & REFTABLE_OFFSET_MASK
                 } else {
                     // Entries with reserved bits are refused where they are used.
-                    match L1Entry(word).l2_offset(self.g.cluster_size) {
+                    match L1Entry(word).l2_offset(self.g.tables.cluster_size) {
                         Ok(Some(h)) => h,
                         _ => 0,
                     }
@@ -171,18 +176,18 @@ where
     /// cluster must have a refcount of at least 1 and hold one structure. Fills the filter.
     pub(in crate::write) fn verify_metadata(&mut self) -> Result<(), Error<D::Error>> {
         let g = self.g;
-        let cs = g.cluster_size;
+        let cs = g.tables.cluster_size;
         let mut scans = 0u32;
         self.w.snapshot_table_len = self.snapshot_table_len()?;
         self.verify_fixed(0, cs, Structure::Header)?;
         self.verify_fixed(
-            g.l1_table_offset,
-            g.l1_size.saturating_mul(8),
+            g.tables.l1_table_offset,
+            g.tables.l1_size.saturating_mul(8),
             Structure::L1,
         )?;
         self.verify_fixed(
-            g.refcount_table_offset,
-            g.refcount_table_entries.saturating_mul(8),
+            g.tables.refcount_table_offset,
+            g.tables.refcount_table_entries.saturating_mul(8),
             Structure::RefcountTable,
         )?;
         let (nb, snapshots) = (self.header.nb_snapshots, self.header.snapshots_offset);
@@ -200,12 +205,17 @@ where
             )?;
         }
         self.verify_table_entries(
-            g.refcount_table_offset,
-            g.refcount_table_entries,
+            g.tables.refcount_table_offset,
+            g.tables.refcount_table_entries,
             Structure::RefcountBlock,
             &mut scans,
         )?;
-        self.verify_table_entries(g.l1_table_offset, g.l1_size, Structure::L2, &mut scans)?;
+        self.verify_table_entries(
+            g.tables.l1_table_offset,
+            g.tables.l1_size,
+            Structure::L2,
+            &mut scans,
+        )?;
         let mut at = snapshots;
         for _ in 0..nb {
             let Some(s) = self.snapshot_at(at)? else {

@@ -1,4 +1,4 @@
-//! Bounded caches of metadata slices.
+//! The bounded cache of metadata slices.
 //!
 //! A slice is a power-of-two piece of an L2 table (or, for writers, a refcount block): a few hundred bytes to
 //! a few KiB, never a whole table unless the table is that small. The cache holds `N` slices in one
