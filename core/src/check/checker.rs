@@ -51,6 +51,40 @@ impl<A: Access> Checker<'_, A> {
         bytes.min(avail.checked_next_multiple_of(entry).unwrap_or(u64::MAX))
     }
 
+    /// Streams the entries of the table of `bytes` at `table` that lie inside the file ([`Self::in_file`]),
+    /// [`CHUNK`] bytes a read, calling `each` with the checker, the entry's index and its `entry` bytes (8, or
+    /// 16 for extended L2 entries). `each` ends the walk early with [`ControlFlow::Break`], whose value is
+    /// returned.
+    pub(super) fn for_each_entry<T>(
+        &mut self,
+        table: u64,
+        bytes: u64,
+        entry: u64,
+        mut each: impl FnMut(&mut Self, u64, &[u8]) -> Result<ControlFlow<T>, Error<A::E>>,
+    ) -> Result<Option<T>, Error<A::E>> {
+        let bytes = self.in_file(table, bytes, entry);
+        let mut buf = [0u8; CHUNK];
+        let mut pos = 0u64;
+        let mut index = 0u64;
+        while pos < bytes {
+            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
+            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+            self.io
+                .read(self.bounce, table.saturating_add(pos), chunk)?;
+            let step = (entry as usize).max(8);
+            let mut at = 0usize;
+            while let Some(bytes) = chunk.get(at..at.saturating_add(step)) {
+                if let ControlFlow::Break(found) = each(self, index, bytes)? {
+                    return Ok(Some(found));
+                }
+                index = index.saturating_add(1);
+                at = at.saturating_add(step);
+            }
+            pos = pos.saturating_add(n as u64);
+        }
+        Ok(None)
+    }
+
     /// Writes one 8-byte entry word and makes it durable.
     pub(super) fn write_word(&mut self, at: u64, word: u64) -> Result<(), Error<A::E>> {
         self.io.write(self.bounce, at, &word.to_be_bytes())?;

@@ -267,33 +267,21 @@ impl<A: Access> Checker<'_, A> {
     /// entry makes its clusters' refcounts unreadable, which is reported for each of them).
     pub(super) fn refcount_cover_end(&mut self) -> Result<u64, Error<A::E>> {
         let g = self.image;
-        let bytes = self.in_file(
+        let mut end = 0u64;
+        self.for_each_entry(
             g.header.refcount_table_offset,
             g.header.refcount_table_entries().saturating_mul(8),
             8,
-        );
-        let mut buf = [0u8; CHUNK];
-        let mut pos = 0u64;
-        let mut end = 0u64;
-        while pos < bytes {
-            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
-            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-            self.io.read(
-                self.bounce,
-                g.header.refcount_table_offset.saturating_add(pos),
-                chunk,
-            )?;
-            for k in 0..n / 8 {
-                if be64(&buf, k.saturating_mul(8)) != 0 {
-                    let index = (pos / 8).saturating_add(k as u64);
+            |_, index, entry| {
+                if be64(entry, 0) != 0 {
                     end = index
                         .saturating_add(1)
                         .checked_shl(g.header.refcount_block_bits())
                         .unwrap_or(u64::MAX);
                 }
-            }
-            pos = pos.saturating_add(n as u64);
-        }
+                Ok(Continue::<()>(()))
+            },
+        )?;
         Ok(end)
     }
 

@@ -74,6 +74,7 @@
 //! L1 sizes, the refcount table and the number of snapshots and bitmaps.
 
 use core::fmt;
+use core::ops::ControlFlow::{self, Break, Continue};
 
 use crate::Error;
 use crate::device::{BlockDevice, BlockDeviceWrite};

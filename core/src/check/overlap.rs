@@ -88,21 +88,17 @@ impl<A: Access> Checker<'_, A> {
         active_l1: (u64, u64),
     ) -> Result<Option<u64>, Error<A::E>> {
         let g = self.image;
-        let bytes = self.in_file(l1_offset, u64::from(l1_size).saturating_mul(8), 8);
-        let mut buf = [0u8; CHUNK];
-        let mut pos = 0u64;
-        while pos < bytes {
-            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
-            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-            self.io
-                .read(self.bounce, l1_offset.saturating_add(pos), chunk)?;
-            for k in 0..n / 8 {
-                let e = be64(&buf, k.saturating_mul(8));
+        self.for_each_entry(
+            l1_offset,
+            u64::from(l1_size).saturating_mul(8),
+            8,
+            |this, _, entry| {
+                let e = be64(entry, 0);
                 if e == 0 {
-                    continue;
+                    return Ok(Continue(()));
                 }
                 let l2 = e & OFFSET_MASK;
-                let l2_bytes = self.in_file(
+                let l2_bytes = this.in_file(
                     l2,
                     g.header
                         .l2_entries()
@@ -110,22 +106,21 @@ impl<A: Access> Checker<'_, A> {
                     g.header.l2_entry_size(),
                 );
                 if l2_bytes == 0 {
-                    continue;
+                    return Ok(Continue(()));
                 }
                 let l2_end = l2.saturating_add(l2_bytes);
                 if l2 < active_l1.1 && active_l1.0 < l2_end {
-                    return Ok(Some(l2 >> g.header.cluster_bits));
+                    return Ok(Break(l2 >> g.header.cluster_bits));
                 }
                 for c in (l2 >> g.header.cluster_bits)
                     ..=(l2_end.saturating_sub(1) >> g.header.cluster_bits)
                 {
                     if c == 0 || p.count(c) > 0 {
-                        return Ok(Some(c));
+                        return Ok(Break(c));
                     }
                 }
-            }
-            pos = pos.saturating_add(n as u64);
-        }
-        Ok(None)
+                Ok(Continue(()))
+            },
+        )
     }
 }

@@ -98,44 +98,35 @@ impl<A: Access> Checker<'_, A> {
             self.add_reference(p, l1_offset, bytes);
         }
         // Past the end of the file the table reads as zeros: no entries (QEMU reads them; same result).
-        let bytes = self.in_file(l1_offset, bytes, 8);
         // In-file L2 tables walked: more than the file has clusters means entries repeat (bounds the work).
         let mut walks = 0u64;
-        let mut buf = [0u8; CHUNK];
-        let mut pos = 0u64;
-        while pos < bytes {
-            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
-            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-            self.io
-                .read(self.bounce, l1_offset.saturating_add(pos), chunk)?;
-            for k in 0..n / 8 {
-                let e = be64(&buf, k.saturating_mul(8));
-                if e == 0 {
-                    continue;
-                }
-                if e & L1_RESERVED_MASK != 0 && p.reports() {
-                    self.sink.report(Problem::L1ReservedBits { entry: e });
-                    increment(&mut p.res.corruptions);
-                }
-                let l2 = e & OFFSET_MASK;
-                if p.counts_repaired_tables() {
-                    self.add_reference(p, l2, g.header.cluster_size());
-                }
-                if l2 & g.header.cluster_size().wrapping_sub(1) != 0 && p.reports() {
-                    self.sink
-                        .report(Problem::L2TableUnaligned { l2_offset: l2 });
-                    increment(&mut p.res.corruptions);
-                }
-                if l2 < g.file_len {
-                    walks = walks.saturating_add(1);
-                    if walks > g.file_clusters {
-                        return Err(too_many_l2(l1_offset));
-                    }
-                }
-                self.check_l2(p, l2, frag, active)?;
+        self.for_each_entry(l1_offset, bytes, 8, |this, _, entry| {
+            let e = be64(entry, 0);
+            if e == 0 {
+                return Ok(Continue(()));
             }
-            pos = pos.saturating_add(n as u64);
-        }
+            if e & L1_RESERVED_MASK != 0 && p.reports() {
+                this.sink.report(Problem::L1ReservedBits { entry: e });
+                increment(&mut p.res.corruptions);
+            }
+            let l2 = e & OFFSET_MASK;
+            if p.counts_repaired_tables() {
+                this.add_reference(p, l2, g.header.cluster_size());
+            }
+            if l2 & g.header.cluster_size().wrapping_sub(1) != 0 && p.reports() {
+                this.sink
+                    .report(Problem::L2TableUnaligned { l2_offset: l2 });
+                increment(&mut p.res.corruptions);
+            }
+            if l2 < g.file_len {
+                walks = walks.saturating_add(1);
+                if walks > g.file_clusters {
+                    return Err(too_many_l2(l1_offset));
+                }
+            }
+            this.check_l2(p, l2, frag, active)?;
+            Ok(Continue::<()>(()))
+        })?;
         Ok(())
     }
 
@@ -149,52 +140,35 @@ impl<A: Access> Checker<'_, A> {
         let g = self.image;
         let l2_format = g.header.l2_format();
         let mut next_contiguous = 0u64;
-        let mut buf = [0u8; CHUNK];
         // Past the end of the file entries read as zeros, unallocated (QEMU reads them; same result).
-        let bytes = self.in_file(
+        let bytes = g
+            .header
+            .l2_entries()
+            .saturating_mul(g.header.l2_entry_size());
+        self.for_each_entry(
             l2_offset,
-            g.header
-                .l2_entries()
-                .saturating_mul(g.header.l2_entry_size()),
+            bytes,
             g.header.l2_entry_size(),
-        );
-        let per_chunk = (CHUNK as u64)
-            .checked_div(g.header.l2_entry_size())
-            .unwrap_or(0);
-        let mut pos = 0u64;
-        let mut index = 0u64;
-        while pos < bytes {
-            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
-            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-            self.io
-                .read(self.bounce, l2_offset.saturating_add(pos), chunk)?;
-            for k in 0..(n as u64)
-                .checked_div(g.header.l2_entry_size())
-                .unwrap_or(0)
-                .min(per_chunk)
-            {
-                let at = k.saturating_mul(g.header.l2_entry_size()) as usize;
-                let mut word = be64(&buf, at);
+            |this, i, entry| {
+                let mut word = be64(entry, 0);
                 let bitmap = if g.header.extended_l2() {
-                    be64(&buf, at.saturating_add(8))
+                    be64(entry, 8)
                 } else {
                     0
                 };
-                let i = index;
-                index = index.saturating_add(1);
                 let kind = L2Entry { word, bitmap }.kind(l2_format);
                 if !matches!(kind, ClusterKind::Compressed(_))
                     && word & L2_RESERVED_MASK != 0
                     && p.reports()
                 {
-                    self.sink.report(Problem::L2ReservedBits { entry: word });
+                    this.sink.report(Problem::L2ReservedBits { entry: word });
                     increment(&mut p.res.corruptions);
                 }
                 match kind {
                     ClusterKind::Compressed(descriptor) => {
                         if word & OFLAG_COPIED != 0 {
                             if p.reports() {
-                                self.sink.report(Problem::CompressedCopied {
+                                this.sink.report(Problem::CompressedCopied {
                                     coffset: descriptor.offset,
                                 });
                                 increment(&mut p.res.corruptions);
@@ -203,25 +177,25 @@ impl<A: Access> Checker<'_, A> {
                         }
                         if g.header.external_data_file() {
                             if p.reports() {
-                                self.sink.report(Problem::CompressedWithDataFile {
+                                this.sink.report(Problem::CompressedWithDataFile {
                                     index: i,
                                     entry: word,
                                 });
                                 increment(&mut p.res.corruptions);
                             }
-                            continue;
+                            return Ok(Continue(()));
                         }
                         if bitmap != 0 {
                             if p.reports() {
-                                self.sink.report(Problem::CompressedWithBitmap {
+                                this.sink.report(Problem::CompressedWithBitmap {
                                     index: i,
                                     entry: word,
                                 });
                                 increment(&mut p.res.corruptions);
                             }
-                            continue;
+                            return Ok(Continue(()));
                         }
-                        self.add_reference(p, descriptor.offset, descriptor.len);
+                        this.add_reference(p, descriptor.offset, descriptor.len);
                         if frag && p.reports() {
                             increment(&mut p.res.allocated);
                             increment(&mut p.res.compressed);
@@ -232,7 +206,7 @@ impl<A: Access> Checker<'_, A> {
                     | ClusterKind::Zero { host: Some(offset) } => {
                         if (bitmap >> 32) & bitmap != 0 && p.reports() {
                             increment(&mut p.res.corruptions);
-                            self.sink.report(Problem::BadSubclusterBitmap { offset });
+                            this.sink.report(Problem::BadSubclusterBitmap { offset });
                         }
                         if offset & g.header.cluster_size().wrapping_sub(1) != 0 {
                             let contains_data = if g.header.extended_l2() {
@@ -244,7 +218,7 @@ impl<A: Access> Checker<'_, A> {
                                 let repairing = p.repairs_entries() && p.reports();
                                 if p.reports() {
                                     increment(&mut p.res.corruptions);
-                                    self.sink.report(Problem::PreallocatedUnaligned {
+                                    this.sink.report(Problem::PreallocatedUnaligned {
                                         offset,
                                         repairing,
                                     });
@@ -257,14 +231,14 @@ impl<A: Access> Checker<'_, A> {
                                     };
                                     let at = l2_offset
                                         .saturating_add(i.saturating_mul(g.header.l2_entry_size()));
-                                    self.write_word(at, new)?;
+                                    this.write_word(at, new)?;
                                     decrement(&mut p.res.corruptions);
                                     increment(&mut p.res.corruptions_fixed);
-                                    continue;
+                                    return Ok(Continue(()));
                                 }
                             } else if p.reports() {
                                 increment(&mut p.res.corruptions);
-                                self.sink.report(Problem::DataUnaligned { offset });
+                                this.sink.report(Problem::DataUnaligned { offset });
                             }
                         }
                         if frag && p.reports() {
@@ -275,20 +249,20 @@ impl<A: Access> Checker<'_, A> {
                         }
                         next_contiguous = offset.saturating_add(g.header.cluster_size());
                         if !g.header.external_data_file() {
-                            self.add_reference(p, offset, g.header.cluster_size());
+                            this.add_reference(p, offset, g.header.cluster_size());
                         }
                     }
                     ClusterKind::Zero { host: None } => {}
                     ClusterKind::Unallocated => {
                         if bitmap & 0xffff_ffff != 0 && p.reports() {
                             increment(&mut p.res.corruptions);
-                            self.sink.report(Problem::UnallocatedWithBitmap);
+                            this.sink.report(Problem::UnallocatedWithBitmap);
                         }
                     }
                 }
-            }
-            pos = pos.saturating_add(n as u64);
-        }
+                Ok(Continue::<()>(()))
+            },
+        )?;
         Ok(())
     }
 
@@ -334,31 +308,21 @@ impl<A: Access> Checker<'_, A> {
                 }
                 return Ok(());
             }
-            let mut buf = [0u8; CHUNK];
-            let mut pos = 0u64;
-            while pos < bytes {
-                let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
-                let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-                self.io
-                    .read(self.bounce, table_offset.saturating_add(pos), chunk)?;
-                for k in 0..n / 8 {
-                    match BitmapTableEntry::decode(
-                        be64(&buf, k.saturating_mul(8)),
-                        g.header.cluster_size(),
-                    ) {
-                        BitmapTableEntry::Invalid => {
-                            if p.reports() {
-                                increment(&mut p.res.corruptions);
-                            }
+            // Entries past the end of the file read as zeros: unallocated.
+            self.for_each_entry(table_offset, bytes, 8, |this, _, entry| {
+                match BitmapTableEntry::decode(be64(entry, 0), g.header.cluster_size()) {
+                    BitmapTableEntry::Invalid => {
+                        if p.reports() {
+                            increment(&mut p.res.corruptions);
                         }
-                        BitmapTableEntry::Data(off) => {
-                            self.add_reference(p, off, g.header.cluster_size())
-                        }
-                        BitmapTableEntry::Unallocated => {}
                     }
+                    BitmapTableEntry::Data(off) => {
+                        this.add_reference(p, off, g.header.cluster_size())
+                    }
+                    BitmapTableEntry::Unallocated => {}
                 }
-                pos = pos.saturating_add(n as u64);
-            }
+                Ok(Continue::<()>(()))
+            })?;
         }
         Ok(())
     }
@@ -366,31 +330,17 @@ impl<A: Access> Checker<'_, A> {
     /// QEMU's `check_refblocks`.
     pub(super) fn check_refblocks(&mut self, p: &mut Pass<'_>) -> Result<(), Error<A::E>> {
         let g = self.image;
-        let bytes = self.in_file(
+        self.for_each_entry(
             g.header.refcount_table_offset,
             g.header.refcount_table_entries().saturating_mul(8),
             8,
-        );
-        let mut buf = [0u8; CHUNK];
-        let mut pos = 0u64;
-        let mut index = 0u64;
-        while pos < bytes {
-            let n = (bytes.saturating_sub(pos)).min(CHUNK as u64) as usize;
-            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-            self.io.read(
-                self.bounce,
-                g.header.refcount_table_offset.saturating_add(pos),
-                chunk,
-            )?;
-            for k in 0..n / 8 {
-                let i = index;
-                index = index.saturating_add(1);
-                let e = be64(&buf, k.saturating_mul(8));
+            |this, i, entry| {
+                let e = be64(entry, 0);
                 let offset = e & REFTABLE_OFFSET_MASK;
                 let cluster = offset >> g.header.cluster_bits;
                 if let Err(problem) = RefcountTableEntry(e).block_offset(g.header.cluster_size()) {
                     if p.reports() {
-                        self.sink.report(match problem {
+                        this.sink.report(match problem {
                             EntryError::ReservedBits => {
                                 Problem::RefcountTableReservedBits { index: i }
                             }
@@ -399,12 +349,12 @@ impl<A: Access> Checker<'_, A> {
                         increment(&mut p.res.corruptions);
                     }
                     p.rebuild = true;
-                    continue;
+                    return Ok(Continue(()));
                 }
                 let nb = g.file_clusters.saturating_add(u64::from(p.touched_end));
                 if cluster >= nb {
                     if p.reports() {
-                        self.sink.report(Problem::RefcountBlockOutside {
+                        this.sink.report(Problem::RefcountBlockOutside {
                             index: i,
                             repairing: p.repairs_entries(),
                         });
@@ -413,14 +363,14 @@ impl<A: Access> Checker<'_, A> {
                     if p.repairs_entries() {
                         p.rebuild = true;
                     }
-                    continue;
+                    return Ok(Continue(()));
                 }
                 if offset != 0 {
-                    self.add_reference(p, offset, g.header.cluster_size());
+                    this.add_reference(p, offset, g.header.cluster_size());
                     if cluster >= p.lo && cluster < p.hi {
                         let refcount = p.count(cluster);
                         if refcount != 1 {
-                            self.report(p, Problem::RefcountBlockRefcount { index: i, refcount });
+                            this.report(p, Problem::RefcountBlockRefcount { index: i, refcount });
                             if !p.quiet() {
                                 increment(&mut p.res.corruptions);
                             }
@@ -428,9 +378,9 @@ impl<A: Access> Checker<'_, A> {
                         }
                     }
                 }
-            }
-            pos = pos.saturating_add(n as u64);
-        }
+                Ok(Continue::<()>(()))
+            },
+        )?;
         Ok(())
     }
 }
