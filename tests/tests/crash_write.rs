@@ -72,6 +72,9 @@ struct Workload {
     small: bool,
     /// The workload must grow the refcount table.
     grows_table: bool,
+    /// Compressed cluster writes into fresh clusters, then plain writes and discards over them
+    /// ([`compressed_ops`]).
+    compressed: bool,
 }
 
 /// A 256-bit set of byte values.
@@ -171,7 +174,11 @@ fn run(w: &Workload, seeds: u64) -> usize {
         })
         .collect();
     let v3 = !w.opts.contains("compat=0.10");
-    let mut seq = ops(w.seed, w.size, w.cluster, w.count);
+    let (mut seq, compressed) = if w.compressed {
+        compressed_ops(w)
+    } else {
+        (ops(w.seed, w.size, w.cluster, w.count), Vec::new())
+    };
     seq.push(Op::Flush);
 
     // Run the workload once, recording.
@@ -192,6 +199,9 @@ fn run(w: &Workload, seeds: u64) -> usize {
     for (j, op) in seq.iter().enumerate() {
         log.borrow_mut().push(Event::OpStart(j));
         match op {
+            Op::Write { off, byte, .. } if compressed.get(j) == Some(&true) => {
+                image.write_compressed(*off, &compressed_cluster(w.cluster, *byte))
+            }
             Op::Write { off, len, byte } => image.write_at(*off, &vec![*byte; *len as usize]),
             Op::Zero { off, len, unmap } => image.write_zeroes(*off, *len, *unmap),
             Op::Discard { off, len } => image.discard(*off, *len),
@@ -207,6 +217,33 @@ fn run(w: &Workload, seeds: u64) -> usize {
         assert!(
             clusters(&done.data) > clusters(&initial),
             "{}: the refcount table did not grow",
+            w.name
+        );
+    }
+    if w.compressed {
+        let image = qcow2_tests::malformed::Image {
+            bytes: done.data.clone(),
+        };
+        let (bits, cluster) = (image.cluster_bits(), image.cluster_size());
+        let x = 62 - (bits - 8);
+        let across = (0..w.size / cluster)
+            .filter(|&g| image.u64(image.l1_entry_pos(g / image.l2_entries())) != 0)
+            .map(|g| image.l2_entry(g))
+            .filter(|e| e & qcow2_tests::malformed::L2_COMPRESSED != 0)
+            .filter(|e| {
+                let offset = e & ((1u64 << x) - 1);
+                let sectors = ((e & !(3u64 << 62)) >> x) + 1;
+                let end = (offset & !511) + sectors * 512;
+                offset / cluster != (end - 1) / cluster
+            })
+            .count();
+        assert!(
+            across > 0,
+            "{}: no compressed cluster crosses a host-cluster boundary",
+            w.name
+        );
+        eprintln!(
+            "{}: {across} compressed clusters cross a host-cluster boundary",
             w.name
         );
     }
@@ -381,7 +418,77 @@ const fn wl(
         count: 40,
         small: false,
         grows_table: false,
+        compressed: false,
     }
+}
+
+/// A compressed workload: whole-cluster writes into clusters that hold nothing yet (the engine writes these
+/// compressed, [`compressed_cluster`]), a third of them later overwritten in part or discarded (freeing
+/// compressed clusters that share host clusters), flushes between. Returns the operations and which of them
+/// are compressed.
+fn compressed_ops(w: &Workload) -> (Vec<Op>, Vec<bool>) {
+    let mut r = qcow2_tests::ops::Rng(w.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let clusters = w.size / w.cluster;
+    let mut order: Vec<u64> = (0..clusters).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, r.below(i as u64 + 1) as usize);
+    }
+    let mut seq = Vec::new();
+    let mut compressed = Vec::new();
+    let mut written = Vec::new();
+    for &c in order.iter().take(w.count) {
+        seq.push(Op::Write {
+            off: c * w.cluster,
+            len: w.cluster,
+            byte: (1 + r.below(250)) as u8,
+        });
+        compressed.push(true);
+        written.push(c);
+        let step = match r.below(8) {
+            0 => Some(Op::Flush),
+            1 | 2 => {
+                let c = written[r.below(written.len() as u64) as usize];
+                Some(if r.below(2) == 0 {
+                    Op::Discard {
+                        off: c * w.cluster,
+                        len: w.cluster,
+                    }
+                } else {
+                    Op::Write {
+                        off: c * w.cluster + 512,
+                        len: 512,
+                        byte: (1 + r.below(250)) as u8,
+                    }
+                })
+            }
+            _ => None,
+        };
+        if let Some(op) = step {
+            seq.push(op);
+            compressed.push(false);
+        }
+    }
+    (seq, compressed)
+}
+
+/// A raw-deflate stream that inflates to one cluster of `byte` and is about 60% of a cluster long: a stored
+/// (uncompressed) block with the first part of the cluster, then the rest compressed. Long compressed
+/// clusters make consecutive ones cross host-cluster boundaries.
+fn compressed_cluster(cluster: u64, byte: u8) -> Vec<u8> {
+    let data = vec![byte; cluster as usize];
+    let stored = (cluster as usize * 3 / 5).min(65535);
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(stored as u16).to_le_bytes());
+    out.extend_from_slice(&(!(stored as u16)).to_le_bytes());
+    out.extend_from_slice(&data[..stored]);
+    let rest = qcow2_alloc::compress_cluster(
+        qcow2_core::format::CompressionType::Deflate,
+        &data[stored..],
+    )
+    .expect("a uniform run compresses");
+    out.extend_from_slice(&rest);
+    assert!((out.len() as u64) < cluster);
+    out
 }
 
 fn total(test: &str, workloads: &[Workload]) {
@@ -473,6 +580,46 @@ fn crash_cow_paths() {
                 )
             },
             wl("compat 0.10", "compat=0.10", 2 << 20, 65536, 9),
+        ],
+    );
+}
+
+/// Compressed clusters packed across host-cluster boundaries, then overwritten and discarded: every crash
+/// state keeps the refcounts of shared host clusters at least their references.
+#[test]
+fn crash_compressed_packing() {
+    total(
+        "compressed",
+        &[
+            Workload {
+                compressed: true,
+                count: 48,
+                ..wl("compressed packing", "cluster_size=4096", 1 << 20, 4096, 13)
+            },
+            Workload {
+                compressed: true,
+                count: 24,
+                small: true,
+                ..wl(
+                    "compressed packing, 2-bit refcounts, small buffers",
+                    "cluster_size=1024,refcount_bits=2",
+                    1 << 20,
+                    1024,
+                    14,
+                )
+            },
+            Workload {
+                compressed: true,
+                count: 24,
+                backing: true,
+                ..wl(
+                    "compressed packing over a backing file",
+                    "",
+                    2 << 20,
+                    65536,
+                    15,
+                )
+            },
         ],
     );
 }

@@ -1,5 +1,6 @@
-//! Compressed cluster writes: several compressed clusters share a host cluster while it has room and its
-//! refcount can count them.
+//! Compressed cluster writes, packed as QEMU packs them: back to back, sharing a host cluster while its
+//! refcount can count another reference, and running on into the next host cluster when the allocator
+//! hands that one out.
 
 use super::*;
 
@@ -52,18 +53,25 @@ where
                 value: offset,
             });
         }
-        // Pack compressed data into the current compressed-data cluster while it fits.
+        // Compressed clusters are packed back to back as QEMU packs them (its `qcow2_alloc_bytes`): the
+        // next one goes where the last one ended while that host cluster's refcount can count another
+        // reference (narrow refcounts), and it may run on into the following host cluster when that is the
+        // one the allocator hands out. Every host cluster it touches gets a reference.
+        let cs = g.tables.cluster_size;
         let at = m.w.compressed_at;
-        let cl = at & !g.tables.cluster_size.wrapping_sub(1);
-        // A cluster whose refcount is at its largest value takes no more compressed clusters (narrow refcounts).
-        let room = at != 0
-            && at.saturating_add(n) <= cl.saturating_add(g.tables.cluster_size)
-            && m.refcount(cl >> g.cluster_bits)? < g.max_refcount;
-        let host = if room {
+        let cl = at & !cs.wrapping_sub(1);
+        let shareable = at != 0 && m.refcount(cl >> g.cluster_bits)? < g.max_refcount;
+        let host = if shareable && at.saturating_add(n) <= cl.saturating_add(cs) {
             m.change_refcount(cl >> g.cluster_bits, true)?;
             at
         } else {
-            m.alloc_clusters(1)?.0
+            let fresh = m.alloc_clusters(1)?.0;
+            if shareable && fresh == cl.saturating_add(cs) {
+                m.change_refcount(cl >> g.cluster_bits, true)?;
+                at
+            } else {
+                fresh
+            }
         };
         let next = host.saturating_add(n);
         m.w.compressed_at = if next & g.tables.cluster_size.wrapping_sub(1) == 0 {
