@@ -14,6 +14,12 @@ pub(super) struct Checker<'a, A> {
     pub(super) signalled: bool,
 }
 
+/// What [`Checker::for_each_entry`] calls for each entry of a table: the checker, the entry's index and its
+/// bytes; [`ControlFlow::Break`] ends the walk. Called through `dyn`, so that each walk links one copy of the
+/// streaming loop.
+pub(super) type EachEntry<'e, C, T, E> =
+    dyn FnMut(&mut C, u64, &[u8]) -> Result<ControlFlow<T>, Error<E>> + 'e;
+
 impl<A: Access> Checker<'_, A> {
     pub(super) fn report(&mut self, p: &Pass<'_>, problem: Problem) {
         if !p.quiet() {
@@ -60,7 +66,7 @@ impl<A: Access> Checker<'_, A> {
         table: u64,
         bytes: u64,
         entry: u64,
-        mut each: impl FnMut(&mut Self, u64, &[u8]) -> Result<ControlFlow<T>, Error<A::E>>,
+        each: &mut EachEntry<'_, Self, T, A::E>,
     ) -> Result<Option<T>, Error<A::E>> {
         let bytes = self.in_file(table, bytes, entry);
         let mut buf = [0u8; CHUNK];

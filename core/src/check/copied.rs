@@ -31,7 +31,7 @@ impl<A: Access> Checker<'_, A> {
             g.header.l1_table_offset,
             u64::from(g.header.l1_size).saturating_mul(8),
             8,
-            |this, i, entry| {
+            &mut |this, i, entry| {
                 let e = be64(entry, 0);
                 let l2_offset = e & OFFSET_MASK;
                 if l2_offset == 0 {
@@ -77,7 +77,7 @@ impl<A: Access> Checker<'_, A> {
                     l2_offset,
                     l2_bytes,
                     g.header.l2_entry_size(),
-                    |this, j, entry| {
+                    &mut |this, j, entry| {
                         let word = be64(entry, 0);
                         let host = match (L2Entry { word, bitmap: 0 }).kind(l2_format) {
                             ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {

@@ -272,7 +272,7 @@ impl<A: Access> Checker<'_, A> {
             g.header.refcount_table_offset,
             g.header.refcount_table_entries().saturating_mul(8),
             8,
-            |_, index, entry| {
+            &mut |_, index, entry| {
                 if be64(entry, 0) != 0 {
                     end = index
                         .saturating_add(1)

@@ -92,7 +92,7 @@ impl<A: Access> Checker<'_, A> {
             l1_offset,
             u64::from(l1_size).saturating_mul(8),
             8,
-            |this, _, entry| {
+            &mut |this, _, entry| {
                 let e = be64(entry, 0);
                 if e == 0 {
                     return Ok(Continue(()));

@@ -100,7 +100,7 @@ impl<A: Access> Checker<'_, A> {
         // Past the end of the file the table reads as zeros: no entries (QEMU reads them; same result).
         // In-file L2 tables walked: more than the file has clusters means entries repeat (bounds the work).
         let mut walks = 0u64;
-        self.for_each_entry(l1_offset, bytes, 8, |this, _, entry| {
+        self.for_each_entry(l1_offset, bytes, 8, &mut |this, _, entry| {
             let e = be64(entry, 0);
             if e == 0 {
                 return Ok(Continue(()));
@@ -149,7 +149,7 @@ impl<A: Access> Checker<'_, A> {
             l2_offset,
             bytes,
             g.header.l2_entry_size(),
-            |this, i, entry| {
+            &mut |this, i, entry| {
                 let mut word = be64(entry, 0);
                 let bitmap = if g.header.extended_l2() {
                     be64(entry, 8)
@@ -309,7 +309,7 @@ impl<A: Access> Checker<'_, A> {
                 return Ok(());
             }
             // Entries past the end of the file read as zeros: unallocated.
-            self.for_each_entry(table_offset, bytes, 8, |this, _, entry| {
+            self.for_each_entry(table_offset, bytes, 8, &mut |this, _, entry| {
                 match BitmapTableEntry::decode(be64(entry, 0), g.header.cluster_size()) {
                     BitmapTableEntry::Invalid => {
                         if p.reports() {
@@ -334,7 +334,7 @@ impl<A: Access> Checker<'_, A> {
             g.header.refcount_table_offset,
             g.header.refcount_table_entries().saturating_mul(8),
             8,
-            |this, i, entry| {
+            &mut |this, i, entry| {
                 let e = be64(entry, 0);
                 let offset = e & REFTABLE_OFFSET_MASK;
                 let cluster = offset >> g.header.cluster_bits;
