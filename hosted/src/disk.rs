@@ -349,6 +349,27 @@ pub trait VirtualDiskWrite: VirtualDisk {
     /// multiple of the cluster size (the rest of that cluster counts as zeros).
     fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError>;
 
+    /// The compression [`VirtualDiskWrite::write_compressed`] applies, as a function any thread may run, so
+    /// that a caller can compress clusters in parallel and store them with
+    /// [`VirtualDiskWrite::write_precompressed`]. `None` when the disk takes no compressed writes or its
+    /// compressor cannot leave its thread.
+    fn thread_compressor(&self) -> Option<ThreadCompressor> {
+        None
+    }
+
+    /// Stores one cluster at the cluster-aligned `offset` as [`VirtualDiskWrite::write_compressed`] would:
+    /// `compressed` is what [`VirtualDiskWrite::thread_compressor`]'s compressor made of `data` (`None`: it
+    /// does not compress, and `data` is written plain). The default compresses `data` again.
+    fn write_precompressed(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        compressed: Option<&[u8]>,
+    ) -> Result<(), DiskError> {
+        let _ = compressed;
+        self.write_compressed(offset, data)
+    }
+
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DiskError>;
 
@@ -365,6 +386,33 @@ pub fn request_limit(disk: &dyn VirtualDisk) -> u64 {
 pub fn in_range(disk: &dyn VirtualDisk, offset: u64, len: u64) -> bool {
     let size = request_limit(disk);
     offset <= size && size - offset >= len
+}
+
+/// A disk's cluster compression as a plain function of the bytes, which any thread may run
+/// ([`VirtualDiskWrite::thread_compressor`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadCompressor {
+    /// Compresses one whole cluster with the given compression type (`None`: it does not compress).
+    pub compress: fn(qcow2_core::format::CompressionType, &[u8]) -> Option<Vec<u8>>,
+    /// The image's compression type.
+    pub ty: qcow2_core::format::CompressionType,
+    /// The image's cluster size.
+    pub cluster: usize,
+}
+
+impl ThreadCompressor {
+    /// The compressed form of one cluster (`data` is the cluster, or its start for the last cluster of a
+    /// disk, the rest counting as zeros), or `None` when it does not compress into less than a cluster.
+    pub fn compress(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let out = if data.len() == self.cluster {
+            (self.compress)(self.ty, data)
+        } else {
+            let mut whole = vec![0u8; self.cluster];
+            whole.get_mut(..data.len())?.copy_from_slice(data);
+            (self.compress)(self.ty, &whole)
+        };
+        out.filter(|c| c.len() < self.cluster)
+    }
 }
 
 /// A compressed write of `buf` at `offset` with QEMU's rules (`blk_pwrite_compressed` on qcow2): the range

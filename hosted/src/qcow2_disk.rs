@@ -27,7 +27,7 @@ use qcow2_core::{Error, Source};
 use crate::cache::CacheMode;
 use crate::disk::{
     BitmapInfo, DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific,
-    SnapshotInfo, VirtualDisk, VirtualDiskWrite,
+    SnapshotInfo, ThreadCompressor, VirtualDisk, VirtualDiskWrite,
 };
 use crate::file::{FileDevice, OpenImageError, open_image_file};
 
@@ -178,6 +178,8 @@ pub struct Qcow2Disk {
     writable: bool,
     /// Compresses one cluster for compressed writes.
     compressor: Box<ClusterCompressor>,
+    /// `compressor` is [`qcow2_alloc::compress_cluster`], which other threads may run too.
+    default_compressor: bool,
 }
 
 /// A cluster compressor: one whole cluster in, its compressed form out (`None`: write it uncompressed).
@@ -285,6 +287,7 @@ impl Qcow2Disk {
             prealloc,
             writable,
             compressor: Box::new(qcow2_alloc::compress_cluster),
+            default_compressor: true,
         };
         let infos = disk.chain_info()?;
         Ok((disk, infos))
@@ -295,6 +298,7 @@ impl Qcow2Disk {
     /// compress into less than a cluster, which is then written uncompressed.
     pub fn set_compressor(&mut self, compressor: Box<ClusterCompressor>) {
         self.compressor = compressor;
+        self.default_compressor = false;
     }
 
     /// Whether the image was opened for writing.
@@ -644,13 +648,34 @@ impl VirtualDiskWrite for Qcow2Disk {
             whole[..data.len()].copy_from_slice(data);
             (self.compressor)(ty, &whole)
         };
+        let compressed = compressed.filter(|c| c.len() < cluster);
+        self.write_precompressed(offset, data, compressed.as_deref())
+    }
+
+    fn thread_compressor(&self) -> Option<ThreadCompressor> {
+        let (cluster, ty, false) = self.top_format()? else {
+            return None;
+        };
+        Some(ThreadCompressor {
+            compress: qcow2_alloc::compress_cluster,
+            ty,
+            cluster: usize::try_from(cluster).ok()?,
+        })
+        .filter(|_| self.default_compressor)
+    }
+
+    fn write_precompressed(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        compressed: Option<&[u8]>,
+    ) -> Result<(), DiskError> {
+        self.check_writable()?;
         match compressed {
-            Some(c) if c.len() < cluster => self
-                .image
-                .write_compressed(offset, &c)
-                .map_err(engine_error),
-            _ => self.image.write_at(offset, data).map_err(engine_error),
+            Some(c) => self.image.write_compressed(offset, c),
+            None => self.image.write_at(offset, data),
         }
+        .map_err(engine_error)
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {

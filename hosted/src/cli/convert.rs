@@ -8,6 +8,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
+use crate::cache::CacheMode;
 use crate::cli::progress::Progress;
 use crate::disk::{DiskError, VirtualDisk, VirtualDiskWrite, write_compressed_range};
 use crate::raw_disk::RawDisk;
@@ -101,14 +102,26 @@ fn data_status(
     Ok((!e.zero, e.length.clamp(1, len)))
 }
 
+/// After a write to the target: in a write-through cache mode, the write is made durable before the next.
+fn written(dst: &mut dyn VirtualDiskWrite, cache: CacheMode) -> Result<(), DiskError> {
+    if cache.writethrough {
+        dst.flush()?;
+    }
+    Ok(())
+}
+
 /// How [`copy_guest_data`] copies.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CopyOptions {
     /// Print qemu-img's progress lines on the output.
     pub progress: bool,
     /// Write every cluster that holds data compressed (`qemu-img convert -c`); the output must take
     /// compressed writes ([`VirtualDiskWrite::compressed_cluster_size`]).
     pub compress: bool,
+    /// The target's cache mode (`-t`): with `writethrough` every write is flushed; with `unsafe` (qemu-img
+    /// convert's default) nothing is made durable, not even at the end; otherwise the target is flushed once,
+    /// when it is closed.
+    pub cache: CacheMode,
 }
 
 /// Converts `disk` into the raw file `dst` (created or truncated), with qemu-img's progress on `out` when
@@ -116,7 +129,7 @@ pub struct CopyOptions {
 pub fn convert_to_raw(
     disk: &mut dyn VirtualDisk,
     dst: &str,
-    progress: bool,
+    opts: CopyOptions,
     out: &mut dyn Write,
 ) -> Result<(), ConvertError> {
     let size = disk.virtual_size();
@@ -152,16 +165,8 @@ pub fn convert_to_raw(
         })?;
     }
     let mut target = RawDisk::new_writable(file, dst).map_err(|e| ConvertError(e.0))?;
-    copy_guest_data(
-        disk,
-        &mut target,
-        dst,
-        CopyOptions {
-            progress,
-            compress: false,
-        },
-        out,
-    )?;
+    target.set_no_flush(opts.cache.no_flush);
+    copy_guest_data(disk, &mut target, dst, opts, out)?;
     Box::new(target)
         .close()
         .map_err(|e| ConvertError(format!("{dst}: {e}")))
@@ -174,8 +179,7 @@ pub fn convert_to_qcow2(
     disk: &mut dyn VirtualDisk,
     dst: &str,
     options: &[String],
-    compress: bool,
-    progress: bool,
+    opts: CopyOptions,
     out: &mut dyn Write,
 ) -> Result<(), ConvertError> {
     let args = crate::cli::create::CreateArgs {
@@ -187,15 +191,9 @@ pub fn convert_to_qcow2(
         ..Default::default()
     };
     crate::cli::create::run_create(&args, &mut std::io::sink()).map_err(|e| ConvertError(e.0))?;
-    let mut target =
-        crate::open::open_disk_writable(dst, Some("qcow2")).map_err(|e| ConvertError(e.0))?;
-    copy_guest_data(
-        disk,
-        target.disk.as_mut(),
-        dst,
-        CopyOptions { progress, compress },
-        out,
-    )?;
+    let mut target = crate::open::open_disk_writable_cache(dst, Some("qcow2"), opts.cache)
+        .map_err(|e| ConvertError(e.0))?;
+    copy_guest_data(disk, target.disk.as_mut(), dst, opts, out)?;
     target
         .disk
         .close()
@@ -243,7 +241,7 @@ pub fn copy_guest_data(
         |off: u64, e: DiskError| ConvertError(format!("error while reading at byte {off}: {e}"));
 
     if opts.compress {
-        return copy_compressed(src, dst, allocated, &mut prog, out)
+        return copy_compressed(src, dst, allocated, opts.cache, &mut prog, out)
             .and_then(|()| prog.print(100.0, 0, out).map_err(io))
             .and_then(|()| prog.end(out).map_err(io));
     }
@@ -286,6 +284,7 @@ pub fn copy_guest_data(
                     let start = i * SECTOR as usize;
                     let end = (i + run) * SECTOR as usize;
                     dst.write_at(off + start as u64, &chunk[start..end])
+                        .and_then(|()| written(dst, opts.cache))
                         .map_err(|e| write_err(off + start as u64, e))?;
                 }
                 i += run;
@@ -298,18 +297,80 @@ pub fn copy_guest_data(
     Ok(())
 }
 
-/// The second pass of a compressed conversion: cluster by cluster, skipping clusters that read as zeros and
-/// writing every other one compressed (or plain where it does not compress).
+/// Most threads a compressed conversion compresses on.
+const MAX_COMPRESS_THREADS: usize = 16;
+
+/// Most bytes of source clusters a compressed conversion holds at once (twice this: the batch being
+/// compressed and the next one being read).
+const BATCH_BYTES: usize = 16 << 20;
+
+/// The source's clusters that hold data, in guest order, for a compressed conversion; prints progress as
+/// it reads.
+struct ClusterReader<'a> {
+    src: &'a mut dyn VirtualDisk,
+    /// The source's size, and the end of the last request (whole sectors).
+    vsize: u64,
+    size: u64,
+    cluster: u64,
+    off: u64,
+    done: u64,
+    allocated: u64,
+    prog: &'a mut Progress,
+    out: &'a mut dyn Write,
+}
+
+impl ClusterReader<'_> {
+    /// Up to `n` more clusters that are not all zeros, each with its guest offset (the last cluster of the
+    /// disk may be shorter); empty at the end.
+    fn next_batch(&mut self, n: usize) -> Result<Vec<(u64, Vec<u8>)>, ConvertError> {
+        let mut batch = Vec::with_capacity(n);
+        while batch.len() < n && self.off < self.size {
+            let off = self.off;
+            let len = (self.size - off).min(self.cluster);
+            self.off += len;
+            let (data, status_len) = data_status(self.src, off, len).map_err(|e| {
+                ConvertError(format!(
+                    "error while reading block status at offset {off}: {e}"
+                ))
+            })?;
+            if !data && status_len >= len {
+                continue;
+            }
+            let mut chunk = vec![0u8; len as usize];
+            let readable = (self.vsize - off).min(len) as usize;
+            self.src
+                .read_at(off, &mut chunk[..readable])
+                .map_err(|e| ConvertError(format!("error while reading at byte {off}: {e}")))?;
+            self.done += len.div_ceil(SECTOR);
+            self.prog
+                .print(
+                    (100.0 * self.done.min(self.allocated) as f64 / self.allocated.max(1) as f64)
+                        as f32,
+                    0,
+                    self.out,
+                )
+                .map_err(|e| ConvertError(DiskError::os_text(&e)))?;
+            if chunk.iter().any(|&b| b != 0) {
+                batch.push((off, chunk));
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// The second pass of a compressed conversion: cluster by cluster in guest order, skipping clusters that
+/// read as zeros and writing every other one compressed (or plain where it does not compress). When the
+/// target's compressor may run on other threads, batches of clusters are compressed on every core while
+/// the next batch is read; the writes stay in guest order on this thread.
 fn copy_compressed(
     src: &mut dyn VirtualDisk,
     dst: &mut dyn VirtualDiskWrite,
     allocated: u64,
+    cache: CacheMode,
     prog: &mut Progress,
     out: &mut dyn Write,
 ) -> Result<(), ConvertError> {
     let vsize = src.virtual_size();
-    // Requests cover whole sectors; the last cluster ends at the end of the last sector.
-    let size = vsize.div_ceil(SECTOR) * SECTOR;
     let cluster = dst.compressed_cluster_size().map_err(|e| {
         ConvertError(format!(
             "Compression not supported for this file format: {e}"
@@ -319,41 +380,69 @@ fn copy_compressed(
         .ok()
         .filter(|&c| c > 0)
         .ok_or_else(|| ConvertError("cluster size out of range".to_string()))?;
-    let mut buf = vec![0u8; step];
-    let mut done = 0u64;
-    let mut off = 0u64;
-    while off < size {
-        let len = (size - off).min(cluster);
-        let (data, status_len) = data_status(src, off, len).map_err(|e| {
-            ConvertError(format!(
-                "error while reading block status at offset {off}: {e}"
-            ))
-        })?;
-        if !data && status_len >= len {
-            off += len;
-            continue;
-        }
-        let chunk = &mut buf[..len as usize];
-        let readable = (vsize - off).min(len) as usize;
-        chunk[readable..].fill(0);
-        src.read_at(off, &mut chunk[..readable])
-            .map_err(|e| ConvertError(format!("error while reading at byte {off}: {e}")))?;
-        done += len.div_ceil(SECTOR);
-        prog.print(
-            (100.0 * done.min(allocated) as f64 / allocated.max(1) as f64) as f32,
-            0,
-            out,
-        )
-        .map_err(|e| ConvertError(DiskError::os_text(&e)))?;
-        if chunk.iter().any(|&b| b != 0) {
-            write_compressed_range(dst, off, chunk).map_err(|e| {
+    let compressor = dst.thread_compressor();
+    let workers = match compressor {
+        Some(_) => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_COMPRESS_THREADS),
+        None => 1,
+    };
+    let batch_len = (workers * 4).min((BATCH_BYTES / step).max(workers));
+    let mut reader = ClusterReader {
+        src,
+        vsize,
+        // Requests cover whole sectors; the last cluster ends at the end of the last sector.
+        size: vsize.div_ceil(SECTOR) * SECTOR,
+        cluster,
+        off: 0,
+        done: 0,
+        allocated,
+        prog,
+        out,
+    };
+    let mut current = reader.next_batch(batch_len)?;
+    while !current.is_empty() {
+        let (compressed, next) = match compressor {
+            Some(tc) if workers > 1 => std::thread::scope(|s| {
+                let per = current.len().div_ceil(workers);
+                let handles: Vec<_> = current
+                    .chunks(per)
+                    .map(|part| {
+                        s.spawn(move || {
+                            part.iter()
+                                .map(|(_, data)| tc.compress(data))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                let next = reader.next_batch(batch_len);
+                let mut compressed = Vec::with_capacity(current.len());
+                for h in handles {
+                    compressed.extend(h.join().map_err(|_| {
+                        ConvertError("a compression thread stopped unexpectedly".to_string())
+                    })?);
+                }
+                Ok::<_, ConvertError>((Some(compressed), next?))
+            })?,
+            _ => (None, Vec::new()),
+        };
+        for (i, (off, data)) in current.iter().enumerate() {
+            match &compressed {
+                Some(c) => dst.write_precompressed(*off, data, c.get(i).and_then(|c| c.as_deref())),
+                None => write_compressed_range(dst, *off, data),
+            }
+            .and_then(|()| written(dst, cache))
+            .map_err(|e| {
                 ConvertError(format!(
                     "error while compressing sector {}: {e}",
                     off / SECTOR
                 ))
             })?;
         }
-        off += len;
+        current = match compressed {
+            Some(_) => next,
+            None => reader.next_batch(batch_len)?,
+        };
     }
     Ok(())
 }
@@ -444,6 +533,7 @@ mod tests {
             let opts = CopyOptions {
                 progress: false,
                 compress,
+                cache: CacheMode::WRITEBACK,
             };
             copy_guest_data(&mut src, &mut dst, "dst", opts, &mut out).unwrap();
             assert!(dst.data[..40_000] == data[..]);

@@ -143,7 +143,7 @@ pub fn command_help(cmd: &str) -> Option<String> {
         "convert" => command(
             description,
             "  qcow2 convert [-f SRC_FMT] [-O TGT_FMT] [-o TGT_OPTS] [-c] [-p] [-q] [-U]
-        SRC_FILENAME TGT_FILENAME
+        [-t CACHE] [-T SRC_CACHE] SRC_FILENAME TGT_FILENAME
 ",
             "  -q, --quiet
      print nothing
@@ -156,7 +156,12 @@ pub fn command_help(cmd: &str) -> Option<String> {
   -o TGT_OPTS
      qcow2 creation options for TGT_FILENAME (as for create)
   -c
-     compress every cluster of the qcow2 output
+     compress every cluster of the qcow2 output, on every core
+  -t CACHE
+     cache mode of the target: unsafe (the default: nothing is made durable), writeback and none
+     (durable when closed), writethrough and directsync (every write made durable)
+  -T SRC_CACHE
+     cache mode of the source (checked, then read through the page cache whatever it is)
   -U, --force-share
      accepted for compatibility
   SRC_FILENAME

@@ -268,6 +268,9 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     let (mut fmt, mut out_fmt, mut progress, mut quiet, mut files) =
         (None, None, false, false, Vec::new());
     let (mut compress, mut options) = (false, Vec::new());
+    // qemu-img convert's default for the target: `unsafe` (nothing is made durable; the image is consistent
+    // once the tool has exited, unless the host goes down).
+    let (mut cache, mut src_cache) = (None, None);
     while let Some(arg) = p.next().map_err(|e| opt_error("convert", e))? {
         match arg {
             Arg::Short('h') => return print_help("convert", out),
@@ -278,6 +281,8 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
             Arg::Short('O') => out_fmt = Some(value("convert", p)?),
             Arg::Short('o') => options.push(value("convert", p)?),
             Arg::Short('c') => compress = true,
+            Arg::Short('t') => cache = Some(value("convert", p)?),
+            Arg::Short('T') => src_cache = Some(value("convert", p)?),
             Arg::Short('p') => progress = true,
             Arg::Short('q') | Arg::Long("quiet") => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
@@ -293,6 +298,17 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     if files.len() < 2 {
         return Err(fail("Must specify image file name"));
     }
+    // The source is only read, through the page cache, but its mode must be one QEMU knows; qemu-img checks
+    // it before the target's.
+    if let Some(v) = src_cache.filter(|v| cache::CacheMode::parse(v).is_none()) {
+        return Err(fail(format!("Invalid source cache option: {v}")));
+    }
+    let cache = match cache {
+        Some(v) => {
+            cache::CacheMode::parse(&v).ok_or_else(|| fail(format!("Invalid cache option: {v}")))?
+        }
+        None => cache::CacheMode::UNSAFE,
+    };
     if files.len() > 2 {
         return Err(fail("Only one source image is supported"));
     }
@@ -307,10 +323,15 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     let (src, dst) = (&files[0], &files[1]);
     let mut img = open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?;
     let progress = progress && !quiet;
+    let copy = convert::CopyOptions {
+        progress,
+        compress,
+        cache,
+    };
     if qcow2 {
-        convert::convert_to_qcow2(img.disk.as_mut(), dst, &options, compress, progress, out)
+        convert::convert_to_qcow2(img.disk.as_mut(), dst, &options, copy, out)
     } else {
-        convert::convert_to_raw(img.disk.as_mut(), dst, progress, out)
+        convert::convert_to_raw(img.disk.as_mut(), dst, copy, out)
     }
     .map_err(|e| fail(e.0))?;
     Ok(0)
