@@ -6,7 +6,7 @@
 //!
 //! For writes it also supplies the compression the engine leaves to its caller: [`compress_cluster`] turns
 //! one guest cluster into what [`Image::write_compressed`] stores, with a raw-deflate encoder of its own
-//! ([`deflate`], 4 KiB window as QEMU requires) or ruzstd's zstd encoder.
+//! ([`deflate`], 4 KiB window as QEMU requires) or zstd (ruzstd's encoder; libzstd with the `zstd-c` feature).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -29,6 +29,7 @@ use qcow2_core::{
 };
 #[cfg(not(feature = "zstd-c"))]
 use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
+#[cfg(not(feature = "zstd-c"))]
 use ruzstd::encoding::{CompressionLevel, compress_to_vec};
 #[cfg(not(feature = "zstd-c"))]
 use ruzstd::io::Read;
@@ -88,6 +89,14 @@ pub fn compress_cluster(ty: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
     let limit = data.len().checked_sub(1)?;
     match ty {
         CompressionType::Deflate => deflate::deflate_raw(data, limit),
+        // libzstd at its default level, as QEMU compresses (several times faster than ruzstd's encoder).
+        #[cfg(feature = "zstd-c")]
+        CompressionType::Zstd => {
+            let mut out = Vec::with_capacity(limit);
+            let n = zstd_safe::compress(&mut out, data, zstd_safe::CLEVEL_DEFAULT).ok()?;
+            (n <= limit).then_some(out)
+        }
+        #[cfg(not(feature = "zstd-c"))]
         CompressionType::Zstd => {
             let out = compress_to_vec(data, CompressionLevel::Fastest);
             (out.len() <= limit).then_some(out)
