@@ -264,10 +264,28 @@ fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     }
 }
 
+/// A qemu-img `cvtnum` argument of `what` ("buffer size for sparse output", "rate limit"): a size with an
+/// optional suffix, 0 to `i64::MAX`.
+fn cvtnum(what: &str, v: &str) -> Result<u64, Fail> {
+    match size::parse_size(v) {
+        Ok(n) => Ok(n),
+        Err(size::SizeError::Invalid) if !v.trim_start().starts_with('-') => {
+            Err(fail(format!("Invalid {what} specified: '{v}'.")))
+        }
+        Err(_) => Err(fail(format!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        ))),
+    }
+}
+
 fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let (mut fmt, mut out_fmt, mut progress, mut quiet, mut files) =
         (None, None, false, false, Vec::new());
-    let (mut compress, mut options) = (false, Vec::new());
+    let (mut options, mut backing, mut backing_fmt, mut snapshot) =
+        (Vec::new(), None, None, None::<String>);
+    let (mut no_create, mut target_is_zero, mut explicit_sparse) = (false, false, false);
+    let mut copy = convert::CopyOptions::default();
     // qemu-img convert's default for the target: `unsafe` (nothing is made durable; the image is consistent
     // once the tool has exited, unless the host goes down).
     let (mut cache, mut src_cache) = (None, None);
@@ -278,23 +296,74 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
                 return no_value("convert", "help", p).and_then(|()| print_help("convert", out));
             }
             Arg::Short('f') | Arg::Long("source-format") => fmt = Some(value("convert", p)?),
-            Arg::Short('O') => out_fmt = Some(value("convert", p)?),
-            Arg::Short('o') => options.push(value("convert", p)?),
-            Arg::Short('c') => compress = true,
-            Arg::Short('t') => cache = Some(value("convert", p)?),
-            Arg::Short('T') => src_cache = Some(value("convert", p)?),
-            Arg::Short('p') => progress = true,
+            Arg::Short('O') | Arg::Long("target-format") => out_fmt = Some(value("convert", p)?),
+            Arg::Short('o') | Arg::Long("target-options") => options.push(value("convert", p)?),
+            Arg::Short('B') | Arg::Long("backing") => backing = Some(value("convert", p)?),
+            Arg::Short('F') | Arg::Long("backing-format") => {
+                backing_fmt = Some(value("convert", p)?)
+            }
+            Arg::Short('l') | Arg::Long("source-snapshot") => snapshot = Some(value("convert", p)?),
+            Arg::Short('c') | Arg::Long("compress") => copy.compress = true,
+            Arg::Short('C') | Arg::Long("copy-range-offloading") => copy.copy_range = true,
+            Arg::Short('n') | Arg::Long("no-create") => no_create = true,
+            Arg::Long("target-is-zero") => target_is_zero = true,
+            Arg::Long("salvage") => copy.salvage = true,
+            Arg::Short('W') | Arg::Long("oob-writes") => {}
+            Arg::Short('S') | Arg::Long("sparse-size") => {
+                let v = value("convert", p)?;
+                let n = cvtnum("buffer size for sparse output", &v)?;
+                if !n.is_multiple_of(512) || n / 512 > convert::MAX_MIN_SPARSE {
+                    return Err(fail(format!(
+                        "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up \
+                         to {}. Select 0 to disable sparse detection (fully allocates output).",
+                        convert::MAX_MIN_SPARSE * 512
+                    )));
+                }
+                copy.min_sparse = n / 512;
+                explicit_sparse = true;
+            }
+            Arg::Short('m') | Arg::Long("parallel") => {
+                let v = value("convert", p)?;
+                let n = bench_int(&v, true).ok_or_else(|| {
+                    fail(format!("Invalid number of coroutines specified: '{v}'."))
+                })?;
+                if n < 1 || n > convert::MAX_PARALLEL as u64 {
+                    return Err(fail(format!(
+                        "Invalid number of coroutines specified. Must be between 1 and {}.",
+                        convert::MAX_PARALLEL
+                    )));
+                }
+                copy.parallel = n as usize;
+            }
+            Arg::Short('r') | Arg::Long("rate") => {
+                let v = value("convert", p)?;
+                copy.rate = Some(cvtnum("rate limit", &v)?).filter(|&r| r > 0);
+            }
+            Arg::Short('t') | Arg::Long("target-cache") => cache = Some(value("convert", p)?),
+            Arg::Short('T') | Arg::Long("source-cache") => src_cache = Some(value("convert", p)?),
+            Arg::Short('p') | Arg::Long("progress") => progress = true,
             Arg::Short('q') | Arg::Long("quiet") => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("convert", other)),
         }
     }
-    let qcow2 = match out_fmt.as_deref() {
-        None | Some("raw") => false,
-        Some("qcow2") => true,
-        Some(other) => return Err(fail(format!("Unknown file format '{other}'"))),
-    };
+    // qemu-img's checks, in its order.
+    if copy.compress && copy.copy_range {
+        return Err(fail("Cannot enable copy offloading when -c is used"));
+    }
+    if explicit_sparse && copy.copy_range {
+        return Err(fail("Cannot enable copy offloading when -S is used"));
+    }
+    if copy.copy_range && copy.salvage {
+        return Err(fail("Cannot use copy offloading in salvaging mode"));
+    }
+    if no_create && !options.is_empty() {
+        return Err(fail("-o has no effect when skipping image creation"));
+    }
+    if target_is_zero && !no_create {
+        return Err(fail("--target-is-zero requires use of -n flag"));
+    }
     if files.len() < 2 {
         return Err(fail("Must specify image file name"));
     }
@@ -303,38 +372,109 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     if let Some(v) = src_cache.filter(|v| cache::CacheMode::parse(v).is_none()) {
         return Err(fail(format!("Invalid source cache option: {v}")));
     }
-    let cache = match cache {
+    let dst = files.pop().unwrap_or_default();
+    let mut opened = Vec::with_capacity(files.len());
+    for src in &files {
+        opened.push(open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?);
+    }
+    if let Some(s) = &snapshot {
+        snapshot_param(s)?;
+        return Err(fail(
+            "Failed to load snapshot: converting an internal snapshot (-l) is not supported yet",
+        ));
+    }
+    let qcow2 = match out_fmt.as_deref() {
+        None | Some("raw") => false,
+        Some("qcow2") => true,
+        Some(other) => return Err(fail(format!("Unknown file format '{other}'"))),
+    };
+    // -o backing_file=... names the backing file as -B does.
+    let backing_option = options.iter().any(|o| {
+        o.split(',')
+            .any(|kv| kv.split('=').next() == Some("backing_file"))
+    });
+    copy.target_has_backing = backing.is_some() || backing_option;
+    if target_is_zero && copy.target_has_backing {
+        return Err(fail(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+        ));
+    }
+    if files.len() > 1 && copy.target_has_backing {
+        return Err(fail(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
+    let target = if no_create {
+        convert::Target::Existing {
+            format: out_fmt.clone(),
+        }
+    } else if qcow2 {
+        if copy.compress
+            && options.iter().any(|o| {
+                o.split(',').any(|kv| {
+                    kv.strip_prefix("preallocation=")
+                        .is_some_and(|v| v != "off")
+                })
+            })
+        {
+            return Err(fail(
+                "Compression and preallocation not supported at the same time",
+            ));
+        }
+        convert::Target::NewQcow2 {
+            options,
+            backing,
+            backing_fmt,
+        }
+    } else {
+        if copy.compress {
+            return Err(fail("Compression not supported for this file format"));
+        }
+        if copy.target_has_backing {
+            return Err(fail("Backing file not supported for file format 'raw'"));
+        }
+        if !options.is_empty() {
+            return Err(fail(
+                "Invalid option for raw output: this tool takes -o for qcow2 output only",
+            ));
+        }
+        convert::Target::NewRaw
+    };
+    copy.cache = match cache {
         Some(v) => {
             cache::CacheMode::parse(&v).ok_or_else(|| fail(format!("Invalid cache option: {v}")))?
         }
         None => cache::CacheMode::UNSAFE,
     };
-    if files.len() > 2 {
-        return Err(fail("Only one source image is supported"));
-    }
-    if compress && !qcow2 {
-        return Err(fail("Compression not supported for this file format"));
-    }
-    if !qcow2 && !options.is_empty() {
-        return Err(fail(
-            "Invalid option for raw output: this tool takes -o for qcow2 output only",
-        ));
-    }
-    let (src, dst) = (&files[0], &files[1]);
-    let mut img = open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?;
-    let progress = progress && !quiet;
-    let copy = convert::CopyOptions {
-        progress,
-        compress,
-        cache,
-    };
-    if qcow2 {
-        convert::convert_to_qcow2(img.disk.as_mut(), dst, &options, copy, out)
-    } else {
-        convert::convert_to_raw(img.disk.as_mut(), dst, copy, out)
-    }
-    .map_err(|e| fail(e.0))?;
+    copy.progress = progress && !quiet;
+    copy.quiet = quiet;
+    // The target reads as zeros where nothing is written: a new image without a backing file (and with
+    // sparse detection on), or what the user asserts with --target-is-zero.
+    copy.target_zeroed =
+        target_is_zero || (!no_create && copy.min_sparse != 0 && !copy.target_has_backing);
+    let parts = opened
+        .iter_mut()
+        .map(|o| -> &mut (dyn disk::VirtualDisk + Send) { o.disk.as_mut() })
+        .collect();
+    let mut src = convert::Sources::new(parts);
+    convert::convert(&mut src, &dst, &target, copy, out).map_err(|e| fail(e.0))?;
     Ok(0)
+}
+
+/// Checks a `-l snapshot.id=...,snapshot.name=...` parameter list as qemu-img parses it.
+fn snapshot_param(s: &str) -> Result<(), Fail> {
+    if !s.starts_with("snapshot.") {
+        return Ok(());
+    }
+    for kv in s.split(',') {
+        let key = kv.split('=').next().unwrap_or_default();
+        if key != "snapshot.id" && key != "snapshot.name" {
+            return Err(fail(format!(
+                "Invalid parameter '{key}'\n{PROG}: Failed in parsing snapshot param '{s}'"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A qemu-img bench number (`qemu_strtoul` base 0, at most INT_MAX; 0 only where `zero_ok`).
