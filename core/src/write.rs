@@ -85,6 +85,12 @@ pub struct WriteState {
     filter: guard::MetadataFilter,
 }
 
+impl crate::engine::SnapshotView for WriteState {
+    fn read_only(&self) -> bool {
+        !self.writable
+    }
+}
+
 /// The source of the bytes a write stores.
 #[derive(Clone, Copy)]
 enum WriteSource<'a> {

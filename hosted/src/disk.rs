@@ -31,6 +31,8 @@ pub enum ErrorKind {
     NoSpace,
     /// A request or option that is malformed (a misaligned compressed write, an unknown format name, ...).
     InvalidArgument,
+    /// Something asked for by name or ID that the image does not have (an internal snapshot).
+    NotFound,
     /// Anything else (the message says what).
     Other,
 }
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::Io(kind) => kind,
             ErrorKind::InvalidImage | ErrorKind::Corrupt => Io::InvalidData,
             ErrorKind::Unsupported => Io::Unsupported,
+            ErrorKind::NotFound => Io::NotFound,
             ErrorKind::OutOfRange | ErrorKind::InvalidArgument => Io::InvalidInput,
             ErrorKind::ReadOnly => Io::PermissionDenied,
             ErrorKind::NoSpace => Io::StorageFull,
@@ -167,6 +170,16 @@ pub trait VirtualDisk {
     /// The extent that starts at `offset`: `length` is at least 1 and at most `max_len` (which is > 0 and does
     /// not reach past the virtual size); it may be shorter than the whole run of same-status bytes.
     fn map_extent(&mut self, offset: u64, max_len: u64) -> Result<MapExtent, DiskError>;
+
+    /// From now on, reads the disk as the image's internal snapshot with this ID and/or name (both must
+    /// match when both are given) holds it, as `qemu-img convert -l` does; the virtual size stays. Refused
+    /// by formats without internal snapshots.
+    fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<(), DiskError> {
+        let _ = (id, name);
+        Err(DiskError::new(
+            "this format does not support temporarily loading internal snapshots",
+        ))
+    }
 }
 
 /// One internal snapshot, as `qemu-img info` lists it.

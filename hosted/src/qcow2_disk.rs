@@ -496,6 +496,30 @@ impl VirtualDisk for Qcow2Disk {
         self.image.virtual_size()
     }
 
+    fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<(), DiskError> {
+        let h = self
+            .image
+            .layers()
+            .first()
+            .and_then(|l| l.qcow2())
+            .map(|m| m.header)
+            .ok_or_else(|| DiskError::new("no image"))?;
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (entry, next) = self.image.read_snapshot(0, at).map_err(engine_error)?;
+            let sid = self.stored_name(0, Some(entry.id))?.unwrap_or_default();
+            let sname = self.stored_name(0, Some(entry.name))?.unwrap_or_default();
+            if id.is_none_or(|i| i == sid) && name.is_none_or(|n| n == sname) {
+                return self.image.view_snapshot(&entry).map_err(engine_error);
+            }
+            at = next;
+        }
+        Err(DiskError::with_kind(
+            ErrorKind::NotFound,
+            "Can't find snapshot",
+        ))
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.image.read_at(offset, buf).map_err(engine_error)
     }

@@ -207,6 +207,12 @@ impl VirtualDisk for RawDisk {
         self.size
     }
 
+    fn load_snapshot(&mut self, _id: Option<&str>, _name: Option<&str>) -> Result<(), DiskError> {
+        Err(DiskError::new(
+            "Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+        ))
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         if offset
             .checked_add(buf.len() as u64)

@@ -186,3 +186,39 @@ where
         .refcount(cluster)
     }
 }
+
+impl<D, B, C, const DEPTH: usize, const SLICES: usize, W> Image<D, B, C, DEPTH, SLICES, W>
+where
+    D: BlockDevice,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    C: Decompressor,
+    W: SnapshotView,
+{
+    /// From now on, reads the opened image as its internal snapshot `entry` (from [`Image::read_snapshot`])
+    /// holds it: the snapshot's L1 table takes the active one's place, as `qemu-img convert -l` does. The
+    /// virtual size stays the active one's (what lies past the snapshot's L1 table reads from the backing
+    /// file, or as zeros). Only for an image that is not open for writing.
+    pub fn view_snapshot(&mut self, entry: &SnapshotEntry) -> Result<(), Error<D::Error>> {
+        if !self.w.read_only() {
+            return Err(Error::Unsupported {
+                what: "viewing a snapshot of an image open for writing",
+                value: 0,
+            });
+        }
+        let layer = layer_at(&mut self.layers, 0)?;
+        let meta = layer.meta.as_mut().ok_or(Error::Unsupported {
+            what: "snapshots of a raw image",
+            value: 0,
+        })?;
+        crate::format::validate_snapshot_l1(
+            entry.l1_table_offset,
+            entry.l1_size,
+            meta.header.cluster_size(),
+        )
+        .map_err(Error::from_format)?;
+        meta.header.l1_table_offset = entry.l1_table_offset;
+        meta.header.l1_size = entry.l1_size;
+        self.cache.invalidate(Some(0));
+        Ok(())
+    }
+}

@@ -281,6 +281,19 @@ pub struct Mapping {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReadOnly;
 
+/// Writer states that may be switched to a read-only view of an internal snapshot
+/// ([`Image::view_snapshot`]): a read-only image always, a writable one never.
+pub trait SnapshotView {
+    /// Whether the image is read only.
+    fn read_only(&self) -> bool;
+}
+
+impl SnapshotView for ReadOnly {
+    fn read_only(&self) -> bool {
+        true
+    }
+}
+
 /// An open image and its backing chain.
 ///
 /// Generic over the device `D`, the buffer storage `B` (`&mut [u8]`, arrays, or heap buffers in adapters),

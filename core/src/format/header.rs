@@ -124,6 +124,23 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
+/// Checks an internal snapshot's L1 table position and size as the active L1 table's are checked (QEMU
+/// validates a snapshot's L1 table the same way before it reads through it).
+pub fn validate_snapshot_l1(
+    offset: u64,
+    l1_size: u32,
+    cluster_size: u64,
+) -> Result<(), FormatError> {
+    validate_table(
+        "snapshot l1_table_offset",
+        offset,
+        l1_size.into(),
+        8,
+        MAX_L1_BYTES,
+        cluster_size,
+    )
+}
+
 /// Checks a table's offset and byte size as QEMU's `validate_table_offset` does, and more: the table must be
 /// cluster-aligned, must not overflow, must not start in the header cluster.
 fn validate_table(

@@ -126,7 +126,7 @@ pub fn command_help(cmd: &str) -> Option<String> {
             "  qcow2 compare [-f FMT] [-F FMT] [-s] [-q] [-p] [-U] FILENAME1 FILENAME2\n",
             "  -q, --quiet
      print nothing; the exit code tells
-  -p, --progress
+  -p
      show progress
   -f, --a-format FMT
      the format of FILENAME1
@@ -142,30 +142,57 @@ pub fn command_help(cmd: &str) -> Option<String> {
         ),
         "convert" => command(
             description,
-            "  qcow2 convert [-f SRC_FMT] [-O TGT_FMT] [-o TGT_OPTS] [-c] [-p] [-q] [-U]
-        [-t CACHE] [-T SRC_CACHE] SRC_FILENAME TGT_FILENAME
+            "  qcow2 convert [-f SRC_FMT] [-l SNAPSHOT_PARAMS] [-T SRC_CACHE] [-O TGT_FMT] [-o TGT_OPTS]
+        [-t TGT_CACHE] [-n] [--target-is-zero] [-B BACKING_FILENAME [-F BACKING_FMT]] [-c]
+        [-S SPARSE_SIZE] [-m NUM] [-W] [-C] [-r RATE] [--salvage] [-p] [-q] [-U]
+        SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME
 ",
             "  -q, --quiet
-     print nothing
+     print nothing but errors
   -p
      show progress
   -f, --source-format SRC_FMT
-     the format of SRC_FILENAME (qcow2 or raw; probed when not given)
+     the format of the sources (qcow2 or raw; probed when not given)
+  -l SNAPSHOT_PARAMS
+     convert an internal snapshot of the source: an ID or a name, or
+     snapshot.id=ID[,snapshot.name=NAME]
+  -T, --source-cache SRC_CACHE
+     cache mode of the sources (checked, then read through the page cache whatever it is)
   -O TGT_FMT
      the format of TGT_FILENAME: raw (default) or qcow2
   -o TGT_OPTS
      qcow2 creation options for TGT_FILENAME (as for create)
   -c
      compress every cluster of the qcow2 output, on every core
-  -t CACHE
+  -t TGT_CACHE
      cache mode of the target: unsafe (the default: nothing is made durable), writeback and none
      (durable when closed), writethrough and directsync (every write made durable)
-  -T SRC_CACHE
-     cache mode of the source (checked, then read through the page cache whatever it is)
+  -B, --backing BACKING_FILENAME
+     make the qcow2 output an overlay of BACKING_FILENAME: only what the source's top image holds
+     is copied
+  -F, --backing-format BACKING_FMT
+     the format of BACKING_FILENAME (required with -B)
+  -n
+     write into the existing TGT_FILENAME (at least as large as the sources) instead of creating it
+  --target-is-zero
+     with -n: the target reads as zeros already, so zeros are not written
+  -S, --sparse-size SPARSE_SIZE
+     zero runs of at least this many bytes (a multiple of 512, default 4k) are left unallocated;
+     0 allocates everything
   -U, --force-share
      accepted for compatibility
+  -r, --rate RATE
+     copy at most RATE bytes a second
+  -m, --parallel NUM
+     requests in flight, 1 to 16 (default 8; 1 reads and writes one piece at a time)
+  -C, --copy-range-offloading
+     copy data as it is, without looking for zeros in it
+  --salvage
+     go on past unreadable sectors, which are written as zeros, with a warning for each
+  -W, --oob-writes
+     accepted (writes stay in guest order)
   SRC_FILENAME
-     source image file name
+     source image file name; several are concatenated
   TGT_FILENAME
      target image file name
 ",

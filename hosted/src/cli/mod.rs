@@ -296,16 +296,16 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
                 return no_value("convert", "help", p).and_then(|()| print_help("convert", out));
             }
             Arg::Short('f') | Arg::Long("source-format") => fmt = Some(value("convert", p)?),
-            Arg::Short('O') | Arg::Long("target-format") => out_fmt = Some(value("convert", p)?),
-            Arg::Short('o') | Arg::Long("target-options") => options.push(value("convert", p)?),
+            Arg::Short('O') => out_fmt = Some(value("convert", p)?),
+            Arg::Short('o') => options.push(value("convert", p)?),
             Arg::Short('B') | Arg::Long("backing") => backing = Some(value("convert", p)?),
             Arg::Short('F') | Arg::Long("backing-format") => {
                 backing_fmt = Some(value("convert", p)?)
             }
-            Arg::Short('l') | Arg::Long("source-snapshot") => snapshot = Some(value("convert", p)?),
-            Arg::Short('c') | Arg::Long("compress") => copy.compress = true,
+            Arg::Short('l') => snapshot = Some(value("convert", p)?),
+            Arg::Short('c') => copy.compress = true,
             Arg::Short('C') | Arg::Long("copy-range-offloading") => copy.copy_range = true,
-            Arg::Short('n') | Arg::Long("no-create") => no_create = true,
+            Arg::Short('n') => no_create = true,
             Arg::Long("target-is-zero") => target_is_zero = true,
             Arg::Long("salvage") => copy.salvage = true,
             Arg::Short('W') | Arg::Long("oob-writes") => {}
@@ -339,9 +339,9 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
                 let v = value("convert", p)?;
                 copy.rate = Some(cvtnum("rate limit", &v)?).filter(|&r| r > 0);
             }
-            Arg::Short('t') | Arg::Long("target-cache") => cache = Some(value("convert", p)?),
+            Arg::Short('t') => cache = Some(value("convert", p)?),
             Arg::Short('T') | Arg::Long("source-cache") => src_cache = Some(value("convert", p)?),
-            Arg::Short('p') | Arg::Long("progress") => progress = true,
+            Arg::Short('p') => progress = true,
             Arg::Short('q') | Arg::Long("quiet") => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
@@ -377,11 +377,21 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     for src in &files {
         opened.push(open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?);
     }
-    if let Some(s) = &snapshot {
-        snapshot_param(s)?;
-        return Err(fail(
-            "Failed to load snapshot: converting an internal snapshot (-l) is not supported yet",
-        ));
+    if let Some(spec) = &snapshot {
+        let loaded = match snapshot_param(spec)? {
+            Some((id, name)) => opened[0].disk.load_snapshot(id.as_deref(), name.as_deref()),
+            None if files.len() > 1 => {
+                return Err(fail("No support for concatenating multiple snapshot"));
+            }
+            // An ID first, then a name (qemu-img's bdrv_snapshot_load_tmp_by_id_or_name).
+            None => match opened[0].disk.load_snapshot(Some(spec), None) {
+                Err(e) if e.kind() == disk::ErrorKind::NotFound => {
+                    opened[0].disk.load_snapshot(None, Some(spec))
+                }
+                other => other,
+            },
+        };
+        loaded.map_err(|e| fail(format!("Failed to load snapshot: {e}")))?;
     }
     let qcow2 = match out_fmt.as_deref() {
         None | Some("raw") => false,
@@ -409,6 +419,13 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
             format: out_fmt.clone(),
         }
     } else if qcow2 {
+        let fmt_option = options.iter().any(|o| {
+            o.split(',')
+                .any(|kv| kv.split('=').next() == Some("backing_fmt"))
+        });
+        if copy.target_has_backing && backing_fmt.is_none() && !fmt_option {
+            return Err(fail("Use of backing file requires explicit backing format"));
+        }
         if copy.compress
             && options.iter().any(|o| {
                 o.split(',').any(|kv| {
@@ -461,20 +478,36 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     Ok(0)
 }
 
-/// Checks a `-l snapshot.id=...,snapshot.name=...` parameter list as qemu-img parses it.
-fn snapshot_param(s: &str) -> Result<(), Fail> {
+/// A `-l` argument as qemu-img parses it: `snapshot.id=ID,snapshot.name=NAME` (either or both) gives
+/// `Some((id, name))`; anything else is an ID or a name (`None`).
+#[allow(clippy::type_complexity)]
+fn snapshot_param(s: &str) -> Result<Option<(Option<String>, Option<String>)>, Fail> {
     if !s.starts_with("snapshot.") {
-        return Ok(());
+        return Ok(None);
     }
+    let (mut id, mut name) = (None, None);
     for kv in s.split(',') {
-        let key = kv.split('=').next().unwrap_or_default();
-        if key != "snapshot.id" && key != "snapshot.name" {
-            return Err(fail(format!(
-                "Invalid parameter '{key}'\n{PROG}: Failed in parsing snapshot param '{s}'"
-            )));
+        let (key, v) = match kv.split_once('=') {
+            Some((k, v)) => (k, v.to_string()),
+            None => {
+                // QEMU's short-form boolean: "key" means "key=on".
+                eprintln!(
+                    "{PROG}: warning: short-form boolean option '{kv}' deprecated\nPlease use {kv}=on instead"
+                );
+                (kv, "on".to_string())
+            }
+        };
+        match key {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                return Err(fail(format!(
+                    "Invalid parameter '{key}'\n{PROG}: Failed in parsing snapshot param '{s}'"
+                )));
+            }
         }
     }
-    Ok(())
+    Ok(Some((id, name)))
 }
 
 /// A qemu-img bench number (`qemu_strtoul` base 0, at most INT_MAX; 0 only where `zero_ok`).
@@ -580,7 +613,7 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
             Arg::Short('F') | Arg::Long("b-format") => fmt2 = Some(value("compare", p)?),
             Arg::Short('s') | Arg::Long("strict") => opts.strict = true,
             Arg::Short('q') | Arg::Long("quiet") => opts.quiet = true,
-            Arg::Short('p') | Arg::Long("progress") => opts.progress = true,
+            Arg::Short('p') => opts.progress = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("compare", other)),
