@@ -45,6 +45,8 @@ mod refcounts;
 mod writeback;
 mod zeroes;
 
+pub use data::Reservation;
+
 /// How many freed host clusters wait for their referencing entries to become durable before the engine
 /// writes back and lowers their refcounts.
 const PENDING_FREES: usize = 32;

@@ -370,6 +370,35 @@ pub trait VirtualDiskWrite: VirtualDisk {
         None
     }
 
+    /// A handle that stores data at host offsets of this disk's file from any thread, several at once, for
+    /// [`VirtualDiskWrite::reserve`]; `None` when the disk takes no reservations.
+    fn parallel_writer(&self) -> Option<ParallelWriter> {
+        None
+    }
+
+    /// Starts a write at guest `offset` of `len` bytes whose data the caller stores itself, from any
+    /// thread, with the [`VirtualDiskWrite::parallel_writer`] at [`Reservation::host`], while this disk
+    /// serves other requests; then [`VirtualDiskWrite::commit`] makes the guest see it. The reservation may
+    /// cover less than `len` from `offset` (the rest is asked for again), or the disk may ask for the first
+    /// bytes to be written with [`VirtualDiskWrite::write_at`] ([`Reserve::WriteFirst`]). A raw file
+    /// reserves any range (host offsets are guest offsets); a qcow2 image reserves whole clusters that need
+    /// new host clusters.
+    fn reserve(&mut self, offset: u64, len: u64) -> Result<Reserve, DiskError> {
+        let _ = offset;
+        Ok(Reserve::WriteFirst(len))
+    }
+
+    /// Makes the guest see a reservation whose data has been stored.
+    fn commit(&mut self, r: Reservation) -> Result<(), DiskError> {
+        let _ = r;
+        Ok(())
+    }
+
+    /// Drops a reservation whose data could not be stored.
+    fn cancel(&mut self, r: Reservation) {
+        let _ = r;
+    }
+
     /// Stores one cluster at the cluster-aligned `offset` as [`VirtualDiskWrite::write_compressed`] would:
     /// `compressed` is what [`VirtualDiskWrite::thread_compressor`]'s compressor made of `data` (`None`: it
     /// does not compress, and `data` is written plain). The default compresses `data` again.
@@ -399,6 +428,106 @@ pub fn request_limit(disk: &dyn VirtualDisk) -> u64 {
 pub fn in_range(disk: &dyn VirtualDisk, offset: u64, len: u64) -> bool {
     let size = request_limit(disk);
     offset <= size && size - offset >= len
+}
+
+/// What [`VirtualDiskWrite::reserve`] made of a request.
+#[derive(Debug)]
+pub enum Reserve {
+    /// The first bytes of the range (perhaps all of it), for data stored from any thread.
+    Reserved(Reservation),
+    /// Write this many bytes from the start of the range with [`VirtualDiskWrite::write_at`] instead,
+    /// then ask for the rest.
+    WriteFirst(u64),
+}
+
+/// A range of a disk reserved for data stored from another thread ([`VirtualDiskWrite::reserve`]): used up
+/// by [`VirtualDiskWrite::commit`] or [`VirtualDiskWrite::cancel`] on the disk that made it.
+#[derive(Debug)]
+pub struct Reservation {
+    guest: u64,
+    host: u64,
+    len: u64,
+    /// The engine's reservation, for a qcow2 image.
+    pub(crate) qcow2: Option<qcow2_core::write::Reservation>,
+}
+
+impl Reservation {
+    /// A reservation of `len` bytes at guest `guest`, stored at `host` of the disk's file.
+    pub(crate) fn new(
+        guest: u64,
+        host: u64,
+        len: u64,
+        qcow2: Option<qcow2_core::write::Reservation>,
+    ) -> Reservation {
+        Reservation {
+            guest,
+            host,
+            len,
+            qcow2,
+        }
+    }
+    /// Guest offset of the first byte.
+    pub fn guest(&self) -> u64 {
+        self.guest
+    }
+    /// Where the data goes in the disk's file.
+    pub fn host(&self) -> u64 {
+        self.host
+    }
+    /// Bytes reserved (at least one).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether nothing is reserved (never, for a reservation a disk made).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Positional writes into a disk's file from several threads ([`VirtualDiskWrite::parallel_writer`]).
+#[derive(Debug, Clone)]
+pub struct ParallelWriter {
+    file: std::sync::Arc<std::fs::File>,
+    /// Writes end at or before this offset.
+    size: u64,
+}
+
+impl ParallelWriter {
+    /// Writes into `file`, up to `size` bytes.
+    pub fn new(file: std::fs::File, size: u64) -> ParallelWriter {
+        ParallelWriter {
+            file: std::sync::Arc::new(file),
+            size,
+        }
+    }
+
+    /// Stores the data of reservation `r` (`buf` is `r.len()` bytes).
+    pub fn store(&self, r: &Reservation, buf: &[u8]) -> Result<(), DiskError> {
+        if buf.len() as u64 != r.len {
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                "data does not match the reservation",
+            ));
+        }
+        self.write_at(r.host, buf)
+    }
+
+    /// Writes `buf` at `offset` of the file.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        use std::os::unix::fs::FileExt;
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(DiskError::with_kind(ErrorKind::OutOfRange, EIO));
+        }
+        self.file.write_all_at(buf, offset).map_err(DiskError::from)
+    }
+
+    /// Makes what was written durable.
+    pub fn sync(&self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(DiskError::from)
+    }
 }
 
 /// A disk's cluster compression as a plain function of the bytes, which any thread may run

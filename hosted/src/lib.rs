@@ -10,6 +10,7 @@
 //! can be compared text for text, lives apart in [`cli`] and uses only this public API; the binary calls
 //! [`cli::run`].
 
+pub mod aligned;
 pub mod cache;
 pub mod cli;
 pub mod disk;

@@ -26,8 +26,9 @@ use qcow2_core::{Error, Source};
 
 use crate::cache::CacheMode;
 use crate::disk::{
-    BitmapInfo, DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, Qcow2Specific,
-    SnapshotInfo, ThreadCompressor, VirtualDisk, VirtualDiskWrite,
+    BitmapInfo, DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, ParallelWriter,
+    Qcow2Specific, Reservation, Reserve, SnapshotInfo, ThreadCompressor, VirtualDisk,
+    VirtualDiskWrite,
 };
 use crate::file::{FileDevice, OpenImageError, open_image_file};
 
@@ -629,6 +630,59 @@ impl VirtualDiskWrite for Qcow2Disk {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
         self.check_writable()?;
         self.image.write_at(offset, buf).map_err(engine_error)
+    }
+
+    fn parallel_writer(&self) -> Option<ParallelWriter> {
+        if !self.writable {
+            return None;
+        }
+        let file = self
+            .image
+            .layers()
+            .first()?
+            .device()
+            .file()
+            .try_clone()
+            .ok()?;
+        Some(ParallelWriter::new(file, u64::MAX))
+    }
+
+    fn reserve(&mut self, offset: u64, len: u64) -> Result<Reserve, DiskError> {
+        self.check_writable()?;
+        let cluster = self.top_format().map_or(512, |(c, _, _)| c);
+        let to_boundary = (cluster - offset % cluster).min(len);
+        if !offset.is_multiple_of(cluster) || len < cluster {
+            return Ok(Reserve::WriteFirst(to_boundary));
+        }
+        let whole = len - len % cluster;
+        Ok(
+            match self
+                .image
+                .reserve_clusters(offset, whole)
+                .map_err(engine_error)?
+            {
+                Some(r) => {
+                    Reserve::Reserved(Reservation::new(r.guest(), r.host(), r.len(), Some(r)))
+                }
+                None => Reserve::WriteFirst(to_boundary),
+            },
+        )
+    }
+
+    fn commit(&mut self, r: Reservation) -> Result<(), DiskError> {
+        match r.qcow2 {
+            Some(r) => self.image.commit_reservation(r).map_err(engine_error),
+            None => Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                "not a reservation of this image",
+            )),
+        }
+    }
+
+    fn cancel(&mut self, r: Reservation) {
+        if let Some(r) = r.qcow2 {
+            self.image.cancel_reservation(r);
+        }
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {

@@ -6,7 +6,10 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{FallocateFlags, fallocate};
 
-use crate::disk::{DiskError, EIO, ENOTSUP, ErrorKind, MapExtent, VirtualDisk, VirtualDiskWrite};
+use crate::disk::{
+    DiskError, EIO, ENOTSUP, ErrorKind, MapExtent, ParallelWriter, Reservation, Reserve,
+    VirtualDisk, VirtualDiskWrite,
+};
 use crate::file::{probe_extent, read_zero_filled};
 
 /// A raw image: the guest sees the file's bytes, its length rounded up to 512 bytes as QEMU does.
@@ -135,6 +138,28 @@ impl RawDisk {
 }
 
 impl VirtualDiskWrite for RawDisk {
+    fn parallel_writer(&self) -> Option<ParallelWriter> {
+        // A probed raw file must not be made to look like another format: its first sector is checked on
+        // every write, which only the disk itself does.
+        if !self.writable || self.probed {
+            return None;
+        }
+        let file = self.file.try_clone().ok()?;
+        Some(ParallelWriter::new(file, self.file_len))
+    }
+
+    fn reserve(&mut self, offset: u64, len: u64) -> Result<Reserve, DiskError> {
+        self.check(offset, len)?;
+        // Inside the file (a last partial sector past its end goes through write_at, which grows it).
+        let inside = self.file_len.saturating_sub(offset).min(len);
+        if self.probed || inside == 0 {
+            return Ok(Reserve::WriteFirst(len));
+        }
+        Ok(Reserve::Reserved(Reservation::new(
+            offset, offset, inside, None,
+        )))
+    }
+
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
         self.check(offset, buf.len() as u64)?;
         self.check_probe(offset, buf)?;

@@ -75,6 +75,9 @@ struct Workload {
     /// Compressed cluster writes into fresh clusters, then plain writes and discards over them
     /// ([`compressed_ops`]).
     compressed: bool,
+    /// Runs of whole clusters written as a parallel copy writes them ([`write_reserved`]), between plain
+    /// writes, zeroing and discards ([`reserved_ops`]).
+    reserved: bool,
 }
 
 /// A 256-bit set of byte values.
@@ -176,6 +179,8 @@ fn run(w: &Workload, seeds: u64) -> usize {
     let v3 = !w.opts.contains("compat=0.10");
     let (mut seq, compressed) = if w.compressed {
         compressed_ops(w)
+    } else if w.reserved {
+        (reserved_ops(w), Vec::new())
     } else {
         (ops(w.seed, w.size, w.cluster, w.count), Vec::new())
     };
@@ -196,11 +201,16 @@ fn run(w: &Workload, seeds: u64) -> usize {
         &mut Backing(base_bytes.clone(), log.clone()),
     )
     .unwrap();
+    let mut reserved = 0u64;
     for (j, op) in seq.iter().enumerate() {
         log.borrow_mut().push(Event::OpStart(j));
         match op {
             Op::Write { off, byte, .. } if compressed.get(j) == Some(&true) => {
                 image.write_compressed(*off, &compressed_cluster(w.cluster, *byte))
+            }
+            Op::Write { off, len, byte } if w.reserved => {
+                write_reserved(&mut image, *off, &vec![*byte; *len as usize], w.cluster)
+                    .map(|n| reserved += n)
             }
             Op::Write { off, len, byte } => image.write_at(*off, &vec![*byte; *len as usize]),
             Op::Zero { off, len, unmap } => image.write_zeroes(*off, *len, *unmap),
@@ -211,6 +221,11 @@ fn run(w: &Workload, seeds: u64) -> usize {
         log.borrow_mut().push(Event::OpEnd(j));
     }
     log.borrow_mut().push(Event::OpStart(seq.len()));
+    assert!(
+        !w.reserved || reserved > 0,
+        "{}: no write went through a reservation",
+        w.name
+    );
     let done = image.close().unwrap();
     if w.grows_table {
         let clusters = |b: &[u8]| u32::from_be_bytes(b[56..60].try_into().unwrap());
@@ -419,6 +434,7 @@ const fn wl(
         small: false,
         grows_table: false,
         compressed: false,
+        reserved: false,
     }
 }
 
@@ -469,6 +485,75 @@ fn compressed_ops(w: &Workload) -> (Vec<Op>, Vec<bool>) {
         }
     }
     (seq, compressed)
+}
+
+/// Whole-cluster runs (one to five clusters, cluster-aligned) written with [`write_reserved`], a quarter of
+/// them then overwritten in part, zeroed or discarded, flushes between.
+fn reserved_ops(w: &Workload) -> Vec<Op> {
+    let mut r = qcow2_tests::ops::Rng(w.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+    let clusters = w.size / w.cluster;
+    let mut seq = Vec::new();
+    for _ in 0..w.count {
+        let n = 1 + r.below(5);
+        let c = r.below(clusters - n + 1);
+        seq.push(Op::Write {
+            off: c * w.cluster,
+            len: n * w.cluster,
+            byte: (1 + r.below(250)) as u8,
+        });
+        let off = c * w.cluster + w.cluster / 2;
+        match r.below(8) {
+            0 => seq.push(Op::Flush),
+            1 => seq.push(Op::Write {
+                off,
+                len: CELL as u64,
+                byte: (1 + r.below(250)) as u8,
+            }),
+            2 => seq.push(Op::Zero {
+                off: c * w.cluster,
+                len: w.cluster,
+                unmap: r.below(2) == 0,
+            }),
+            3 => seq.push(Op::Discard {
+                off: c * w.cluster,
+                len: w.cluster,
+            }),
+            _ => {}
+        }
+    }
+    seq
+}
+
+/// A write the way a parallel copy makes it: whole clusters that need new host clusters are reserved
+/// (`Image::reserve_clusters`), their data stored, then committed; the rest is written as usual. Returns
+/// how many bytes went through reservations.
+fn write_reserved(
+    image: &mut Img,
+    off: u64,
+    data: &[u8],
+    cluster: u64,
+) -> Result<u64, Error<SimError>> {
+    let mut reserved = 0;
+    let end = off + data.len() as u64;
+    let mut at = off;
+    while at < end {
+        let from = (at - off) as usize;
+        if at.is_multiple_of(cluster) && end - at >= cluster {
+            let whole = (end - at) / cluster * cluster;
+            if let Some(r) = image.reserve_clusters(at, whole)? {
+                let n = r.len() as usize;
+                image.store_reserved(&r, &data[from..from + n])?;
+                image.commit_reservation(r)?;
+                at += n as u64;
+                reserved += n as u64;
+                continue;
+            }
+        }
+        let n = (((at / cluster) + 1) * cluster).min(end) - at;
+        image.write_at(at, &data[from..from + n as usize])?;
+        at += n;
+    }
+    Ok(reserved)
 }
 
 /// A raw-deflate stream that inflates to one cluster of `byte` and is about 60% of a cluster long: a stored
@@ -580,6 +665,60 @@ fn crash_cow_paths() {
                 )
             },
             wl("compat 0.10", "compat=0.10", 2 << 20, 65536, 9),
+        ],
+    );
+}
+
+/// Whole-cluster runs written the way a parallel copy writes them (reserved, stored, committed), into an
+/// empty image, over a backing file, with extended L2 entries and 1-bit refcounts, and over a snapshot's
+/// clusters (which need copy-on-write, so are written as usual).
+#[test]
+fn crash_reserved_writes() {
+    total(
+        "reserved",
+        &[
+            Workload {
+                reserved: true,
+                ..wl("reserved runs", "cluster_size=4096", 1 << 20, 4096, 21)
+            },
+            Workload {
+                reserved: true,
+                backing: true,
+                ..wl("reserved runs over a backing file", "", 4 << 20, 65536, 22)
+            },
+            Workload {
+                reserved: true,
+                small: true,
+                ..wl(
+                    "reserved runs, extended L2, small buffers",
+                    "extended_l2=on,cluster_size=16k",
+                    2 << 20,
+                    16384,
+                    23,
+                )
+            },
+            Workload {
+                reserved: true,
+                ..wl(
+                    "reserved runs, 1-bit refcounts",
+                    "cluster_size=1024,refcount_bits=1",
+                    1 << 20,
+                    1024,
+                    24,
+                )
+            },
+            Workload {
+                reserved: true,
+                setup: &["write -P 0x55 0 1M"],
+                snapshot: true,
+                ..wl(
+                    "reserved runs over a snapshot",
+                    "cluster_size=4096",
+                    2 << 20,
+                    4096,
+                    25,
+                )
+            },
         ],
     );
 }

@@ -221,6 +221,10 @@ impl<D> Layer<D> {
     pub fn probed(&self) -> bool {
         self.probed
     }
+    /// The device the image is read from (and written to).
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
 }
 
 /// Where a guest range's data comes from.

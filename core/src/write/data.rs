@@ -261,6 +261,153 @@ where
         self.store(target.saturating_add(a), src, b.saturating_sub(a))
     }
 
+    /// Writes whole guest clusters from guest offset `gc` (cluster-aligned) with `bytes` (whole clusters)
+    /// into newly allocated contiguous host clusters with one data request ([`Self::reserve_run`], then
+    /// the data, then [`Self::commit_run`]: the order [`Self::write_cluster`] keeps for one). Returns how
+    /// many clusters it wrote: 0 when the first one does not qualify, for the caller to write it cluster
+    /// by cluster.
+    pub(super) fn write_fresh_run(
+        &mut self,
+        gc: u64,
+        bytes: &[u8],
+    ) -> Result<u64, Error<D::Error>> {
+        let Some(r) = self.reserve_run(gc, bytes.len() as u64)? else {
+            return Ok(0);
+        };
+        let data = bytes.get(..r.len as usize).unwrap_or(&[]);
+        if let Err(e) = self.store(r.host, WriteSource::Bytes(data), r.len) {
+            self.cancel_run(&r);
+            return Err(e);
+        }
+        let clusters = r.len >> self.geometry()?.cluster_bits;
+        self.commit_run(r)?;
+        Ok(clusters)
+    }
+
+    /// Allocates new contiguous host clusters for the whole guest clusters from `gc` (cluster-aligned, at
+    /// most `len` bytes' worth) that lie in `gc`'s L2 table and whose entries hold nothing to keep or free
+    /// (unallocated, or zero without a host cluster). `None` when the first one does not qualify.
+    fn reserve_run(&mut self, gc: u64, len: u64) -> Result<Option<Reservation>, Error<D::Error>> {
+        let g = self.geometry()?;
+        let cs = g.tables.cluster_size;
+        let whole = len.checked_div(cs).unwrap_or(0);
+        if g.tables.l2_format.external_data || whole == 0 || gc & cs.wrapping_sub(1) != 0 {
+            return Ok(None);
+        }
+        let l2 = self.writable_l2(gc)?;
+        let mut m = self.meta()?;
+        m.make_room(3)?;
+        let first = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
+        // At most one metadata slice's worth of refcounts: the allocation then dirties at most two
+        // refcount slices, which the room made above holds.
+        let refcounts_per_slice =
+            (g.tables.slice_size.saturating_mul(8) >> g.tables.refcount_order).max(1);
+        let max = whole
+            .min(g.l2_entries.saturating_sub(first))
+            .min(refcounts_per_slice);
+        let mut n = 0u64;
+        while n < max
+            && fresh(
+                m.cluster_entry(l2, gc.saturating_add(n.saturating_mul(cs)))?
+                    .2,
+            )
+        {
+            n = n.saturating_add(1);
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let (host, got) = m.alloc_clusters(n)?;
+        Ok(Some(Reservation {
+            guest: gc,
+            host,
+            len: got.saturating_mul(cs),
+            l2,
+        }))
+    }
+
+    /// Points the reserved guest clusters at their host clusters (whose data has been stored). An entry
+    /// that changed since the reservation keeps its new value, and its reserved cluster goes back.
+    fn commit_run(&mut self, r: Reservation) -> Result<(), Error<D::Error>> {
+        let g = self.geometry()?;
+        let cs = g.tables.cluster_size;
+        // Every piece of each cluster is written: all allocated, none reads as zeros.
+        let bitmap = if g.tables.l2_format.extended {
+            u64::from(u32::MAX)
+        } else {
+            0
+        };
+        let mut at = 0u64;
+        while at < r.len {
+            let host = r.host.saturating_add(at);
+            let mut m = self.meta()?;
+            m.make_room(2)?;
+            let (index, _, kind) = m.cluster_entry(r.l2, r.guest.saturating_add(at))?;
+            if fresh(kind) {
+                let word = host | OFLAG_COPIED;
+                m.l2_set(r.l2, index, L2Entry { word, bitmap })?;
+            } else {
+                self.give_back(host);
+            }
+            at = at.saturating_add(cs);
+        }
+        Ok(())
+    }
+
+    /// Gives back the clusters of a reservation whose data could not be stored: nothing references them.
+    fn cancel_run(&mut self, r: &Reservation) {
+        let cs = self.geometry().map_or(0, |g| g.tables.cluster_size);
+        let mut at = 0u64;
+        while at < r.len && cs > 0 {
+            self.give_back(r.host.saturating_add(at));
+            at = at.saturating_add(cs);
+        }
+    }
+
+    /// Starts a write of whole clusters at guest `offset` whose data the caller stores itself, so that it
+    /// can store it from another thread while this image serves other requests (a parallel copy): new
+    /// contiguous host clusters are allocated for as many of the clusters from `offset` (cluster-aligned;
+    /// `len` bytes, whole clusters) as lie in one L2 table and have nothing to keep (unallocated, or zero
+    /// without a host cluster). The caller stores their data at [`Reservation::host`] of the image file,
+    /// then calls [`Self::commit_reservation`]; until then the guest does not see them, and a crash only
+    /// leaks them. `None`: the first cluster does not qualify (write it with [`Self::write_at`]).
+    pub fn reserve_clusters(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Reservation>, Error<D::Error>> {
+        self.check_range(offset, len)?;
+        self.begin_write_over(offset, len)?;
+        let r = self.reserve_run(offset, len)?;
+        self.end_write()?;
+        Ok(r)
+    }
+
+    /// Stores the data of reservation `r` (`data` is [`Reservation::len`] bytes) through the image's own
+    /// device, for a caller with no other way to write the image file.
+    pub fn store_reserved(&mut self, r: &Reservation, data: &[u8]) -> Result<(), Error<D::Error>> {
+        if data.len() as u64 != r.len {
+            return Err(Error::BufferTooSmall {
+                what: "data for a reservation",
+                need: r.len,
+                have: data.len() as u64,
+            });
+        }
+        self.store(r.host, WriteSource::Bytes(data), r.len)
+    }
+
+    /// Makes the guest see a reservation whose data has been stored.
+    pub fn commit_reservation(&mut self, r: Reservation) -> Result<(), Error<D::Error>> {
+        self.begin_write()?;
+        self.commit_run(r)?;
+        self.end_write()
+    }
+
+    /// Drops a reservation whose data could not be stored: its clusters go back.
+    pub fn cancel_reservation(&mut self, r: Reservation) {
+        self.cancel_run(&r);
+    }
+
     /// Gives back a cluster allocated for a change that failed before anything referenced it (best effort:
     /// the request's own error is what the caller sees; at worst the cluster stays leaked).
     pub(super) fn give_back(&mut self, host: u64) {
@@ -327,10 +474,64 @@ where
             let a = pos.saturating_sub(gc);
             let b = end.saturating_sub(gc).min(cs);
             let from = pos.saturating_sub(offset) as usize;
+            if let WriteSource::Bytes(bytes) = src
+                && a == 0
+                && b == cs
+            {
+                // Whole clusters that need new host clusters: stored with one request.
+                let whole = end.saturating_sub(pos) & !cs.wrapping_sub(1);
+                let run = bytes
+                    .get(from..from.saturating_add(whole as usize))
+                    .unwrap_or(&[]);
+                let done = self.write_fresh_run(gc, run)?;
+                if done > 0 {
+                    pos = gc.saturating_add(done.saturating_mul(cs));
+                    continue;
+                }
+            }
             let n = b.saturating_sub(a);
             self.write_cluster(gc, a, b, src.sub(from, n as usize))?;
             pos = gc.saturating_add(b);
         }
         Ok(())
+    }
+}
+
+/// Whether an entry holds nothing a write of the whole cluster would keep or free.
+fn fresh(kind: ClusterKind) -> bool {
+    matches!(
+        kind,
+        ClusterKind::Unallocated | ClusterKind::Zero { host: None }
+    )
+}
+
+/// Whole clusters allocated for a write whose data the caller stores itself
+/// ([`Image::reserve_clusters`]); used up by [`Image::commit_reservation`] or
+/// [`Image::cancel_reservation`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reservation {
+    guest: u64,
+    host: u64,
+    len: u64,
+    /// The L2 table holding the clusters' entries.
+    l2: u64,
+}
+
+impl Reservation {
+    /// Guest offset of the first cluster.
+    pub fn guest(&self) -> u64 {
+        self.guest
+    }
+    /// Host offset in the image file where the data goes.
+    pub fn host(&self) -> u64 {
+        self.host
+    }
+    /// Bytes reserved (whole clusters; possibly fewer than asked for).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether nothing is reserved (never, for a reservation the engine made).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }

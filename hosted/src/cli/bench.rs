@@ -17,6 +17,7 @@
 //! (`pread`/`pwrite`), which is what qemu-img's default (`-t writeback -i threads`) does too. With `-t
 //! writethrough` or `-t directsync` every write is followed by a flush, as QEMU does for those modes.
 
+use crate::aligned::AlignedBuf;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -136,7 +137,7 @@ pub fn run_bench(path: &str, o: &BenchOptions, out: &mut dyn Write) -> Result<()
         let buf = AlignedBuf::new(buf_len, o.pattern);
         let size = disk.virtual_size();
         let start = Instant::now();
-        let result = write_requests(disk.as_mut(), o, size, buf.get());
+        let result = write_requests(disk.as_mut(), o, size, &buf);
         let elapsed = start.elapsed();
         result?;
         text(
@@ -192,36 +193,6 @@ pub fn run_bench(path: &str, o: &BenchOptions, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
-/// A buffer of `len` bytes of `pattern` starting on a 4 KiB boundary (as qemu-img's `qemu_blockalign`): the
-/// kernel copies page-aligned buffers to and from the page cache faster than malloc's 16-byte-aligned ones.
-struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    const ALIGN: usize = 4096;
-
-    fn new(len: usize, pattern: u8) -> AlignedBuf {
-        let storage = vec![pattern; len + Self::ALIGN];
-        let start = storage.as_ptr().align_offset(Self::ALIGN).min(Self::ALIGN);
-        AlignedBuf {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn get(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    fn get_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
-
 fn check_range(size: u64, offset: u64, len: u64) -> Result<(), DiskError> {
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(failed(DiskError::new("Input/output error")));
@@ -237,7 +208,7 @@ fn read_requests(
     next: &AtomicU64,
 ) -> Result<(), DiskError> {
     let mut aligned = AlignedBuf::new(buf_len, o.pattern);
-    let buf = aligned.get_mut();
+    let buf = &mut aligned[..];
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= o.count {

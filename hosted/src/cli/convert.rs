@@ -11,11 +11,16 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
 
+use crate::aligned::AlignedBuf;
 use crate::cache::CacheMode;
 use crate::cli::progress::Progress;
-use crate::disk::{DiskError, MapExtent, VirtualDisk, VirtualDiskWrite, write_compressed_range};
+use crate::disk::{
+    DiskError, MapExtent, ParallelWriter, Reservation, Reserve, VirtualDisk, VirtualDiskWrite,
+    write_compressed_range,
+};
 use crate::raw_disk::RawDisk;
 
 const SECTOR: u64 = 512;
@@ -446,7 +451,7 @@ struct Piece {
     sectors: u64,
     status: Status,
     /// The data read (for [`Status::Data`]).
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     /// For compressed writes: the cluster compressed on another thread (`None` inside: it does not
     /// compress), or not compressed yet.
     compressed: Option<Option<Vec<u8>>>,
@@ -466,45 +471,31 @@ fn write_zeros(
         .and_then(|()| written(dst, opts.cache))
 }
 
-/// qemu-img's `convert_co_write`: writes one piece.
-fn write_piece(
-    dst: &mut dyn VirtualDiskWrite,
+/// What an uncompressed piece asks of the target, run by run: data to write, or zeros.
+#[derive(Debug, Clone, Copy)]
+enum Run<'a> {
+    Data(&'a [u8]),
+    Zeros(u64),
+}
+
+/// qemu-img's `convert_co_write` for an uncompressed piece: calls `apply` with each run at its guest offset,
+/// in order (a data piece is split where it holds zeros, `-S`).
+fn piece_runs(
     p: &Piece,
     opts: &CopyOptions,
+    mut apply: impl FnMut(u64, Run<'_>) -> Result<(), DiskError>,
 ) -> Result<(), ConvertError> {
     let off = p.sector * SECTOR;
-    let fail = |at: u64, e: DiskError| {
-        if opts.compress && p.status == Status::Data {
-            ConvertError(format!(
-                "error while compressing sector {}: {e}",
-                at / SECTOR
-            ))
-        } else {
-            ConvertError(format!("error while writing at byte {at}: {e}"))
-        }
-    };
+    let fail =
+        |at: u64, e: DiskError| ConvertError(format!("error while writing at byte {at}: {e}"));
     match p.status {
         Status::Backing => Ok(()),
-        Status::Zero => write_zeros(dst, off, p.sectors * SECTOR, opts).map_err(|e| fail(off, e)),
-        Status::Data if opts.compress => {
-            if opts.min_sparse != 0 && is_zero(&p.buf) {
-                return write_zeros(dst, off, p.sectors * SECTOR, opts).map_err(|e| fail(off, e));
-            }
-            match &p.compressed {
-                Some(c) => dst.write_precompressed(off, &p.buf, c.as_deref()),
-                None => write_compressed_range(dst, off, &p.buf),
-            }
-            .and_then(|()| written(dst, opts.cache))
-            .map_err(|e| fail(off, e))
+        Status::Zero => apply(off, Run::Zeros(p.sectors * SECTOR)).map_err(|e| fail(off, e)),
+        Status::Data if opts.min_sparse == 0 || opts.copy_range => {
+            apply(off, Run::Data(&p.buf)).map_err(|e| fail(off, e))
         }
         Status::Data => {
             let n = p.sectors as usize;
-            if opts.min_sparse == 0 || opts.copy_range {
-                return dst
-                    .write_at(off, &p.buf)
-                    .and_then(|()| written(dst, opts.cache))
-                    .map_err(|e| fail(off, e));
-            }
             let mut i = 0usize;
             while i < n {
                 let (is_data, run) = allocated_run_min(
@@ -517,19 +508,55 @@ fn write_piece(
                 let run = run.max(1);
                 let start = i as u64 * SECTOR;
                 let len = run as u64 * SECTOR;
-                if is_data {
-                    let bytes = &p.buf[start as usize..(start + len) as usize];
-                    dst.write_at(off + start, bytes)
-                        .and_then(|()| written(dst, opts.cache))
+                let what = if is_data {
+                    Run::Data(&p.buf[start as usize..(start + len) as usize])
                 } else {
-                    write_zeros(dst, off + start, len, opts)
-                }
-                .map_err(|e| fail(off + start, e))?;
+                    Run::Zeros(len)
+                };
+                apply(off + start, what).map_err(|e| fail(off + start, e))?;
                 i += run;
             }
             Ok(())
         }
     }
+}
+
+/// Applies one run to the target.
+fn write_run(
+    dst: &mut dyn VirtualDiskWrite,
+    off: u64,
+    run: Run<'_>,
+    opts: &CopyOptions,
+) -> Result<(), DiskError> {
+    match run {
+        Run::Data(bytes) => dst
+            .write_at(off, bytes)
+            .and_then(|()| written(dst, opts.cache)),
+        Run::Zeros(len) => write_zeros(dst, off, len, opts),
+    }
+}
+
+/// qemu-img's `convert_co_write`: writes one piece.
+fn write_piece(
+    dst: &mut dyn VirtualDiskWrite,
+    p: &Piece,
+    opts: &CopyOptions,
+) -> Result<(), ConvertError> {
+    if !(opts.compress && p.status == Status::Data) {
+        return piece_runs(p, opts, |off, run| write_run(dst, off, run, opts));
+    }
+    let off = p.sector * SECTOR;
+    let fail =
+        |e: DiskError| ConvertError(format!("error while compressing sector {}: {e}", p.sector));
+    if opts.min_sparse != 0 && is_zero(&p.buf) {
+        return write_zeros(dst, off, p.sectors * SECTOR, opts).map_err(fail);
+    }
+    match &p.compressed {
+        Some(c) => dst.write_precompressed(off, &p.buf, c.as_deref()),
+        None => write_compressed_range(dst, off, &p.buf),
+    }
+    .and_then(|()| written(dst, opts.cache))
+    .map_err(fail)
 }
 
 /// Where a conversion writes.
@@ -696,26 +723,59 @@ pub fn copy_guest_data(
         sector: 0,
         done: 0,
         allocated,
-        prog,
-        out,
+        progress: None,
         started: std::time::Instant::now(),
     };
+    let mut printer = Printer { prog, out };
     if opts.compress {
-        copy_compressed(&mut reader, dst, &opts)
+        copy_compressed(&mut reader, &mut printer, dst, &opts)
+    } else if let Some(pw) = dst
+        .parallel_writer()
+        .filter(|_| opts.parallel > 1 && !opts.cache.writethrough)
+    {
+        copy_parallel(reader, &mut printer, dst, &pw, &opts)
     } else {
-        copy_pipelined(&mut reader, dst, &opts)
+        copy_pipelined(&mut reader, &mut printer, dst, &opts)
     }
 }
 
-/// The read side of the copy: the source's pieces in guest order, with progress printed as they are taken.
+/// Where progress goes: qemu-img's progress lines on the output.
+struct Printer<'a> {
+    prog: &'a mut Progress,
+    out: &'a mut dyn Write,
+}
+
+impl Printer<'_> {
+    fn print(&mut self, percent: f32) -> Result<(), ConvertError> {
+        self.prog
+            .print(percent, 0, self.out)
+            .map_err(|e| ConvertError(DiskError::os_text(&e)))
+    }
+
+    /// The next piece from `reader`, with the progress it made printed.
+    fn next(
+        &mut self,
+        reader: &mut Reader<'_>,
+        buf: AlignedBuf,
+        opts: &CopyOptions,
+    ) -> Result<Option<Piece>, ConvertError> {
+        let p = reader.next(buf, opts)?;
+        if let Some(percent) = reader.progress.take() {
+            self.print(percent)?;
+        }
+        Ok(p)
+    }
+}
+
+/// The read side of the copy: the source's pieces in guest order.
 struct Reader<'a> {
     src: &'a mut (dyn VirtualDisk + Send),
     plan: Plan,
     sector: u64,
     done: u64,
     allocated: u64,
-    prog: &'a mut Progress,
-    out: &'a mut dyn Write,
+    /// Progress made by the last piece taken, to be printed.
+    progress: Option<f32>,
     /// When the copy started (for `-r`).
     started: std::time::Instant,
 }
@@ -724,7 +784,7 @@ impl Reader<'_> {
     /// The next piece, read into `buf` (resized to it) when it is data; `None` at the end.
     fn next(
         &mut self,
-        mut buf: Vec<u8>,
+        mut buf: AlignedBuf,
         opts: &CopyOptions,
     ) -> Result<Option<Piece>, ConvertError> {
         if self.sector >= self.plan.total {
@@ -735,13 +795,7 @@ impl Reader<'_> {
         self.sector += n;
         if status == Status::Data {
             self.done += n;
-            self.prog
-                .print(
-                    (100.0 * self.done as f64 / self.allocated.max(1) as f64) as f32,
-                    0,
-                    self.out,
-                )
-                .map_err(|e| ConvertError(DiskError::os_text(&e)))?;
+            self.progress = Some((100.0 * self.done as f64 / self.allocated.max(1) as f64) as f32);
             if let Some(rate) = opts.rate {
                 // -r: wait until the data read so far is within the rate.
                 let due = std::time::Duration::from_secs_f64(
@@ -751,7 +805,7 @@ impl Reader<'_> {
                     std::thread::sleep(wait);
                 }
             }
-            buf.resize((n * SECTOR) as usize, 0);
+            buf.set_len((n * SECTOR) as usize);
             if self.plan.status == Status::Data {
                 read_source(self.src, sector * SECTOR, &mut buf, opts)?;
             } else {
@@ -759,7 +813,7 @@ impl Reader<'_> {
                 buf.fill(0);
             }
         } else {
-            buf.clear();
+            buf.set_len(0);
         }
         Ok(Some(Piece {
             sector,
@@ -771,15 +825,151 @@ impl Reader<'_> {
     }
 }
 
+/// Uncompressed copy into a target that takes data from several threads ([`VirtualDiskWrite::reserve`]),
+/// as qemu-img's coroutines copy: each of a few workers takes the next piece and, still in guest order
+/// (under one lock), reads it, writes its zeros and reserves room for its data in the target; then it
+/// stores the data itself, while another worker reads, and commits it. The target's layout is the one
+/// writing in guest order gives.
+fn copy_parallel(
+    reader: Reader<'_>,
+    printer: &mut Printer<'_>,
+    dst: &mut (dyn VirtualDiskWrite + Send),
+    pw: &ParallelWriter,
+    opts: &CopyOptions,
+) -> Result<(), ConvertError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, MAX_COPY_THREADS)
+        .min(opts.parallel);
+    let reader = Mutex::new(reader);
+    let dst = Mutex::new(dst);
+    let failed = AtomicBool::new(false);
+    let stopped = || ConvertError("a copy thread stopped unexpectedly".to_string());
+    let (report, progress) = mpsc::channel::<f32>();
+    // One piece: read, zeros written and data reserved in guest order; then the data stored and committed.
+    let copy_one = |buf: AlignedBuf,
+                    report: &mpsc::Sender<f32>|
+     -> Result<Option<AlignedBuf>, ConvertError> {
+        let mut r = reader.lock().map_err(|_| stopped())?;
+        let Some(p) = r.next(buf, opts)? else {
+            return Ok(None);
+        };
+        if let Some(percent) = r.progress.take() {
+            // The printing thread is gone only when it failed (and said so).
+            let _ = report.send(percent);
+        }
+        let mut jobs: Vec<(Reservation, usize)> = Vec::new();
+        let base = p.sector * SECTOR;
+        let planned = {
+            let mut d = dst.lock().map_err(|_| stopped())?;
+            piece_runs(&p, opts, |off, run| match run {
+                Run::Zeros(len) => write_zeros(&mut **d, off, len, opts),
+                Run::Data(bytes) => {
+                    let mut at = 0usize;
+                    while at < bytes.len() {
+                        let left = (bytes.len() - at) as u64;
+                        match d.reserve(off + at as u64, left)? {
+                            Reserve::Reserved(res) => {
+                                let n = res.len() as usize;
+                                jobs.push((res, (off - base) as usize + at));
+                                at += n;
+                            }
+                            Reserve::WriteFirst(n) => {
+                                let n = n.clamp(1, left) as usize;
+                                d.write_at(off + at as u64, &bytes[at..at + n])?;
+                                at += n;
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+            })
+        };
+        drop(r);
+        let mut jobs = jobs.into_iter();
+        let stored = planned.and_then(|()| {
+            for (res, start) in jobs.by_ref() {
+                let at = res.guest();
+                let data = &p.buf[start..start + res.len() as usize];
+                if let Err(e) = pw.store(&res, data) {
+                    dst.lock().map_err(|_| stopped())?.cancel(res);
+                    return Err(ConvertError(format!(
+                        "error while writing at byte {at}: {e}"
+                    )));
+                }
+                let mut d = dst.lock().map_err(|_| stopped())?;
+                d.commit(res)
+                    .map_err(|e| ConvertError(format!("error while writing at byte {at}: {e}")))?;
+            }
+            Ok(())
+        });
+        if stored.is_err() {
+            // What was reserved and not stored goes back.
+            if let Ok(mut d) = dst.lock() {
+                for (res, _) in jobs {
+                    d.cancel(res);
+                }
+            }
+        }
+        stored.map(|()| Some(p.buf))
+    };
+    let worker = |report: mpsc::Sender<f32>| -> Result<(), ConvertError> {
+        let mut buf = AlignedBuf::default();
+        while !failed.load(Ordering::Relaxed) {
+            match copy_one(buf, &report) {
+                Ok(Some(b)) => buf = b,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let report = report.clone();
+                s.spawn(|| worker(report))
+            })
+            .collect();
+        drop(report);
+        // This thread prints the progress the workers make, until they are all done.
+        let mut printed = Ok(());
+        for percent in progress {
+            if printed.is_ok() {
+                printed = printer.print(percent);
+                if printed.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        // The first error in guest order is the one qemu-img would have met first.
+        let mut result = Ok(());
+        for h in handles {
+            let r = h.join().map_err(|_| stopped()).and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result.and(printed)
+    })
+}
+
+/// Most threads an uncompressed copy into a [`ParallelWriter`] runs.
+const MAX_COPY_THREADS: usize = 4;
+
 /// Uncompressed copy: this thread reads the pieces, a writer thread writes them in guest order, with up to
 /// `opts.parallel` pieces (at most 4: 8 MiB) between them.
 fn copy_pipelined(
     reader: &mut Reader<'_>,
+    printer: &mut Printer<'_>,
     dst: &mut (dyn VirtualDiskWrite + Send),
     opts: &CopyOptions,
 ) -> Result<(), ConvertError> {
     if opts.parallel <= 1 {
-        while let Some(p) = reader.next(Vec::new(), opts)? {
+        while let Some(p) = printer.next(reader, AlignedBuf::default(), opts)? {
             write_piece(dst, &p, opts)?;
         }
         return Ok(());
@@ -787,7 +977,7 @@ fn copy_pipelined(
     let depth = opts.parallel.min(4);
     std::thread::scope(|s| {
         let (to_writer, pieces) = mpsc::sync_channel::<Piece>(depth);
-        let (give_back, returned) = mpsc::channel::<Vec<u8>>();
+        let (give_back, returned) = mpsc::channel::<AlignedBuf>();
         let writer = s.spawn(move || -> Result<(), ConvertError> {
             for p in pieces {
                 write_piece(dst, &p, opts)?;
@@ -801,7 +991,7 @@ fn copy_pipelined(
             loop {
                 let buf = if spare > 0 {
                     spare -= 1;
-                    Vec::new()
+                    AlignedBuf::default()
                 } else {
                     match returned.recv() {
                         Ok(b) => b,
@@ -809,7 +999,7 @@ fn copy_pipelined(
                         Err(_) => return Ok(()),
                     }
                 };
-                let Some(p) = reader.next(buf, opts)? else {
+                let Some(p) = printer.next(reader, buf, opts)? else {
                     return Ok(());
                 };
                 if to_writer.send(p).is_err() {
@@ -837,6 +1027,7 @@ const BATCH_BYTES: usize = 16 << 20;
 /// is read; the writes stay in guest order on this thread.
 fn copy_compressed(
     reader: &mut Reader<'_>,
+    printer: &mut Printer<'_>,
     dst: &mut (dyn VirtualDiskWrite + Send),
     opts: &CopyOptions,
 ) -> Result<(), ConvertError> {
@@ -850,21 +1041,22 @@ fn copy_compressed(
         None => 1,
     };
     let batch_len = (workers * 4).min((BATCH_BYTES / step).max(workers));
-    let next_batch = |reader: &mut Reader<'_>| -> Result<Vec<Piece>, ConvertError> {
-        let mut batch = Vec::with_capacity(batch_len);
-        let mut data = 0;
-        while data < batch_len {
-            let Some(p) = reader.next(Vec::new(), opts)? else {
-                break;
-            };
-            if p.status == Status::Data {
-                data += 1;
+    let next_batch =
+        |reader: &mut Reader<'_>, printer: &mut Printer<'_>| -> Result<Vec<Piece>, ConvertError> {
+            let mut batch = Vec::with_capacity(batch_len);
+            let mut data = 0;
+            while data < batch_len {
+                let Some(p) = printer.next(reader, AlignedBuf::default(), opts)? else {
+                    break;
+                };
+                if p.status == Status::Data {
+                    data += 1;
+                }
+                batch.push(p);
             }
-            batch.push(p);
-        }
-        Ok(batch)
-    };
-    let mut current = next_batch(reader)?;
+            Ok(batch)
+        };
+    let mut current = next_batch(reader, printer)?;
     while !current.is_empty() {
         let next = match compressor {
             Some(tc) if workers > 1 => {
@@ -884,7 +1076,7 @@ fn copy_compressed(
                             })
                         })
                         .collect();
-                    let next = next_batch(reader);
+                    let next = next_batch(reader, printer);
                     for h in handles {
                         h.join().map_err(|_| {
                             ConvertError("a compression thread stopped unexpectedly".to_string())
@@ -900,7 +1092,7 @@ fn copy_compressed(
         }
         current = match compressor {
             Some(_) if workers > 1 => next,
-            _ => next_batch(reader)?,
+            _ => next_batch(reader, printer)?,
         };
     }
     Ok(())
