@@ -5,8 +5,9 @@
 //! cluster in small pieces inflates it once), and zstd through `ruzstd`.
 //!
 //! For writes it also supplies the compression the engine leaves to its caller: [`compress_cluster`] turns
-//! one guest cluster into what [`Image::write_compressed`] stores, with a raw-deflate encoder of its own
-//! ([`deflate`], 4 KiB window as QEMU requires) or zstd (ruzstd's encoder; libzstd with the `zstd-c` feature).
+//! one guest cluster into what [`Image::write_compressed`] stores: raw deflate through zlib-rs with QEMU's
+//! settings (level 6, a 4 KiB window, which QEMU's inflater requires), or zstd (ruzstd's encoder; libzstd with
+//! the `zstd-c` feature).
 
 #![no_std]
 #![forbid(unsafe_code)]
@@ -33,8 +34,6 @@ use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use ruzstd::encoding::{CompressionLevel, compress_to_vec};
 #[cfg(not(feature = "zstd-c"))]
 use ruzstd::io::Read;
-
-pub mod deflate;
 
 /// Metadata slices the heap-backed image caches.
 pub const SLICES: usize = 32;
@@ -88,7 +87,7 @@ pub fn open_writable<D: BlockDeviceWrite, R: Resolver<D>>(
 pub fn compress_cluster(ty: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
     let limit = data.len().checked_sub(1)?;
     match ty {
-        CompressionType::Deflate => deflate::deflate_raw(data, limit),
+        CompressionType::Deflate => deflate_raw(data, limit),
         // libzstd at its default level, as QEMU compresses (several times faster than ruzstd's encoder).
         #[cfg(feature = "zstd-c")]
         CompressionType::Zstd => {
@@ -102,6 +101,26 @@ pub fn compress_cluster(ty: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
             (out.len() <= limit).then_some(out)
         }
     }
+}
+
+/// Raw deflate of `data` as QEMU compresses a cluster (zlib's `deflateInit2` with the default level, a 4 KiB
+/// window, memory level 9, the default strategy), when the result fits in `limit` bytes.
+fn deflate_raw(data: &[u8], limit: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; limit];
+    let config = zlib_rs::DeflateConfig {
+        level: 6,
+        method: zlib_rs::Method::Deflated,
+        window_bits: -12,
+        mem_level: 9,
+        strategy: zlib_rs::Strategy::Default,
+    };
+    let (done, code) = zlib_rs::compress_slice(&mut out, data, config);
+    if code != zlib_rs::ReturnCode::Ok {
+        return None;
+    }
+    let n = done.len();
+    out.truncate(n);
+    Some(out)
 }
 
 /// Deflate with whole-cluster buffers, and zstd (ruzstd, or libzstd with the `zstd-c` feature). Keeps the last
@@ -410,6 +429,75 @@ mod tests {
                 assert!(out == data, "{ty:?} {size}");
             }
         }
+    }
+
+    /// Noise blocks that repeat further back than 4 KiB: a 32 KiB window would refer back to them.
+    fn far_repeats(size: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let block: Vec<u8> = (0..3000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        (0..size)
+            .map(|i| {
+                if i % 6000 < 3000 {
+                    block[i % 6000]
+                } else {
+                    (i % 7) as u8
+                }
+            })
+            .collect()
+    }
+
+    /// What an inflater with a 4 KiB window (zlib, windowBits -12) makes of a stream when it hands out its
+    /// output 512 bytes at a time, so that nothing further back than the window is there to refer to.
+    fn inflate_4k(stream: &[u8], size: usize) -> Option<Vec<u8>> {
+        let mut inf = zlib_rs::Inflate::new(false, 12);
+        let mut out = Vec::with_capacity(size);
+        let mut chunk = [0u8; 512];
+        let mut input = stream;
+        while out.len() < size {
+            let (in0, out0) = (inf.total_in(), inf.total_out());
+            let st = inf
+                .decompress(input, &mut chunk, zlib_rs::InflateFlush::NoFlush)
+                .ok()?;
+            let used = (inf.total_in() - in0) as usize;
+            let made = (inf.total_out() - out0) as usize;
+            out.extend_from_slice(&chunk[..made]);
+            input = &input[used..];
+            if st == zlib_rs::Status::StreamEnd || (used == 0 && made == 0) {
+                break;
+            }
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn deflate_clusters_keep_to_qemus_4k_window() {
+        for size in [512usize, 4096, 65536, 2 << 20] {
+            let mut inputs = vec![cluster(size)];
+            if size > 6000 {
+                inputs.push(far_repeats(size));
+            }
+            for data in inputs {
+                let c = compress_cluster(CompressionType::Deflate, &data).expect("compressible");
+                assert!(c.len() < size);
+                assert!(inflate_4k(&c, size).as_deref() == Some(&data[..]), "{size}");
+            }
+        }
+        // The check can fail: with a 32 KiB window the same data refers too far back for QEMU.
+        let data = far_repeats(65536);
+        let mut wide = vec![0u8; 65536];
+        let config = zlib_rs::DeflateConfig {
+            window_bits: -15,
+            ..zlib_rs::DeflateConfig::default()
+        };
+        let (wide, _) = zlib_rs::compress_slice(&mut wide, &data, config);
+        assert!(inflate_4k(wide, 65536).is_none());
     }
 
     #[test]
