@@ -844,6 +844,9 @@ fn copy_parallel(
     let reader = Mutex::new(reader);
     let dst = Mutex::new(dst);
     let failed = AtomicBool::new(false);
+    // A filesystem takes buffered writes to one file one at a time (ext4 and XFS hold the inode's lock
+    // exclusively); waiting here sleeps instead of spinning in the kernel on the other writer.
+    let store_lock = Mutex::new(());
     let stopped = || ConvertError("a copy thread stopped unexpectedly".to_string());
     let (report, progress) = mpsc::channel::<f32>();
     // One piece: read, zeros written and data reserved in guest order; then the data stored and committed.
@@ -891,7 +894,11 @@ fn copy_parallel(
             for (res, start) in jobs.by_ref() {
                 let at = res.guest();
                 let data = &p.buf[start..start + res.len() as usize];
-                if let Err(e) = pw.store(&res, data) {
+                let stored = {
+                    let _one_at_a_time = store_lock.lock().map_err(|_| stopped())?;
+                    pw.store(&res, data)
+                };
+                if let Err(e) = stored {
                     dst.lock().map_err(|_| stopped())?.cancel(res);
                     return Err(ConvertError(format!(
                         "error while writing at byte {at}: {e}"
@@ -945,7 +952,6 @@ fn copy_parallel(
                 }
             }
         }
-        // The first error in guest order is the one qemu-img would have met first.
         let mut result = Ok(());
         for h in handles {
             let r = h.join().map_err(|_| stopped()).and_then(|r| r);
