@@ -602,12 +602,15 @@ pub fn convert(
                 backing_fmt: backing_fmt.clone(),
                 file: dst.to_string(),
                 size: Some(size.to_string()),
+                // As qemu-img's convert, the image is made without opening its backing file; opening the
+                // new image does.
+                unsafe_backing: true,
                 ..Default::default()
             };
             crate::cli::create::run_create(&args, &mut std::io::sink())
-                .map_err(|e| ConvertError(e.0))?;
+                .map_err(|e| creation_error(dst, e.0))?;
             let opened = crate::open::open_disk_writable_cache(dst, Some("qcow2"), opts.cache)
-                .map_err(|e| ConvertError(e.0))?;
+                .map_err(|e| ConvertError(format!("Could not open '{dst}': {}", e.0)))?;
             if opts.target_has_backing {
                 opts.target_backing_size = opened.chain.get(1).map(|b| b.virtual_size);
             }
@@ -629,6 +632,21 @@ pub fn convert(
     prog.end(out).map_err(io)?;
     disk.close()
         .map_err(|e| ConvertError(format!("{dst}: {e}")))
+}
+
+/// qemu-img convert's wording of a failed creation of `dst`: option syntax errors come before the image is
+/// created and name no file; what the format refuses is "error while converting".
+fn creation_error(dst: &str, msg: String) -> ConvertError {
+    let Some(rest) = msg.strip_prefix(&format!("{dst}: ")) else {
+        return ConvertError(msg);
+    };
+    if rest.starts_with("Invalid parameter '")
+        || (rest.starts_with("Parameter '") && rest.contains("' expects "))
+    {
+        ConvertError(rest.to_string())
+    } else {
+        ConvertError(format!("{dst}: error while converting qcow2: {rest}"))
+    }
 }
 
 /// Creates the sparse raw file `dst` of `size` bytes, the way QEMU's file driver does.
