@@ -605,7 +605,6 @@ pub fn convert(
                 // As qemu-img's convert, the image is made without opening its backing file; opening the
                 // new image does.
                 unsafe_backing: true,
-                ..Default::default()
             };
             crate::cli::create::run_create(&args, &mut std::io::sink())
                 .map_err(|e| creation_error(dst, e.0))?;
