@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: `qcow2 bench` (this engine) against `qemu-img bench` on the same images with the same
 # options, alternating the two tools, several runs per case; prints a markdown table of medians and ratios and
-# the peak memory (maximum resident set) of each side.
+# the peak memory (maximum resident set) of each side; then the convert cases of bench/convert.sh (`qcow2
+# convert` against `qemu-img convert`) at the same size.
 #
 #   bench/run.sh [--quick] [--smoke] [--runs N] [--dir DIR] [--drop-caches] [--keep]
 #
@@ -166,3 +167,12 @@ echo
 echo "| case | depth | ours (s) | qemu-img (s) | ratio | vs raw (ours / qemu) | ours peak RSS (MiB) | qemu-img peak RSS (MiB) |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${rows[@]}"
+
+# The convert cases (bench/convert.sh: qcow2 convert against qemu-img convert), at the same size.
+echo
+convert_args=(--runs "$runs")
+case $mode in
+quick) convert_args+=(--quick) ;;
+smoke) convert_args=(--smoke) ;;
+esac
+bash bench/convert.sh "${convert_args[@]}"

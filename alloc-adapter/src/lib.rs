@@ -431,17 +431,21 @@ mod tests {
         }
     }
 
-    /// Noise blocks that repeat further back than 4 KiB: a 32 KiB window would refer back to them.
-    fn far_repeats(size: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let block: Vec<u8> = (0..3000)
+    /// `len` bytes of xorshift noise.
+    fn noise(mut x: u64, len: usize) -> Vec<u8> {
+        (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
+            .collect()
+    }
+
+    /// Noise blocks that repeat further back than 4 KiB: a 32 KiB window would refer back to them.
+    fn far_repeats(size: usize) -> Vec<u8> {
+        let block = noise(0x9e37_79b9_7f4a_7c15, 3000);
         (0..size)
             .map(|i| {
                 if i % 6000 < 3000 {
@@ -523,15 +527,7 @@ mod tests {
 
     #[test]
     fn incompressible_clusters_are_refused() {
-        let mut x = 88172645463325252u64;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(88172645463325252, 65536);
         assert!(compress_cluster(CompressionType::Deflate, &noise).is_none());
         assert!(compress_cluster(CompressionType::Zstd, &noise).is_none());
         assert!(compress_cluster(CompressionType::Deflate, &[]).is_none());

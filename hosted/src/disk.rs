@@ -443,44 +443,40 @@ pub enum Reserve {
 /// A range of a disk reserved for data stored from another thread ([`VirtualDiskWrite::reserve`]): used up
 /// by [`VirtualDiskWrite::commit`] or [`VirtualDiskWrite::cancel`] on the disk that made it.
 #[derive(Debug)]
-pub struct Reservation {
-    guest: u64,
-    host: u64,
-    len: u64,
-    /// The engine's reservation, for a qcow2 image.
-    pub(crate) qcow2: Option<qcow2_core::write::Reservation>,
+pub enum Reservation {
+    /// Bytes of a raw file: host offsets are guest offsets.
+    Raw {
+        /// Guest (and host) offset of the first byte.
+        offset: u64,
+        /// Bytes reserved.
+        len: u64,
+    },
+    /// New clusters of a qcow2 image (the engine's reservation).
+    Qcow2(qcow2_core::write::Reservation),
 }
 
 impl Reservation {
-    /// A reservation of `len` bytes at guest `guest`, stored at `host` of the disk's file.
-    pub(crate) fn new(
-        guest: u64,
-        host: u64,
-        len: u64,
-        qcow2: Option<qcow2_core::write::Reservation>,
-    ) -> Reservation {
-        Reservation {
-            guest,
-            host,
-            len,
-            qcow2,
-        }
-    }
     /// Guest offset of the first byte.
     pub fn guest(&self) -> u64 {
-        self.guest
+        match self {
+            Reservation::Raw { offset, .. } => *offset,
+            Reservation::Qcow2(r) => r.guest(),
+        }
     }
     /// Where the data goes in the disk's file.
     pub fn host(&self) -> u64 {
-        self.host
+        match self {
+            Reservation::Raw { offset, .. } => *offset,
+            Reservation::Qcow2(r) => r.host(),
+        }
     }
-    /// Bytes reserved (at least one).
+    /// Bytes reserved (never 0).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// Whether nothing is reserved (never, for a reservation a disk made).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+        match self {
+            Reservation::Raw { len, .. } => *len,
+            Reservation::Qcow2(r) => r.len(),
+        }
     }
 }
 
@@ -503,13 +499,13 @@ impl ParallelWriter {
 
     /// Stores the data of reservation `r` (`buf` is `r.len()` bytes).
     pub fn store(&self, r: &Reservation, buf: &[u8]) -> Result<(), DiskError> {
-        if buf.len() as u64 != r.len {
+        if buf.len() as u64 != r.len() {
             return Err(DiskError::with_kind(
                 ErrorKind::InvalidArgument,
                 "data does not match the reservation",
             ));
         }
-        self.write_at(r.host, buf)
+        self.write_at(r.host(), buf)
     }
 
     /// Writes `buf` at `offset` of the file.

@@ -661,18 +661,16 @@ impl VirtualDiskWrite for Qcow2Disk {
                 .reserve_clusters(offset, whole)
                 .map_err(engine_error)?
             {
-                Some(r) => {
-                    Reserve::Reserved(Reservation::new(r.guest(), r.host(), r.len(), Some(r)))
-                }
+                Some(r) => Reserve::Reserved(Reservation::Qcow2(r)),
                 None => Reserve::WriteFirst(to_boundary),
             },
         )
     }
 
     fn commit(&mut self, r: Reservation) -> Result<(), DiskError> {
-        match r.qcow2 {
-            Some(r) => self.image.commit_reservation(r).map_err(engine_error),
-            None => Err(DiskError::with_kind(
+        match r {
+            Reservation::Qcow2(r) => self.image.commit_reservation(r).map_err(engine_error),
+            Reservation::Raw { .. } => Err(DiskError::with_kind(
                 ErrorKind::InvalidArgument,
                 "not a reservation of this image",
             )),
@@ -680,7 +678,7 @@ impl VirtualDiskWrite for Qcow2Disk {
     }
 
     fn cancel(&mut self, r: Reservation) {
-        if let Some(r) = r.qcow2 {
+        if let Reservation::Qcow2(r) = r {
             self.image.cancel_reservation(r);
         }
     }

@@ -155,9 +155,10 @@ impl VirtualDiskWrite for RawDisk {
         if self.probed || inside == 0 {
             return Ok(Reserve::WriteFirst(len));
         }
-        Ok(Reserve::Reserved(Reservation::new(
-            offset, offset, inside, None,
-        )))
+        Ok(Reserve::Reserved(Reservation::Raw {
+            offset,
+            len: inside,
+        }))
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {

@@ -526,12 +526,9 @@ impl Reservation {
     pub fn host(&self) -> u64 {
         self.host
     }
-    /// Bytes reserved (whole clusters; possibly fewer than asked for).
+    /// Bytes reserved (whole clusters; possibly fewer than asked for; never 0).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u64 {
         self.len
-    }
-    /// Whether nothing is reserved (never, for a reservation the engine made).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
