@@ -546,8 +546,12 @@ fn write_piece(
         return piece_runs(p, opts, |off, run| write_run(dst, off, run, opts));
     }
     let off = p.sector * SECTOR;
-    let fail =
-        |e: DiskError| ConvertError(format!("error while compressing sector {}: {e}", p.sector));
+    let fail = |e: DiskError| {
+        ConvertError(format!(
+            "error while writing at byte {}: {e}",
+            p.sector * SECTOR
+        ))
+    };
     if opts.min_sparse != 0 && is_zero(&p.buf) {
         return write_zeros(dst, off, p.sectors * SECTOR, opts).map_err(fail);
     }
@@ -703,19 +707,20 @@ pub fn copy_guest_data(
         &mut padded
     };
     let total = src.virtual_size().div_ceil(SECTOR);
-    let cluster = if opts.compress {
-        let c = dst.compressed_cluster_size().map_err(|e| {
-            ConvertError(format!(
-                "Compression not supported for this file format: {e}"
-            ))
-        })?;
-        let c = c / SECTOR;
-        if c == 0 || c > MAX_MIN_SPARSE {
-            return Err(ConvertError("invalid cluster size".to_string()));
+    // A target that takes no compressed writes fails at its first write, as qemu-img's does.
+    let (cluster, no_compression) = if opts.compress {
+        match dst.compressed_cluster_size() {
+            Ok(c) => {
+                let c = c / SECTOR;
+                if c == 0 || c > MAX_MIN_SPARSE {
+                    return Err(ConvertError("invalid cluster size".to_string()));
+                }
+                (c, None)
+            }
+            Err(e) => (1, Some(e)),
         }
-        c
     } else {
-        1
+        (1, None)
     };
     let mut plan = Plan {
         total,
@@ -729,6 +734,12 @@ pub fn copy_guest_data(
     while sector < total {
         let (status, n) = plan.next(src, sector, &opts)?;
         if status == Status::Data {
+            if let Some(e) = no_compression {
+                return Err(ConvertError(format!(
+                    "error while writing at byte {}: {e}",
+                    sector * SECTOR
+                )));
+            }
             allocated += n;
         }
         sector += n;
