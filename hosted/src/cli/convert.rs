@@ -591,7 +591,23 @@ pub fn convert(
     let mut prog = Progress::new(opts.progress, 1.0);
     let io = |e: std::io::Error| ConvertError(format!("{dst}: {}", DiskError::os_text(&e)));
     prog.print(0.0, 100, out).map_err(io)?;
-    let mut disk: Box<dyn VirtualDiskWrite + Send> = match target {
+    let mut disk = open_target(dst, target, size, &mut opts)?;
+    copy_guest_data(src, disk.as_mut(), opts, &mut prog, out)?;
+    prog.print(100.0, 0, out).map_err(io)?;
+    prog.end(out).map_err(io)?;
+    disk.close()
+        .map_err(|e| ConvertError(format!("{dst}: {e}")))
+}
+
+/// Creates (or, with `-n`, opens) the target `dst` for a conversion of `size` bytes, with `opts.cache`;
+/// with a backing file, notes its size in `opts`.
+pub fn open_target(
+    dst: &str,
+    target: &Target,
+    size: u64,
+    opts: &mut CopyOptions,
+) -> Result<Box<dyn VirtualDiskWrite + Send>, ConvertError> {
+    Ok(match target {
         Target::NewRaw => Box::new(create_raw(dst, size, opts.cache)?),
         Target::NewQcow2 {
             options,
@@ -629,12 +645,7 @@ pub fn convert(
             }
             opened.disk
         }
-    };
-    copy_guest_data(src, disk.as_mut(), opts, &mut prog, out)?;
-    prog.print(100.0, 0, out).map_err(io)?;
-    prog.end(out).map_err(io)?;
-    disk.close()
-        .map_err(|e| ConvertError(format!("{dst}: {e}")))
+    })
 }
 
 /// qemu-img convert's wording of a failed creation of `dst`: option syntax errors come before the image is

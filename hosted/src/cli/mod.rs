@@ -457,11 +457,31 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
         }
         convert::Target::NewRaw
     };
-    copy.cache = match cache {
-        Some(v) => {
-            cache::CacheMode::parse(&v).ok_or_else(|| fail(format!("Invalid cache option: {v}")))?
-        }
+    let parts = opened
+        .iter_mut()
+        .map(|o| -> &mut (dyn disk::VirtualDisk + Send) { o.disk.as_mut() })
+        .collect();
+    let mut src = convert::Sources::new(parts);
+    copy.cache = match cache.as_deref().map(cache::CacheMode::parse) {
+        Some(Some(mode)) => mode,
         None => cache::CacheMode::UNSAFE,
+        Some(None) => {
+            // qemu-img checks the target's cache mode only once it has created the target.
+            if !no_create {
+                let made = convert::open_target(
+                    &dst,
+                    &target,
+                    disk::VirtualDisk::virtual_size(&src),
+                    &mut copy,
+                );
+                made.and_then(|t| t.close().map_err(|e| convert::ConvertError(e.0)))
+                    .map_err(|e| fail(e.0))?;
+            }
+            return Err(fail(format!(
+                "Invalid cache option: {}",
+                cache.unwrap_or_default()
+            )));
+        }
     };
     copy.progress = progress && !quiet;
     copy.quiet = quiet;
@@ -469,11 +489,6 @@ fn cmd_convert(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     // sparse detection on), or what the user asserts with --target-is-zero.
     copy.target_zeroed =
         target_is_zero || (!no_create && copy.min_sparse != 0 && !copy.target_has_backing);
-    let parts = opened
-        .iter_mut()
-        .map(|o| -> &mut (dyn disk::VirtualDisk + Send) { o.disk.as_mut() })
-        .collect();
-    let mut src = convert::Sources::new(parts);
     convert::convert(&mut src, &dst, &target, copy, out).map_err(|e| fail(e.0))?;
     Ok(0)
 }
