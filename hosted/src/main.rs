@@ -1,12 +1,12 @@
 //! The `qcow2` command-line tool; see the library's `run`.
 
 fn main() {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
+    // Unlocked handles (each write takes the lock): worker threads print warnings on stderr while the
+    // command runs.
     let code = qcow2_hosted::cli::run(
         std::env::args_os().collect(),
-        &mut stdout.lock(),
-        &mut stderr.lock(),
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
     );
     std::process::exit(code);
 }
