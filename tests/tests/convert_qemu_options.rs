@@ -414,3 +414,31 @@ fn salvage_warns_about_the_sectors_qemu_img_warns_about() {
     assert_eq!(o.code, Some(1), "{}", o.describe());
     assert_eq!(o.code, q.code);
 }
+
+/// `-o preallocation=...` gives qemu-img's image byte for byte, and `-p` prints qemu-img's progress lines
+/// byte for byte (and nothing else on stdout).
+#[test]
+fn preallocation_and_progress_match_qemu_img() {
+    let s = Scratch::new();
+    let src = holey_source(&s);
+    for p in ["metadata", "falloc", "full"] {
+        let option = format!("preallocation={p}");
+        let (a, b) = both(
+            &s,
+            "pre",
+            &["-f", "raw", "-O", "qcow2", "-o", &option],
+            &[&src],
+            None,
+        );
+        same_bytes(&a, &b, &format!("convert -o {option}"));
+    }
+    let (a, b) = (s.path("p.ours"), s.path("p.qemu"));
+    let o = convert(ours, &["-p", "-f", "raw", "-O", "raw"], &[&src], &a);
+    let q = convert(theirs, &["-p", "-f", "raw", "-O", "raw"], &[&src], &b);
+    assert!(o.success() && q.success(), "{}", o.describe());
+    assert!(o.stdout.ends_with(b"(100.00/100%)\r\n"), "{}", o.describe());
+    assert_eq!(o.stdout_str(), q.stdout_str());
+    // -q silences it.
+    let o = convert(ours, &["-p", "-q", "-f", "raw", "-O", "raw"], &[&src], &a);
+    assert!(o.success() && o.stdout.is_empty(), "{}", o.describe());
+}
