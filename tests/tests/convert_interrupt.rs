@@ -38,8 +38,9 @@ fn killed_conversions_leave_no_corruption() {
             std::thread::sleep(whole * step / 7);
             let killed = child.kill().is_ok();
             let status = child.wait().unwrap();
-            if !killed || status.success() || !dst.exists() {
-                // It finished (or had not made the file) before the kill.
+            let started = std::fs::read(&dst).is_ok_and(|b| b.starts_with(b"QFI\xfb"));
+            if !killed || status.success() || !started {
+                // It finished, or had not written the new image's header yet, before the kill.
                 continue;
             }
             interrupted += 1;
@@ -69,4 +70,50 @@ fn run(src: &std::path::Path, dst: &std::path::Path, args: &[&str]) -> std::proc
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A target that cannot grow (the file size limit, as a full disk would stop it): the conversion stops with
+/// qemu-img's message and exit code, and a qcow2 target is left clean.
+#[test]
+fn write_failures_stop_with_qemu_img_message() {
+    let s = Scratch::new();
+    let src = s.path("src.raw");
+    write_at(&src, 0, &noise(9, 8 << 20));
+    for fmt in ["raw", "qcow2"] {
+        let mut lines = Vec::new();
+        let tools = [
+            (qcow2_bin().as_os_str().to_owned(), "ours"),
+            ("qemu-img".into(), "qemu"),
+        ];
+        for (tool, name) in tools {
+            let dst = s.path(&format!("{name}.{fmt}"));
+            // 2 MiB at most per file; SIGXFSZ ignored, so the write fails with EFBIG.
+            let mut cmd = Command::new("bash");
+            // qemu-img as the harness runs it (QCOW2_QEMU_DIR first on PATH).
+            qcow2_tests::qemu_env(&mut cmd);
+            let out = cmd
+                .arg("-c")
+                .arg("trap '' XFSZ; ulimit -f 4096; exec \"$@\"")
+                .arg("limited")
+                .arg(&tool)
+                .args(["convert", "-f", "raw", "-O", fmt])
+                .arg(&src)
+                .arg(&dst)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(1), "{name} -O {fmt}: {out:?}");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let line = err.lines().next().unwrap_or("").to_string();
+            let file = dst.to_str().unwrap();
+            lines.push(
+                line.split_once(": ")
+                    .map_or(line.clone(), |(_, m)| m.replace(file, "DST")),
+            );
+            if fmt == "qcow2" {
+                let check = qemu_img(["check", file]);
+                assert_eq!(check.code, Some(0), "{name}: {}", check.describe());
+            }
+        }
+        assert_eq!(lines[0], lines[1], "-O {fmt}");
+    }
 }

@@ -679,7 +679,7 @@ fn create_raw(dst: &str, size: u64, cache: CacheMode) -> Result<RawDisk, Convert
         })?;
     file.set_len(size).map_err(|e| {
         ConvertError(format!(
-            "{dst}: Could not resize file: {}",
+            "{dst}: error while converting raw: Could not resize file: {}",
             DiskError::os_text(&e)
         ))
     })?;
@@ -689,7 +689,7 @@ fn create_raw(dst: &str, size: u64, cache: CacheMode) -> Result<RawDisk, Convert
     if first > 0 {
         file.write_all_at(&vec![0u8; first], 0).map_err(|e| {
             ConvertError(format!(
-                "{dst}: Could not write to the new file: {}",
+                "{dst}: error while converting raw: Could not write to the new file: {}",
                 DiskError::os_text(&e)
             ))
         })?;
@@ -889,77 +889,85 @@ fn copy_parallel(
     let stopped = || ConvertError("a copy thread stopped unexpectedly".to_string());
     let (report, progress) = mpsc::channel::<f32>();
     // One piece: read, zeros written and data reserved in guest order; then the data stored and committed.
+    // Errors come with the sector of the piece that met them: of several, the first in guest order is
+    // reported (the one a serial copy would have met).
     let copy_one = |buf: AlignedBuf,
                     report: &mpsc::Sender<f32>|
-     -> Result<Option<AlignedBuf>, ConvertError> {
-        let mut r = reader.lock().map_err(|_| stopped())?;
-        let Some(p) = r.next(buf, opts)? else {
-            return Ok(None);
-        };
-        if let Some(percent) = r.progress.take() {
-            // The printing thread is gone only when it failed (and said so).
-            let _ = report.send(percent);
-        }
-        let mut jobs: Vec<(Reservation, usize)> = Vec::new();
-        let base = p.sector * SECTOR;
-        let planned = {
-            let mut d = dst.lock().map_err(|_| stopped())?;
-            piece_runs(&p, opts, |off, run| match run {
-                Run::Zeros(len) => write_zeros(&mut **d, off, len, opts),
-                Run::Data(bytes) => {
-                    let mut at = 0usize;
-                    while at < bytes.len() {
-                        let left = (bytes.len() - at) as u64;
-                        match d.reserve(off + at as u64, left)? {
-                            Reserve::Reserved(res) => {
-                                let n = res.len() as usize;
-                                jobs.push((res, (off - base) as usize + at));
-                                at += n;
-                            }
-                            Reserve::WriteFirst(n) => {
-                                let n = n.clamp(1, left) as usize;
-                                d.write_at(off + at as u64, &bytes[at..at + n])?;
-                                at += n;
+     -> Result<Option<AlignedBuf>, (u64, ConvertError)> {
+        let mut first = u64::MAX;
+        let run = || -> Result<Option<AlignedBuf>, ConvertError> {
+            let mut r = reader.lock().map_err(|_| stopped())?;
+            first = r.sector;
+            let Some(p) = r.next(buf, opts)? else {
+                return Ok(None);
+            };
+            if let Some(percent) = r.progress.take() {
+                // The printing thread is gone only when it failed (and said so).
+                let _ = report.send(percent);
+            }
+            let mut jobs: Vec<(Reservation, usize)> = Vec::new();
+            let base = p.sector * SECTOR;
+            let planned = {
+                let mut d = dst.lock().map_err(|_| stopped())?;
+                piece_runs(&p, opts, |off, run| match run {
+                    Run::Zeros(len) => write_zeros(&mut **d, off, len, opts),
+                    Run::Data(bytes) => {
+                        let mut at = 0usize;
+                        while at < bytes.len() {
+                            let left = (bytes.len() - at) as u64;
+                            match d.reserve(off + at as u64, left)? {
+                                Reserve::Reserved(res) => {
+                                    let n = res.len() as usize;
+                                    jobs.push((res, (off - base) as usize + at));
+                                    at += n;
+                                }
+                                Reserve::WriteFirst(n) => {
+                                    let n = n.clamp(1, left) as usize;
+                                    d.write_at(off + at as u64, &bytes[at..at + n])?;
+                                    at += n;
+                                }
                             }
                         }
+                        Ok(())
                     }
-                    Ok(())
+                })
+            };
+            drop(r);
+            let mut jobs = jobs.into_iter();
+            let stored = planned.and_then(|()| {
+                for (res, start) in jobs.by_ref() {
+                    let at = res.guest();
+                    let data = &p.buf[start..start + res.len() as usize];
+                    let stored = {
+                        let _one_at_a_time = store_lock.lock().map_err(|_| stopped())?;
+                        pw.store(&res, data)
+                    };
+                    if let Err(e) = stored {
+                        dst.lock().map_err(|_| stopped())?.cancel(res);
+                        return Err(ConvertError(format!(
+                            "error while writing at byte {at}: {e}"
+                        )));
+                    }
+                    let mut d = dst.lock().map_err(|_| stopped())?;
+                    d.commit(res).map_err(|e| {
+                        ConvertError(format!("error while writing at byte {at}: {e}"))
+                    })?;
                 }
-            })
+                Ok(())
+            });
+            if stored.is_err() {
+                // What was reserved and not stored goes back.
+                if let Ok(mut d) = dst.lock() {
+                    for (res, _) in jobs {
+                        d.cancel(res);
+                    }
+                }
+            }
+            stored.map(|()| Some(p.buf))
         };
-        drop(r);
-        let mut jobs = jobs.into_iter();
-        let stored = planned.and_then(|()| {
-            for (res, start) in jobs.by_ref() {
-                let at = res.guest();
-                let data = &p.buf[start..start + res.len() as usize];
-                let stored = {
-                    let _one_at_a_time = store_lock.lock().map_err(|_| stopped())?;
-                    pw.store(&res, data)
-                };
-                if let Err(e) = stored {
-                    dst.lock().map_err(|_| stopped())?.cancel(res);
-                    return Err(ConvertError(format!(
-                        "error while writing at byte {at}: {e}"
-                    )));
-                }
-                let mut d = dst.lock().map_err(|_| stopped())?;
-                d.commit(res)
-                    .map_err(|e| ConvertError(format!("error while writing at byte {at}: {e}")))?;
-            }
-            Ok(())
-        });
-        if stored.is_err() {
-            // What was reserved and not stored goes back.
-            if let Ok(mut d) = dst.lock() {
-                for (res, _) in jobs {
-                    d.cancel(res);
-                }
-            }
-        }
-        stored.map(|()| Some(p.buf))
+        run().map_err(|e| (first, e))
     };
-    let worker = |report: mpsc::Sender<f32>| -> Result<(), ConvertError> {
+    let worker = |report: mpsc::Sender<f32>| -> Result<(), (u64, ConvertError)> {
         let mut buf = AlignedBuf::default();
         while !failed.load(Ordering::Relaxed) {
             match copy_one(buf, &report) {
@@ -991,14 +999,21 @@ fn copy_parallel(
                 }
             }
         }
-        let mut result = Ok(());
+        let mut first_error: Option<(u64, ConvertError)> = None;
         for h in handles {
-            let r = h.join().map_err(|_| stopped()).and_then(|r| r);
-            if result.is_ok() {
-                result = r;
+            let failed = match h.join() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => (u64::MAX, stopped()),
+            };
+            if first_error.as_ref().is_none_or(|(at, _)| failed.0 < *at) {
+                first_error = Some(failed);
             }
         }
-        result.and(printed)
+        match first_error {
+            Some((_, e)) => Err(e),
+            None => printed,
+        }
     })
 }
 
