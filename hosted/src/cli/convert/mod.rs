@@ -22,6 +22,7 @@ use crate::disk::{
 };
 use crate::raw_disk::RawDisk;
 
+pub(super) mod args;
 mod copy;
 mod read;
 #[cfg(test)]
