@@ -109,7 +109,14 @@ fn sparse_sizes_parallelism_and_copy_modes_match_qemu_img() {
         let mut args = vec!["-f", "raw", "-O", "qcow2"];
         args.extend_from_slice(extra);
         let (a, b) = both(&s, "q", &args, &[&src], None);
-        same_bytes(&a, &b, &format!("convert {extra:?} -O qcow2"));
+        if extra == ["-W"] {
+            // qemu-img's out-of-order writes allocate clusters in whatever order they finish: only the
+            // guest content is the same.
+            let cmp = qemu_img(["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+            assert_eq!(cmp.code, Some(0), "-W: {}", cmp.describe());
+        } else {
+            same_bytes(&a, &b, &format!("convert {extra:?} -O qcow2"));
+        }
         assert_eq!(qemu_img(["check", a.to_str().unwrap()]).code, Some(0));
     }
 }
