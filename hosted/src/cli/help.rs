@@ -15,7 +15,7 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 8] = [
+pub const COMMANDS: [(&str, &str); 9] = [
     ("bench", "Run simple image benchmark"),
     ("check", "Check basic image integrity"),
     ("compare", "Check if two images have the same contents"),
@@ -24,6 +24,7 @@ pub const COMMANDS: [(&str, &str); 8] = [
         "Copy one image to another with optional format conversion",
     ),
     ("create", "Create and format new image file"),
+    ("dd", "Copy input to output with optional format conversion"),
     ("info", "Display information about image"),
     (
         "io",
@@ -195,6 +196,29 @@ pub fn command_help(cmd: &str) -> Option<String> {
      source image file name; several are concatenated
   TGT_FILENAME
      target image file name
+",
+        ),
+        "dd" => command(
+            description,
+            "  qcow2 dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]
+        if=INPUT of=OUTPUT
+",
+            "  -f, --format FMT
+     the format of INPUT (qcow2 or raw; probed when not given)
+  -O, --output-format OUTPUT_FMT
+     the format of OUTPUT: raw (default) or qcow2
+  -U, --force-share
+     accepted for compatibility (the input is opened read-only)
+  bs=BLOCK_SIZE[kKMGTP]
+     size of I/O block (default 512)
+  count=COUNT
+     the input ends after this many blocks (default: the whole INPUT)
+  skip=COUNT
+     blocks of the input to skip
+  if=INPUT
+     input file name
+  of=OUTPUT
+     output file name to create
 ",
         ),
         "create" => command(

@@ -8,6 +8,7 @@ pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod create;
+mod dd;
 pub mod help;
 pub mod info;
 pub mod io;
@@ -524,6 +525,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("compare") => cmd_compare(&mut p, out),
             Some("io") => cmd_io(&mut p, out, err),
             Some("create") => cmd_create(&mut p, out),
+            Some("dd") => dd::cmd_dd(&mut p, out),
             Some("bench") => cmd_bench(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),
             None => Err(fail(format!(
