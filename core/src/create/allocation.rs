@@ -177,26 +177,13 @@ impl<D: BlockDeviceWrite> Builder<'_, '_, D> {
     /// QEMU's `qcow2_refcount_metadata_size`: refcount blocks needed for `clusters` clusters plus the
     /// refcount structures themselves (with `generous`, room for a table half as large again).
     fn refcount_blocks_needed(&self, clusters: u64, generous: bool) -> u64 {
-        let per_block = self.refcount_block_entries().max(1);
-        let per_table_cluster = (self.header.cluster_size() / 8).max(1);
-        let (mut blocks, mut table, mut total) = (0u64, 0u64, 0u64);
-        let (mut clusters, mut generous) = (clusters, generous);
-        loop {
-            let last = total;
-            blocks = clusters
-                .saturating_add(table)
-                .saturating_add(blocks)
-                .div_ceil(per_block);
-            table = blocks.div_ceil(per_table_cluster);
-            total = clusters.saturating_add(blocks).saturating_add(table);
-            if total == last && generous {
-                clusters = clusters.saturating_add(table.div_ceil(2));
-                total = 0;
-                generous = false;
-            } else if total == last {
-                return blocks;
-            }
-        }
+        super::measure::refcount_structures(
+            clusters,
+            self.header.cluster_size(),
+            self.header.refcount_order,
+            generous,
+        )
+        .0
     }
 
     /// QEMU's `qcow2_refcount_area`: from cluster index `start` (past everything in use), new refcount blocks

@@ -56,6 +56,7 @@
 mod allocation;
 mod builder;
 mod header_cluster;
+pub mod measure;
 mod options;
 mod preallocation;
 mod refcounts;

@@ -15,7 +15,7 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 9] = [
+pub const COMMANDS: [(&str, &str); 10] = [
     ("bench", "Run simple image benchmark"),
     ("check", "Check basic image integrity"),
     ("compare", "Check if two images have the same contents"),
@@ -31,6 +31,7 @@ pub const COMMANDS: [(&str, &str); 9] = [
         "Run qemu-io commands on an image (qemu-io's command line)",
     ),
     ("map", "Dump image metadata"),
+    ("measure", "Calculate file size requred for a new image"),
 ];
 
 /// `qcow2 --help` (and `-h`).
@@ -219,6 +220,27 @@ pub fn command_help(cmd: &str) -> Option<String> {
      input file name
   of=OUTPUT
      output file name to create
+",
+        ),
+        "measure" => command(
+            description,
+            "  qcow2 measure [-f FMT] [-o OPTIONS] [-O OUTPUT_FMT] [--output OFMT] [-l SNAPSHOT_PARAM] [-U]
+       (--size SIZE | FILENAME)
+",
+            "  -O, --target-format FMT
+     the format of the new image: raw (default) or qcow2, with -o its creation options
+  --size SIZE
+     measure a new image of this virtual size
+  FILENAME
+     measure a new image that holds the content of FILENAME
+  -f, --format
+     the format of FILENAME (qcow2 or raw; probed when not given)
+  -l, --snapshot SNAPSHOT
+     measure FILENAME's internal snapshot SNAPSHOT
+  --output human|json
+     output format
+  -U, --force-share
+     accepted for compatibility (the image is opened read-only)
 ",
         ),
         "create" => command(

@@ -14,6 +14,7 @@ pub mod info;
 pub mod io;
 pub mod json;
 pub mod map;
+mod measure;
 pub mod progress;
 pub mod size;
 
@@ -521,6 +522,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("info") => cmd_info(&mut p, out),
             Some("check") => cmd_check(&mut p, out, err),
             Some("map") => cmd_map(&mut p, out),
+            Some("measure") => measure::cmd_measure(&mut p, out),
             Some("convert") => convert::args::cmd_convert(&mut p, out),
             Some("compare") => cmd_compare(&mut p, out),
             Some("io") => cmd_io(&mut p, out, err),

@@ -130,20 +130,7 @@ pub(in crate::cli) fn cmd_convert(
         opened.push(open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?);
     }
     if let Some(spec) = &snapshot {
-        let loaded = match snapshot_param(spec)? {
-            Some((id, name)) => opened[0].disk.load_snapshot(id.as_deref(), name.as_deref()),
-            None if files.len() > 1 => {
-                return Err(fail("No support for concatenating multiple snapshot"));
-            }
-            // An ID first, then a name (qemu-img's bdrv_snapshot_load_tmp_by_id_or_name).
-            None => match opened[0].disk.load_snapshot(Some(spec), None) {
-                Err(e) if e.kind() == disk::ErrorKind::NotFound => {
-                    opened[0].disk.load_snapshot(None, Some(spec))
-                }
-                other => other,
-            },
-        };
-        loaded.map_err(|e| fail(format!("Failed to load snapshot: {e}")))?;
+        load_snapshot(opened[0].disk.as_mut(), spec, files.len() > 1)?;
     }
     let qcow2 = match out_fmt.as_deref() {
         None | Some("raw") => false,
@@ -275,4 +262,24 @@ fn snapshot_param(s: &str) -> Result<Option<(Option<String>, Option<String>)>, F
         }
     }
     Ok(Some((id, name)))
+}
+
+/// `-l SPEC` (convert, measure): makes `disk` read as the internal snapshot SPEC names, as qemu-img loads it
+/// (`snapshot.id=...,snapshot.name=...`, or an ID first, then a name); `several`: there are more sources.
+pub(in crate::cli) fn load_snapshot(
+    disk: &mut (dyn disk::VirtualDisk + Send),
+    spec: &str,
+    several: bool,
+) -> Result<(), Fail> {
+    let loaded = match snapshot_param(spec)? {
+        Some((id, name)) => disk.load_snapshot(id.as_deref(), name.as_deref()),
+        None if several => {
+            return Err(fail("No support for concatenating multiple snapshot"));
+        }
+        None => match disk.load_snapshot(Some(spec), None) {
+            Err(e) if e.kind() == disk::ErrorKind::NotFound => disk.load_snapshot(None, Some(spec)),
+            other => other,
+        },
+    };
+    loaded.map_err(|e| fail(format!("Failed to load snapshot: {e}")))
 }
