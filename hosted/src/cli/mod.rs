@@ -1,7 +1,8 @@
 //! The `qcow2` command-line tool: argument parsing, and qemu-img's and qemu-io's text, JSON and exit codes,
-//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `bench`, `io`) plus their
-//! shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only through its public
-//! API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`], [`crate::shared`].
+//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `bench`,
+//! `io`) plus their shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only
+//! through its public API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`],
+//! [`crate::shared`].
 
 pub mod bench;
 pub mod check;
