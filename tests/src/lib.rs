@@ -60,6 +60,23 @@ impl Output {
     pub fn stderr_str(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }
+    /// The stderr lines with the program's name ("qcow2: ", "qemu-img: ") taken off, so that the two tools'
+    /// messages compare.
+    pub fn messages(&self) -> Vec<String> {
+        self.stderr_str()
+            .lines()
+            .map(|l| {
+                l.strip_prefix("qcow2: ")
+                    .or_else(|| l.strip_prefix("qemu-img: "))
+                    .unwrap_or(l)
+                    .to_string()
+            })
+            .collect()
+    }
+    /// The first of [`Output::messages`] ("" when stderr is empty).
+    pub fn first_message(&self) -> String {
+        self.messages().into_iter().next().unwrap_or_default()
+    }
     /// A multi-line description for failure messages.
     pub fn describe(&self) -> String {
         format!(

@@ -315,8 +315,8 @@ fn refusals_match_qemu_img() {
         );
         assert_eq!(o.code, Some(1), "{args:?}: {}", o.describe());
         assert_eq!(
-            first_message(&o),
-            first_message(&q),
+            o.first_message(),
+            q.first_message(),
             "{args:?}: {}\n{}",
             o.describe(),
             q.describe()
@@ -335,7 +335,7 @@ fn refusals_match_qemu_img() {
         let o = convert(ours, &args, &srcs, &existing);
         let q = convert(theirs, &args, &srcs, &existing);
         assert_eq!(o.code, q.code, "{args:?}: {}", o.describe());
-        assert_eq!(first_message(&o), first_message(&q), "{args:?}");
+        assert_eq!(o.first_message(), q.first_message(), "{args:?}");
     }
     // qemu-img reports this one and exits 0 (it does not convert); we exit 1.
     let o = convert(
@@ -369,17 +369,7 @@ fn refusals_match_qemu_img() {
         &existing,
     );
     assert_eq!(o.code, Some(1));
-    assert_eq!(first_message(&o), first_message(&q));
-}
-
-/// The first stderr line without the program name.
-fn first_message(out: &Output) -> String {
-    let err = out.stderr_str();
-    let line = err.lines().next().unwrap_or("");
-    line.strip_prefix("qcow2: ")
-        .or_else(|| line.strip_prefix("qemu-img: "))
-        .unwrap_or(line)
-        .to_string()
+    assert_eq!(o.first_message(), q.first_message());
 }
 
 /// `--salvage` over an image whose one L2 entry names an unaligned cluster: both tools go on, warn about

@@ -25,19 +25,6 @@ fn both(s: &Scratch, args: &[&str], srcs: &[&Path]) -> (Output, Output) {
     )
 }
 
-/// The message after the program name on each stderr line.
-fn messages(out: &Output) -> Vec<String> {
-    out.stderr_str()
-        .lines()
-        .map(|l| {
-            l.strip_prefix("qcow2: ")
-                .or_else(|| l.strip_prefix("qemu-img: "))
-                .unwrap_or(l)
-                .to_string()
-        })
-        .collect()
-}
-
 #[test]
 fn snapshots_convert_as_qemu_img_converts_them() {
     let s = Scratch::new();
@@ -135,7 +122,7 @@ fn snapshots_convert_as_qemu_img_converts_them() {
         let (ours, qemu) = both(&s, &args, &srcs);
         assert_eq!(ours.code, qemu.code, "{args:?}: {}", ours.describe());
         assert_eq!(ours.code, Some(1), "{args:?}: {}", ours.describe());
-        assert_eq!(messages(&ours), messages(&qemu), "{args:?}");
+        assert_eq!(ours.messages(), qemu.messages(), "{args:?}");
         assert!(
             !s.path("ours.raw").exists(),
             "{args:?}: a refused conversion left its output"

@@ -26,16 +26,6 @@ fn theirs(a: &[&str]) -> Output {
     qemu_img(a)
 }
 
-/// The first stderr line without the program name.
-fn message(out: &Output) -> String {
-    let err = out.stderr_str();
-    let line = err.lines().next().unwrap_or("");
-    line.strip_prefix("qcow2: ")
-        .or_else(|| line.strip_prefix("qemu-img: "))
-        .unwrap_or(line)
-        .to_string()
-}
-
 #[test]
 fn outputs_match_qemu_img() {
     let s = Scratch::new();
@@ -84,8 +74,8 @@ fn outputs_match_qemu_img() {
             );
             assert!(o.success(), "{all:?}: {}", o.describe());
             assert_eq!(
-                message(&o).replace(".ours", ""),
-                message(&t).replace(".qemu", "")
+                o.first_message().replace(".ours", ""),
+                t.first_message().replace(".qemu", "")
             );
             qcow2_tests::assert_files_equal(&a, &b, &format!("dd {all:?} from {fmt}"));
         }
@@ -120,8 +110,8 @@ fn mistakes_match_qemu_img() {
         assert_eq!(o.code, Some(1), "{args:?}: {}", o.describe());
         assert_eq!(o.code, t.code, "{args:?}: {}", t.describe());
         assert_eq!(
-            message(&o).replace("x.ours", "X"),
-            message(&t).replace("x.qemu", "X"),
+            o.first_message().replace("x.ours", "X"),
+            t.first_message().replace("x.qemu", "X"),
             "{args:?}"
         );
         assert_eq!(a.exists(), b.exists(), "{args:?}: output left or not");
@@ -130,7 +120,7 @@ fn mistakes_match_qemu_img() {
     for args in [&["dd"][..], &["dd", "if=x"], &["dd", "of=x"]] {
         let (o, t) = (qcow2(args), qemu_img(args));
         assert_eq!(o.code, t.code);
-        assert_eq!(message(&o), message(&t), "{args:?}");
+        assert_eq!(o.first_message(), t.first_message(), "{args:?}");
     }
     let missing = s.path("missing.raw");
     let bad_out = Path::new("/nonexistent-dir/out.raw");
@@ -142,6 +132,6 @@ fn mistakes_match_qemu_img() {
         let t = dd(theirs, &[], input, &output);
         assert_eq!(o.code, Some(1));
         assert_eq!(o.code, t.code);
-        assert_eq!(message(&o), message(&t));
+        assert_eq!(o.first_message(), t.first_message());
     }
 }

@@ -5,22 +5,15 @@
 
 use qcow2_tests::{Output, Scratch, noise, qcow2, qemu_img, qemu_img_ok, qemu_io_cmds, write_at};
 
-/// Stdout, and stderr with the program name taken off every line (without qemu-img's "Try 'qemu-img
-/// measure --help'" line after a usage error, which the tool does not print).
+/// Exit code, stdout, and stderr with the program name taken off every line (without qemu-img's "Try
+/// 'qemu-img measure --help'" line after a usage error, which the tool does not print).
 fn text(out: &Output) -> (Option<i32>, String, String) {
-    let err = out
-        .stderr_str()
-        .lines()
+    let err: Vec<String> = out
+        .messages()
+        .into_iter()
         .filter(|l| !l.starts_with("Try '"))
-        .map(|l| {
-            l.strip_prefix("qcow2: ")
-                .or_else(|| l.strip_prefix("qemu-img: "))
-                .unwrap_or(l)
-                .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    (out.code, out.stdout_str(), err)
+        .collect();
+    (out.code, out.stdout_str(), err.join("\n"))
 }
 
 fn same(args: &[&str]) {
