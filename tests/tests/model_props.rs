@@ -166,12 +166,35 @@ impl Resolver<Dev> for Backing {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64, byte: u8 },
-    Zero { off: u64, len: u64, unmap: bool },
-    Discard { off: u64, len: u64 },
-    Read { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        byte: u8,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
     Flush,
     Reopen,
+    /// Two writes made as a parallel copy makes them, into cluster-disjoint ranges (the first in the lower
+    /// half of the disk, the second in the upper): the clusters of both that need new host clusters are
+    /// reserved (`Image::reserve_clusters`), then the second's are stored and committed before the
+    /// first's, which are committed, or with `cancel` dropped.
+    Parallel {
+        first: (u64, u64, u8),
+        second: (u64, u64, u8),
+        cancel: bool,
+    },
 }
 
 fn op(size: u64) -> impl Strategy<Value = Op> {
@@ -183,6 +206,12 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
         2 => range.prop_map(|(off, len)| Op::Read { off, len }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        2 => (0..size / 2, 1..=size / 4, 1u8..=255, 0..size / 2, 1..=size / 4, 1u8..=255, any::<bool>())
+            .prop_map(move |(a, alen, ab, b, blen, bb, cancel)| Op::Parallel {
+                first: (a, alen, ab),
+                second: (size / 2 + b, blen, bb),
+                cancel,
+            }),
     ]
 }
 
@@ -198,6 +227,34 @@ fn open(bytes: Vec<u8>, len: u64, backing: &Option<Vec<u8>>, small: bool) -> Img
         &mut Backing(backing.clone()),
     )
     .unwrap()
+}
+
+/// Starts a write of `data` at `off` as a parallel copy does: whole clusters that need new host clusters are
+/// reserved (returned with where their data starts in `data`), the rest is written at once.
+fn reserve_write(
+    img: &mut Img,
+    off: u64,
+    data: &[u8],
+    cluster: u64,
+) -> Vec<(qcow2_core::write::Reservation, usize)> {
+    let end = off + data.len() as u64;
+    let mut at = off;
+    let mut reserved = Vec::new();
+    while at < end {
+        let from = (at - off) as usize;
+        if at.is_multiple_of(cluster) && end - at >= cluster {
+            let whole = (end - at) / cluster * cluster;
+            if let Some(r) = img.reserve_clusters(at, whole).unwrap() {
+                at += r.len();
+                reserved.push((r, from));
+                continue;
+            }
+        }
+        let n = (((at / cluster) + 1) * cluster).min(end) - at;
+        img.write_at(at, &data[from..from + n as usize]).unwrap();
+        at += n;
+    }
+    reserved
 }
 
 fn close(img: Img) -> (Vec<u8>, u64) {
@@ -252,6 +309,48 @@ fn run(ci: usize, ops: &[Op], small: bool) -> Result<(), TestCaseError> {
                 );
             }
             Op::Flush => img.flush().unwrap(),
+            Op::Parallel {
+                first,
+                second,
+                cancel,
+            } => {
+                // Cluster-disjoint: the first ends a cluster before the middle, the second ends at the end.
+                let half = c.size / 2 / c.cluster * c.cluster;
+                let clip = |(off, len, byte): (u64, u64, u8), end: u64| {
+                    let len = len.min(end.saturating_sub(off));
+                    (off, len, byte)
+                };
+                let (a, b) = (
+                    clip(first, half.saturating_sub(c.cluster)),
+                    clip(second, c.size),
+                );
+                let before = model.clone();
+                let mut pending = Vec::new();
+                for (i, (off, len, byte)) in [a, b].into_iter().enumerate() {
+                    if len == 0 {
+                        continue;
+                    }
+                    let data = vec![byte; len as usize];
+                    for (r, from) in reserve_write(&mut img, off, &data, c.cluster) {
+                        pending.push((i, r, from, data.clone()));
+                    }
+                    // What was not reserved is written already.
+                    model[off as usize..(off + len) as usize].fill(byte);
+                }
+                // The second's reservations first, then the first's (or their cancellation).
+                pending.sort_by_key(|(i, ..)| std::cmp::Reverse(*i));
+                for (i, r, from, data) in pending {
+                    let (guest, n) = (r.guest() as usize, r.len() as usize);
+                    if i == 0 && cancel {
+                        img.cancel_reservation(r);
+                        // Those clusters keep what they held: the model from before this op.
+                        model[guest..guest + n].copy_from_slice(&before[guest..guest + n]);
+                    } else {
+                        img.store_reserved(&r, &data[from..from + n]).unwrap();
+                        img.commit_reservation(r).unwrap();
+                    }
+                }
+            }
             Op::Reopen => {
                 let (bytes, len) = close(img);
                 img = open(bytes, len, backing, small);
