@@ -24,6 +24,8 @@ pub enum CheckOutput {
 pub struct CheckOptions {
     /// The image file, as given.
     pub file: String,
+    /// How the command line named the image, for messages, when not by `file` (an `--image-opts` string).
+    pub shown: Option<String>,
     /// `-f`: the format, if given.
     pub format: Option<String>,
     /// `--output`.
@@ -144,25 +146,26 @@ fn check_error(e: Error<io::Error>) -> String {
 /// Runs `check` on `opts.file`: the report goes to `out`, problems to `err`.
 pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) -> CheckEnd {
     let path = opts.file.as_str();
+    let shown = opts.shown.as_deref().unwrap_or(path);
     match opts.format.as_deref() {
         None | Some("qcow2") | Some("raw") => {}
         Some(other) => {
             return failed(
                 1,
-                format!("Could not open '{path}': Unknown driver '{other}'"),
+                format!("Could not open '{shown}': Unknown driver '{other}'"),
             );
         }
     }
     let file = match crate::file::open_image_file(path, opts.repair.is_some()) {
         Ok(f) => f,
         Err(e @ crate::file::OpenImageError::NotRegular) => {
-            return failed(1, format!("Could not open '{path}': {}", e.text(path)));
+            return failed(1, format!("Could not open '{shown}': {}", e.text(path)));
         }
         Err(e) => {
             return failed(
                 1,
                 format!(
-                    "Could not open '{path}': Could not open '{path}': {}",
+                    "Could not open '{shown}': Could not open '{path}': {}",
                     e.text(path)
                 ),
             );
@@ -175,7 +178,7 @@ pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) 
         Some("qcow2") if !is_qcow2 => {
             return failed(
                 1,
-                format!("Could not open '{path}': Image is not in qcow2 format"),
+                format!("Could not open '{shown}': Image is not in qcow2 format"),
             );
         }
         Some("raw") => return failed(63, "This image format does not support checks"),
@@ -217,7 +220,7 @@ pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) 
             | Error::UnknownIncompatibleFeature { .. }
             | Error::Unsupported { .. }),
         ) => {
-            return failed(1, format!("Could not open '{path}': {}", engine_error(e)));
+            return failed(1, format!("Could not open '{shown}': {}", engine_error(e)));
         }
         Err(e) => return failed(1, check_error(e)),
     };

@@ -7,8 +7,8 @@ use lexopt::Arg;
 
 use crate::cli::convert::{ConvertError, CopyOptions, Target, open_target};
 use crate::cli::{
-    Fail, fail, no_value, open_error, opt_error, os_to_string, print_help, size, unknown_option,
-    value,
+    Fail, fail, no_value, open_error, opt_error, os_to_string, print_help, resolve_image, size,
+    unknown_option, value,
 };
 use crate::open;
 
@@ -85,6 +85,7 @@ pub(super) fn cmd_dd(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32,
         output: None,
     };
     let mut operands = Vec::new();
+    let mut image_opts = false;
     while let Some(arg) = p.next().map_err(|e| opt_error("dd", e))? {
         match arg {
             Arg::Short('h') => return print_help("dd", out),
@@ -94,6 +95,7 @@ pub(super) fn cmd_dd(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32,
             Arg::Short('f') | Arg::Long("format") => a.fmt = Some(value("dd", p)?),
             Arg::Short('O') | Arg::Long("output-format") => a.out_fmt = value("dd", p)?,
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => operands.push(os_to_string(v)?),
             other => return Err(unknown_option("dd", other)),
         }
@@ -114,7 +116,8 @@ pub(super) fn cmd_dd(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32,
     let (Some(input), Some(output)) = (a.input.clone(), a.output.clone()) else {
         return Err(fail("Must specify both input and output files"));
     };
-    let mut src = open::open_disk(&input, a.fmt.as_deref()).map_err(|e| open_error(&input, e))?;
+    let (path, fmt) = resolve_image(&input, image_opts, a.fmt.as_deref())?;
+    let mut src = open::open_disk(&path, fmt.as_deref()).map_err(|e| open_error(&input, e))?;
     let target = match a.out_fmt.as_str() {
         "raw" => Target::NewRaw,
         "qcow2" => Target::NewQcow2 {

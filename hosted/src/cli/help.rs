@@ -83,6 +83,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
             "  qcow2 info [-f FMT] [-b] [-U] [--output human|json] FILENAME\n",
             "  -f, --format FMT
      the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   -b, --backing-chain
      also show every image of the backing chain
   -U, --force-share
@@ -100,6 +102,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      print nothing but errors
   -f, --format FMT
      the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   -U, --force-share
      accepted for compatibility
   --output human|json
@@ -115,6 +119,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
             "  qcow2 map [-f FMT] [--output human|json] [-U] FILENAME\n",
             "  -f, --format FMT
      the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   --output human|json
      output format (default human)
   -U, --force-share
@@ -134,6 +140,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      the format of FILENAME1
   -F, --b-format FMT
      the format of FILENAME2
+  --image-opts
+     FILENAME1 and FILENAME2 are option strings: [driver=qcow2|raw,]file.filename=PATH
   -s, --strict
      strict mode: images of different sizes differ
   -U, --force-share
@@ -206,6 +214,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
 ",
             "  -f, --format FMT
      the format of INPUT (qcow2 or raw; probed when not given)
+  --image-opts
+     INPUT is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   -O, --output-format OUTPUT_FMT
      the format of OUTPUT: raw (default) or qcow2
   -U, --force-share
@@ -235,6 +245,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      measure a new image that holds the content of FILENAME
   -f, --format
      the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   -l, --snapshot SNAPSHOT
      measure FILENAME's internal snapshot SNAPSHOT
   --output human|json

@@ -10,8 +10,8 @@ use qcow2_core::create::measure::fully_allocated_size;
 
 use crate::cli::convert::args::load_snapshot;
 use crate::cli::{
-    Fail, fail, no_value, open_error, opt_error, os_to_string, print_help, size, unknown_option,
-    value,
+    Fail, fail, no_value, open_error, opt_error, os_to_string, print_help, resolve_image, size,
+    unknown_option, value,
 };
 use crate::disk::VirtualDisk;
 use crate::open;
@@ -174,6 +174,7 @@ pub(super) fn cmd_measure(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result
     let (mut fmt, mut out_fmt, mut options, mut snapshot) =
         (None, "raw".to_string(), Vec::new(), None::<String>);
     let (mut json, mut img_size, mut files) = (false, None, Vec::new());
+    let mut image_opts = false;
     while let Some(arg) = p.next().map_err(|e| opt_error("measure", e))? {
         match arg {
             Arg::Short('h') => return print_help("measure", out),
@@ -208,6 +209,7 @@ pub(super) fn cmd_measure(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result
                     )),
                 })?);
             }
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("measure", other)),
         }
@@ -216,7 +218,7 @@ pub(super) fn cmd_measure(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result
         return Err(fail("At most one filename argument is allowed."));
     }
     let file = files.pop();
-    if file.is_none() && (fmt.is_some() || snapshot.is_some()) {
+    if file.is_none() && (image_opts || fmt.is_some() || snapshot.is_some()) {
         return Err(fail(
             "--image-opts, -f, and -l require a filename argument.",
         ));
@@ -229,7 +231,8 @@ pub(super) fn cmd_measure(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result
     }
     let mut source = match &file {
         Some(f) => {
-            let mut img = open::open_disk(f, fmt.as_deref()).map_err(|e| open_error(f, e))?;
+            let (path, fmt) = resolve_image(f, image_opts, fmt.as_deref())?;
+            let mut img = open::open_disk(&path, fmt.as_deref()).map_err(|e| open_error(f, e))?;
             if let Some(spec) = &snapshot {
                 load_snapshot(img.disk.as_mut(), spec, false)?;
             }

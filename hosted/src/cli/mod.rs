@@ -142,11 +142,100 @@ fn parse_output(v: &str) -> Result<OutputFormat, Fail> {
 }
 
 /// qemu-img's message for an image that did not open.
+/// The image an argument names: a file name, or with `--image-opts` an option string as qemu-img takes one
+/// (`driver=qcow2|raw` or probed, `file.filename=PATH`, `file.driver=file`, a comma inside a value doubled).
+/// Returns the file to open and its format; a string qemu-img would refuse gets its message.
+fn resolve_image(
+    arg: &str,
+    image_opts: bool,
+    fmt: Option<&str>,
+) -> Result<(String, Option<String>), Fail> {
+    if !image_opts {
+        return Ok((arg.to_string(), fmt.map(str::to_string)));
+    }
+    if fmt.is_some() {
+        return Err(fail("--image-opts and --format are mutually exclusive"));
+    }
+    let refuse = |m: String| fail(format!("Could not open '{arg}': {m}"));
+    // Split at single commas; ",," is a comma inside a value.
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                item.push(',');
+            }
+            ',' => items.push(std::mem::take(&mut item)),
+            c => item.push(c),
+        }
+    }
+    items.push(item);
+    if !arg.contains('=') {
+        return Err(refuse(format!(
+            "Cannot find device='{arg}' nor node-name='{arg}'"
+        )));
+    }
+    let (mut driver, mut path, mut file_keys, mut others) = (None, None, false, Vec::new());
+    for item in &items {
+        let (k, v) = item.split_once('=').unwrap_or((item.as_str(), "on"));
+        match k {
+            "driver" => driver = Some(v.to_string()),
+            "file.filename" => {
+                path = Some(v.to_string());
+                file_keys = true;
+            }
+            "file.driver" => {
+                if v != "file" {
+                    return Err(refuse(format!("Unknown driver '{v}'")));
+                }
+                file_keys = true;
+            }
+            "filename" => {}
+            _ => others.push(k.to_string()),
+        }
+    }
+    if driver.is_none() && !file_keys {
+        return Err(refuse("Must specify either driver or file".to_string()));
+    }
+    if let Some(d) = driver.as_deref().filter(|d| *d != "qcow2" && *d != "raw") {
+        return Err(refuse(format!("Unknown driver '{d}'")));
+    }
+    let Some(path) = path else {
+        return Err(refuse(
+            "A block device must be specified for \"file\"".to_string(),
+        ));
+    };
+    if let Some(k) = others.iter().find_map(|k| k.strip_prefix("file.")) {
+        return Err(refuse(format!(
+            "Block protocol 'file' doesn't support the option '{k}'"
+        )));
+    }
+    if let Some(k) = others.first() {
+        // The format that would have refused it: the one named, or the one the file has.
+        let format = match &driver {
+            Some(d) => d.clone(),
+            None => open::open_disk(&path, None)
+                .map_err(|e| open_error(arg, e))?
+                .chain
+                .first()
+                .map(|i| i.format.clone())
+                .unwrap_or_default(),
+        };
+        return Err(refuse(format!(
+            "Block format '{format}' does not support the option '{k}'"
+        )));
+    }
+    Ok((path, driver))
+}
+
 fn open_error(path: &str, e: disk::DiskError) -> Fail {
     fail(format!("Could not open '{path}': {e}"))
 }
 
 fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut image_opts = false;
     let (mut fmt, mut output, mut chain, mut files) =
         (None, OutputFormat::Human, false, Vec::new());
     while let Some(arg) = p.next().map_err(|e| opt_error("info", e))? {
@@ -159,6 +248,7 @@ fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
             Arg::Long("output") => output = parse_output(&value("info", p)?)?,
             Arg::Short('b') | Arg::Long("backing-chain") => chain = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("info", other)),
         }
@@ -166,7 +256,8 @@ fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let [file] = files.as_slice() else {
         return Err(fail("Expecting one image file name"));
     };
-    let img = open::open_disk(file, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    let (path, fmt) = resolve_image(file, image_opts, fmt.as_deref())?;
+    let img = open::open_disk(&path, fmt.as_deref()).map_err(|e| open_error(file, e))?;
     if img.chain.is_empty() {
         return Err(fail(format!(
             "Could not open '{file}': no image information"
@@ -186,8 +277,10 @@ fn cmd_check(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<i32, Fail> {
+    let mut image_opts = false;
     let mut opts = check::CheckOptions {
         file: String::new(),
+        shown: None,
         format: None,
         output: check::CheckOutput::Human,
         quiet: false,
@@ -220,6 +313,7 @@ fn cmd_check(
                 })
             }
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("check", other)),
         }
@@ -227,7 +321,10 @@ fn cmd_check(
     let [file] = files.as_slice() else {
         return Err(fail("Expecting one image file name"));
     };
-    opts.file = file.clone();
+    let (path, fmt) = resolve_image(file, image_opts, opts.format.as_deref())?;
+    opts.shown = image_opts.then(|| file.clone());
+    opts.file = path;
+    opts.format = fmt;
     let end = check::run_check(&opts, out, err);
     match end.error {
         Some(msg) => Err(Fail {
@@ -239,6 +336,7 @@ fn cmd_check(
 }
 
 fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut image_opts = false;
     let (mut fmt, mut output, mut files) = (None, OutputFormat::Human, Vec::new());
     while let Some(arg) = p.next().map_err(|e| opt_error("map", e))? {
         match arg {
@@ -249,6 +347,7 @@ fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
             Arg::Short('f') | Arg::Long("format") => fmt = Some(value("map", p)?),
             Arg::Long("output") => output = parse_output(&value("map", p)?)?,
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("map", other)),
         }
@@ -256,7 +355,8 @@ fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let [file] = files.as_slice() else {
         return Err(fail("Expecting one image file name"));
     };
-    let mut img = open::open_disk(file, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    let (path, fmt) = resolve_image(file, image_opts, fmt.as_deref())?;
+    let mut img = open::open_disk(&path, fmt.as_deref()).map_err(|e| open_error(file, e))?;
     match map::write_map(img.disk.as_mut(), output, out) {
         Ok(()) => Ok(0),
         Err(MapError::Message(m)) => {
@@ -357,6 +457,7 @@ fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
 }
 
 fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut image_opts = false;
     let (mut fmt1, mut fmt2, mut files) = (None, None, Vec::new());
     let mut opts = compare::CompareOptions::default();
     // Usage errors exit with 1 like qemu-img's; only failures to open or read exit with 2 and up.
@@ -372,6 +473,7 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
             Arg::Short('q') | Arg::Long("quiet") => opts.quiet = true,
             Arg::Short('p') => opts.progress = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("compare", other)),
         }
@@ -379,11 +481,15 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     let [f1, f2] = files.as_slice() else {
         return Err(fail("Expecting two image file names"));
     };
-    let mut a = open::open_disk(f1, fmt1.as_deref()).map_err(|e| Fail {
+    let (p1, fmt1) =
+        resolve_image(f1, image_opts, fmt1.as_deref()).map_err(|e| Fail { code: 2, ..e })?;
+    let (p2, fmt2) =
+        resolve_image(f2, image_opts, fmt2.as_deref()).map_err(|e| Fail { code: 2, ..e })?;
+    let mut a = open::open_disk(&p1, fmt1.as_deref()).map_err(|e| Fail {
         code: 2,
         ..open_error(f1, e)
     })?;
-    let mut b = open::open_disk(f2, fmt2.as_deref()).map_err(|e| Fail {
+    let mut b = open::open_disk(&p2, fmt2.as_deref()).map_err(|e| Fail {
         code: 2,
         ..open_error(f2, e)
     })?;

@@ -9,7 +9,7 @@ use super::*;
 use crate::cli::size;
 use crate::cli::{
     Fail, PROG, bench_int, fail, no_value, open_error, opt_error, os_to_string, print_help,
-    unknown_option, value,
+    resolve_image, unknown_option, value,
 };
 use crate::{cache, disk, open};
 
@@ -37,6 +37,7 @@ pub(in crate::cli) fn cmd_convert(
     let (mut options, mut backing, mut backing_fmt, mut snapshot) =
         (Vec::new(), None, None, None::<String>);
     let (mut no_create, mut target_is_zero, mut explicit_sparse) = (false, false, false);
+    let mut image_opts = false;
     let mut copy = CopyOptions::default();
     // qemu-img convert's default for the target: `unsafe` (nothing is made durable; the image is consistent
     // once the tool has exited, unless the host goes down).
@@ -96,6 +97,7 @@ pub(in crate::cli) fn cmd_convert(
             Arg::Short('p') => progress = true,
             Arg::Short('q') | Arg::Long("quiet") => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("convert", other)),
         }
@@ -127,7 +129,8 @@ pub(in crate::cli) fn cmd_convert(
     let dst = files.pop().unwrap_or_default();
     let mut opened = Vec::with_capacity(files.len());
     for src in &files {
-        opened.push(open::open_disk(src, fmt.as_deref()).map_err(|e| open_error(src, e))?);
+        let (path, fmt) = resolve_image(src, image_opts, fmt.as_deref())?;
+        opened.push(open::open_disk(&path, fmt.as_deref()).map_err(|e| open_error(src, e))?);
     }
     if let Some(spec) = &snapshot {
         load_snapshot(opened[0].disk.as_mut(), spec, files.len() > 1)?;
