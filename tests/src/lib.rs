@@ -60,14 +60,15 @@ impl Output {
     pub fn stderr_str(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }
-    /// The stderr lines with the program's name ("qcow2: ", "qemu-img: ") taken off, so that the two tools'
-    /// messages compare.
+    /// The stderr lines with the program's name ("qcow2: ", "qemu-img: ", "qemu-io: ") taken off, so that
+    /// the tools' messages compare.
     pub fn messages(&self) -> Vec<String> {
         self.stderr_str()
             .lines()
             .map(|l| {
                 l.strip_prefix("qcow2: ")
                     .or_else(|| l.strip_prefix("qemu-img: "))
+                    .or_else(|| l.strip_prefix("qemu-io: "))
                     .unwrap_or(l)
                     .to_string()
             })

@@ -1,5 +1,5 @@
 //! `--image-opts` as qemu-img takes it (`driver=qcow2|raw` or probed, `file.filename=PATH`,
-//! `file.driver=file`, doubled commas), for info, map, check, compare, measure, convert and dd: the same
+//! `file.driver=file`, doubled commas), for info, map, check, compare, measure, convert, dd, bench and io: the same
 //! output, messages and exit codes as qemu-img, for good option strings and for each kind of mistake.
 
 use qcow2_tests::{Output, Scratch, qcow2, qemu_img, qemu_io_cmds, write_at};
@@ -57,6 +57,21 @@ fn image_opts_match_qemu_img() {
         }
         let args = ["compare", "--image-opts", spec, spec];
         assert_eq!(key(&qcow2(args)), key(&qemu_img(args)), "{args:?}");
+    }
+    // bench and io (qemu-io's "can't open:" without a device name).
+    for spec in &specs[..specs.len() - 1] {
+        // (The timing line differs from run to run: exit code and messages only.)
+        let args = ["bench", "-c", "10", "--image-opts", spec];
+        let (o, t) = (qcow2(args), qemu_img(args));
+        assert_eq!((o.code, o.messages()), (t.code, t.messages()), "{args:?}");
+        let args = ["-r", "-c", "read -q 0 512", "--image-opts", spec];
+        let mut ours = vec!["io"];
+        ours.extend(args);
+        assert_eq!(
+            key(&qcow2(&ours)),
+            key(&qcow2_tests::qemu_io(args)),
+            "{args:?}"
+        );
     }
     // With --format: refused.
     for cmd in ["info", "map", "check"] {

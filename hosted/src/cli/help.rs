@@ -289,6 +289,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      print nothing
   -f, --format FMT
      the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   -t, --cache CACHE
      cache mode: writethrough and directsync flush after every write
   -c, --count COUNT
@@ -331,6 +333,7 @@ qcow2 disk exerciser (qemu-io's commands)
   -c, --cmd STRING     execute command with its arguments
                        from the given string
   -f, --format FMT     the format of the image (qcow2 or raw)
+  --image-opts         treat file as option string
   -r, --read-only      open the image read-only
   -n, --nocache        short for -t none
   -t, --cache=MODE     the cache mode (none, writeback, writethrough,

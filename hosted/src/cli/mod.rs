@@ -381,6 +381,7 @@ fn bench_int(v: &str, zero_ok: bool) -> Option<u64> {
 }
 
 fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut image_opts = false;
     let mut o = bench::BenchOptions::default();
     let mut files = Vec::new();
     while let Some(arg) = p.next().map_err(|e| opt_error("bench", e))? {
@@ -439,6 +440,7 @@ fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
                     .ok_or_else(|| fail("Invalid flush interval specified"))?
             }
             Arg::Long("no-drain") => o.no_drain = true,
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("bench", other)),
         }
@@ -452,7 +454,16 @@ fn cmd_bench(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let [file] = files.as_slice() else {
         return Err(fail("Expecting one image file name"));
     };
-    bench::run_bench(file, &o, out).map_err(|e| fail(e.0))?;
+    let (path, fmt) = resolve_image(file, image_opts, o.format.as_deref())?;
+    o.format = fmt;
+    bench::run_bench(&path, &o, out).map_err(|e| {
+        // Named as the command line named it.
+        fail(e.0.replacen(
+            &format!("Could not open '{path}': "),
+            &format!("Could not open '{file}': "),
+            1,
+        ))
+    })?;
     Ok(0)
 }
 
@@ -545,6 +556,7 @@ fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> 
 }
 
 fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, Fail> {
+    let mut image_opts = false;
     let (mut fmt, mut cmds, mut files) = (None, Vec::new(), Vec::new());
     let mut read_only = false;
     // qemu-io's default: every write is durable before it is reported.
@@ -569,6 +581,7 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
             }
             Arg::Short('n') | Arg::Long("nocache") => cache = cache.nocache(),
             Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("io", other)),
         }
@@ -581,17 +594,37 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     if cmds.is_empty() {
         return Err(fail("io: no command given (use -c)"));
     }
+    // With --image-opts, qemu-io names no device in its message.
+    let (path, fmt) = match files.first() {
+        Some(f) => {
+            let (p, fmt) = resolve_image(f, image_opts, fmt.as_deref()).map_err(|e| {
+                let prefix = format!("Could not open '{f}': ");
+                fail(format!(
+                    "can't open: {}",
+                    e.msg.strip_prefix(&prefix).unwrap_or(&e.msg)
+                ))
+            })?;
+            (Some(p), fmt)
+        }
+        None => (None, fmt),
+    };
+    let cant_open = |f: &str, e: disk::DiskError| {
+        if image_opts {
+            fail(format!("can't open: {e}"))
+        } else {
+            fail(format!("can't open device {f}: {e}"))
+        }
+    };
     // Like qemu-io, `io` opens images read-write unless -r.
-    let mut img = match files.first() {
-        Some(f) if read_only => Some(io::OpenedIo::ReadOnly(
-            open::open_disk(f, fmt.as_deref())
-                .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
+    let mut img = match (files.first(), &path) {
+        (Some(f), Some(p)) if read_only => Some(io::OpenedIo::ReadOnly(
+            open::open_disk(p, fmt.as_deref()).map_err(|e| cant_open(f, e))?,
         )),
-        Some(f) => Some(io::OpenedIo::Writable(
-            open::open_disk_writable_cache(f, fmt.as_deref(), cache)
-                .map_err(|e| fail(format!("can't open device {f}: {e}")))?,
+        (Some(f), Some(p)) => Some(io::OpenedIo::Writable(
+            open::open_disk_writable_cache(p, fmt.as_deref(), cache)
+                .map_err(|e| cant_open(f, e))?,
         )),
-        None => None,
+        _ => None,
     };
     // An image marked corrupt may only be read.
     if let (Some(i), Some(f)) = (&img, files.first())
