@@ -60,6 +60,20 @@ pub trait BlockDeviceWrite: BlockDevice {
 
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), Self::Error>;
+
+    /// Sets the device's length to `len` bytes (a file is truncated, or extended with zeros). A device whose
+    /// length cannot change keeps it and returns `Ok(false)`, which is what the default does.
+    fn set_size(&mut self, len: u64) -> Result<bool, Self::Error> {
+        let _ = len;
+        Ok(false)
+    }
+
+    /// Tells the device that the `len` bytes at `offset` hold nothing any more. It may deallocate them (they
+    /// then read as zeros) or do nothing, which is what the default does.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
@@ -84,5 +98,11 @@ impl<T: BlockDeviceWrite + ?Sized> BlockDeviceWrite for &mut T {
     }
     fn flush(&mut self) -> Result<(), Self::Error> {
         (**self).flush()
+    }
+    fn set_size(&mut self, len: u64) -> Result<bool, Self::Error> {
+        (**self).set_size(len)
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), Self::Error> {
+        (**self).discard(offset, len)
     }
 }

@@ -13,6 +13,7 @@
 //! - `zeroes`: zero clusters and subclusters, discard.
 //! - `compressed`: compressed cluster writes.
 //! - `bitmaps`: disowning persistent bitmaps before the first write.
+//! - `resize`: growing and shrinking the virtual disk.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
 //! hundred bytes of stack.
@@ -42,6 +43,7 @@ mod guard;
 mod l2;
 mod open;
 mod refcounts;
+mod resize;
 mod writeback;
 mod zeroes;
 
@@ -85,6 +87,8 @@ pub struct WriteState {
     snapshot_table_len: u64,
     /// Host clusters that may hold a table named by another table.
     filter: guard::MetadataFilter,
+    /// Clusters whose refcount drops to 0 are discarded on the device (while a shrink frees them).
+    discard_freed: bool,
 }
 
 impl crate::engine::SnapshotView for WriteState {

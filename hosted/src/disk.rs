@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use qcow2_core::create::Preallocation;
+
 /// What kind of failure a [`DiskError`] is, for programs that react to it (the message is for people).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -410,6 +412,14 @@ pub trait VirtualDiskWrite: VirtualDisk {
     ) -> Result<(), DiskError> {
         let _ = compressed;
         self.write_compressed(offset, data)
+    }
+
+    /// Changes the virtual size to `size` bytes: a larger disk reads as zeros past the old end (preallocated
+    /// as `prealloc` says, where the format can), a smaller one loses everything past the new end. Refusals
+    /// carry qemu-img's messages.
+    fn resize(&mut self, size: u64, prealloc: Preallocation) -> Result<(), DiskError> {
+        let _ = (size, prealloc);
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
     /// Makes every completed write durable.

@@ -195,6 +195,27 @@ impl BlockDeviceWrite for FileDevice {
         }
         self.file.sync_data()
     }
+
+    fn set_size(&mut self, len: u64) -> Result<bool, io::Error> {
+        self.file.set_len(len)?;
+        Ok(true)
+    }
+
+    /// Punches a hole (the bytes read as zeros and take no space), as QEMU does for clusters it frees with
+    /// discard passed through; a file system that cannot punch holes keeps the bytes.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), io::Error> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use qcow2_alloc::HeapImage;
+use qcow2_core::create::Preallocation;
 use qcow2_core::engine::{FileRequest, Format, Resolver};
 use qcow2_core::format::bitmap::{FLAG_AUTO, FLAG_IN_USE};
 use qcow2_core::format::{
@@ -752,6 +753,52 @@ impl VirtualDiskWrite for Qcow2Disk {
             None => self.image.write_at(offset, data),
         }
         .map_err(engine_error)
+    }
+
+    /// qemu-img's refusals first (with its messages), then the engine's resize; only `off` preallocation.
+    fn resize(&mut self, size: u64, prealloc: Preallocation) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let unsupported = |m: &str| DiskError::with_kind(ErrorKind::Unsupported, m);
+        if !size.is_multiple_of(512) {
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                "The new size must be a multiple of 512",
+            ));
+        }
+        let Some(meta) = self.image.layers().first().and_then(|l| l.qcow2()) else {
+            return Err(unsupported(ENOTSUP));
+        };
+        let h = meta.header;
+        if h.nb_snapshots != 0 && h.version < 3 {
+            return Err(unsupported("Can't resize a v2 image which has snapshots"));
+        }
+        if meta.bitmaps.is_some() {
+            return Err(unsupported(
+                "Resizing an image with persistent bitmaps is not supported",
+            ));
+        }
+        if h.external_data_file() {
+            return Err(unsupported(
+                "Resizing an image with an external data file is not supported",
+            ));
+        }
+        if prealloc != Preallocation::Off {
+            let mode = match prealloc {
+                Preallocation::Metadata => "metadata",
+                Preallocation::Falloc => "falloc",
+                _ => "full",
+            };
+            return Err(unsupported(&format!(
+                "Preallocation mode '{mode}' is not supported when resizing qcow2 images"
+            )));
+        }
+        self.image.resize(size).map_err(|e| match e {
+            Error::NoSpace { .. } if size > self.image.virtual_size() => DiskError::with_kind(
+                ErrorKind::NoSpace,
+                "Failed to grow the L1 table: File too large",
+            ),
+            other => engine_error(other),
+        })
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {

@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{FallocateFlags, fallocate};
 
+use qcow2_core::create::Preallocation;
+
 use crate::disk::{
     DiskError, EIO, ENOTSUP, ErrorKind, MapExtent, ParallelWriter, Reservation, Reserve,
     VirtualDisk, VirtualDiskWrite,
@@ -138,6 +140,38 @@ impl RawDisk {
 }
 
 impl VirtualDiskWrite for RawDisk {
+    /// The file's new length (any length: raw images need no sector multiple); `falloc` reserves the new
+    /// area, `full` writes zeros into it.
+    fn resize(&mut self, size: u64, prealloc: Preallocation) -> Result<(), DiskError> {
+        if !self.writable {
+            return Err(DiskError::with_kind(
+                ErrorKind::ReadOnly,
+                "Bad file descriptor",
+            ));
+        }
+        let old = self.file_len;
+        if prealloc == Preallocation::Metadata {
+            return Err(DiskError::with_kind(
+                ErrorKind::Unsupported,
+                "Unsupported preallocation mode: metadata",
+            ));
+        }
+        self.file.set_len(size).map_err(RawDisk::os_err)?;
+        self.file_len = size;
+        self.size = size.div_ceil(512) * 512;
+        if size > old {
+            match prealloc {
+                Preallocation::Falloc => {
+                    fallocate(&self.file, FallocateFlags::empty(), old, size - old)
+                        .map_err(|e| RawDisk::os_err(e.into()))?;
+                }
+                Preallocation::Full => self.write_zero_bytes(old, size - old)?,
+                Preallocation::Off | Preallocation::Metadata => {}
+            }
+        }
+        Ok(())
+    }
+
     fn parallel_writer(&self) -> Option<ParallelWriter> {
         // A probed raw file must not be made to look like another format: its first sector is checked on
         // every write, which only the disk itself does.

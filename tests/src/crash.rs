@@ -101,6 +101,29 @@ impl BlockDeviceWrite for SimDevice {
         self.log.borrow_mut().push(Event::Flush { dev: self.id });
         Ok(())
     }
+    /// Length changes are not recorded: the engine only trims what holds nothing (free clusters past the
+    /// last used one, the zero tail of a write).
+    fn set_size(&mut self, len: u64) -> Result<bool, SimError> {
+        if self.read_only {
+            return Err(SimError);
+        }
+        self.data.resize(len as usize, 0);
+        Ok(true)
+    }
+    /// Recorded as a write of zeros (a discarded range may read as zeros, or keep its bytes if lost).
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), SimError> {
+        let start = offset as usize;
+        let end = (start + len as usize).min(self.data.len());
+        if start >= end {
+            return Ok(());
+        }
+        let zeros = vec![0u8; end - start];
+        let lba = start / SECTOR;
+        if !start.is_multiple_of(SECTOR) || !zeros.len().is_multiple_of(SECTOR) {
+            return Ok(());
+        }
+        self.write_blocks(lba as u64, &zeros)
+    }
 }
 
 /// A small deterministic generator for choosing subsets.

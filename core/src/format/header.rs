@@ -66,6 +66,10 @@ pub mod field {
     use super::{RawHeaderV2, RawHeaderV3};
     use core::mem::{offset_of, size_of};
 
+    /// `size` (8 bytes): the virtual disk size.
+    pub const SIZE: u64 = offset_of!(RawHeaderV2, size) as u64;
+    /// `l1_size` (4 bytes), followed by `l1_table_offset` (8 bytes).
+    pub const L1_SIZE: u64 = offset_of!(RawHeaderV2, l1_size) as u64;
     /// `refcount_table_offset` (8 bytes), followed by `refcount_table_clusters` (4 bytes).
     pub const REFCOUNT_TABLE_OFFSET: u64 = offset_of!(RawHeaderV2, refcount_table_offset) as u64;
     /// `incompatible_features` (version 3).

@@ -95,6 +95,9 @@ where
             let host = c << self.g.cluster_bits;
             let cs = self.g.tables.cluster_size;
             self.cache.forget_range(0, host, cs);
+            if self.w.discard_freed {
+                self.dev.discard(host, cs)?;
+            }
             self.w.free_hint = self.w.free_hint.min(c);
             if self.w.compressed_at >> self.g.cluster_bits == c {
                 self.w.compressed_at = 0;

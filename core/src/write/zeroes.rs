@@ -55,7 +55,7 @@ where
                 if g.tables.l2_format.v3 {
                     self.zero_cluster(gc, unmap)?;
                 } else {
-                    self.discard_cluster(gc, false)?;
+                    self.discard_cluster(gc, false, false)?;
                 }
                 pos = b;
                 continue;
@@ -68,7 +68,7 @@ where
                     && self.reads_as_zero(ps, pos.saturating_sub(ps))?
                     && self.reads_as_zero(b, pe.saturating_sub(b))?);
             if promote && !g.tables.l2_format.v3 {
-                self.discard_cluster(gc, false)?;
+                self.discard_cluster(gc, false, false)?;
             } else if promote && g.tables.l2_format.extended {
                 let s = ps.saturating_sub(gc).checked_div(piece).unwrap_or(0);
                 self.zero_subclusters(gc, s, s.saturating_add(1))?;
@@ -240,16 +240,20 @@ where
         }
         let mut gc = start;
         while gc < end {
-            self.discard_cluster(gc, backing)?;
+            self.discard_cluster(gc, backing, false)?;
             gc = gc.saturating_add(g.tables.cluster_size);
         }
         self.end_write()
     }
 
+    /// Frees guest cluster `gc`'s host cluster. It reads as zeros afterwards where the format can say so and
+    /// the image has a backing file, unless `full`: then its entry becomes unallocated (QEMU's full discard,
+    /// for clusters past the end of a shrunk disk).
     pub(super) fn discard_cluster(
         &mut self,
         gc: u64,
         backing: bool,
+        full: bool,
     ) -> Result<(), Error<D::Error>> {
         let mut m = self.meta()?;
         let g = m.g;
@@ -266,10 +270,12 @@ where
             kind,
             ClusterKind::Unallocated | ClusterKind::Zero { host: None }
         );
-        if !backing && !allocated {
+        if !backing && !allocated && !full {
             return Ok(());
         }
-        let new = if g.tables.l2_format.extended {
+        let new = if full {
+            L2Entry { word: 0, bitmap: 0 }
+        } else if g.tables.l2_format.extended {
             L2Entry {
                 word: 0,
                 bitmap: ALL_ZEROES,

@@ -15,7 +15,7 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 10] = [
+pub const COMMANDS: [(&str, &str); 11] = [
     ("bench", "Run simple image benchmark"),
     ("check", "Check basic image integrity"),
     ("compare", "Check if two images have the same contents"),
@@ -32,6 +32,7 @@ pub const COMMANDS: [(&str, &str); 10] = [
     ),
     ("map", "Dump image metadata"),
     ("measure", "Calculate file size requred for a new image"),
+    ("resize", "Resize the image to the new size"),
 ];
 
 /// `qcow2 --help` (and `-h`).
@@ -230,6 +231,28 @@ pub fn command_help(cmd: &str) -> Option<String> {
      input file name
   of=OUTPUT
      output file name to create
+",
+        ),
+        "resize" => command(
+            description,
+            "  qcow2 resize [-f FMT | --image-opts] [--preallocation PREALLOC] [--shrink] [-q]
+        FILENAME [+-]SIZE[bkKMGTPE]
+",
+            "  -q, --quiet
+     quiet operation
+  -f, --format FMT
+     the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
+  --shrink
+     allow operation when new size is smaller than original
+  --preallocation PREALLOC
+     preallocation of the new area: off (default); raw images also falloc and full
+  FILENAME
+     image file to resize
+  [+-]SIZE[bkKMGTPE]
+     new image size or amount by which to shrink/grow,
+     with optional suffix (1024-based multiplies)
 ",
         ),
         "measure" => command(

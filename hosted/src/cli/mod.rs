@@ -1,5 +1,5 @@
 //! The `qcow2` command-line tool: argument parsing, and qemu-img's and qemu-io's text, JSON and exit codes,
-//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `bench`,
+//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`, `bench`,
 //! `io`) plus their shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only
 //! through its public API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`],
 //! [`crate::shared`].
@@ -17,6 +17,7 @@ pub mod json;
 pub mod map;
 mod measure;
 pub mod progress;
+mod resize;
 pub mod size;
 
 use crate::{cache, disk, open};
@@ -668,6 +669,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("io") => cmd_io(&mut p, out, err),
             Some("create") => cmd_create(&mut p, out),
             Some("dd") => dd::cmd_dd(&mut p, out),
+            Some("resize") => resize::cmd_resize(&mut p, out, err),
             Some("bench") => cmd_bench(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),
             None => Err(fail(format!(

@@ -1,0 +1,391 @@
+//! Resizing the virtual disk, with QEMU's results byte for byte and a crash leaving the old disk or the new one.
+//!
+//! - Growing: a longer L1 table, when the new size needs one, is written to new clusters and made durable
+//!   before one header write (`l1_size` and `l1_table_offset` together) switches to it; the old table is
+//!   freed after. Where the image has a backing file longer than the old size, the new area is made to read
+//!   as zeros (as QEMU does, so that the backing file's bytes do not appear). The new `size` is written last.
+//! - Shrinking: the new `size` is written first (from then on the guest sees the smaller disk), then the
+//!   clusters past it are dropped (their entries unallocated, their host clusters freed), the L1 entries past
+//!   the new end are cleared and their L2 tables freed, refcount blocks that no longer count anything but
+//!   themselves leave the refcount table, and the file is cut after its last used cluster. Freed clusters are
+//!   discarded on the device, as QEMU discards them. The L1 table keeps its length, as in QEMU.
+//!
+//! Memory stays bounded: tables are walked through the metadata cache and copied chunk by chunk.
+
+use super::*;
+use crate::format::MAX_L1_BYTES;
+
+/// Refcount blocks dropped from the refcount table before their clusters are freed (more are done in turns).
+const DROPPED_BLOCKS: usize = 16;
+
+impl<D, B, C, const DEPTH: usize, const SLICES: usize> Image<D, B, C, DEPTH, SLICES, WriteState>
+where
+    D: BlockDeviceWrite,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+    C: Decompressor,
+{
+    /// Grows or shrinks the virtual disk to `new_size` bytes, a multiple of 512. Shrinking drops every byte
+    /// past the new end (callers ask first, as qemu-img's `--shrink` does).
+    ///
+    /// Refused (with nothing changed) where QEMU refuses, or where this engine does not yet resize:
+    /// version 2 images with internal snapshots, images with persistent bitmaps or an external data file,
+    /// and sizes whose L1 table would pass 32 MiB.
+    pub fn resize(&mut self, new_size: u64) -> Result<(), Error<D::Error>> {
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::Unsupported {
+                what: "a virtual size that is not a multiple of 512 bytes",
+                value: new_size,
+            });
+        }
+        let (header, bitmaps) = {
+            let m = self.meta()?;
+            (*m.header, m.bitmaps)
+        };
+        if header.nb_snapshots != 0 && header.version < 3 {
+            return Err(Error::Unsupported {
+                what: "resizing a version 2 image that has internal snapshots",
+                value: header.nb_snapshots.into(),
+            });
+        }
+        if bitmaps.is_some()
+            && header
+                .autoclear_features
+                .contains(AutoclearFeatures::BITMAPS)
+        {
+            return Err(Error::Unsupported {
+                what: "resizing an image with persistent bitmaps",
+                value: 0,
+            });
+        }
+        if header.external_data_file() {
+            return Err(Error::Unsupported {
+                what: "resizing an image with an external data file",
+                value: 0,
+            });
+        }
+        let mut resized = header;
+        resized.size = new_size;
+        let l1_needed = resized
+            .l1_entries_needed()
+            .filter(|&n| n <= MAX_L1_BYTES / 8 && new_size <= i64::MAX as u64)
+            .ok_or(Error::NoSpace {
+                what: "the L1 table for that virtual size would pass 32 MiB",
+            })?;
+        self.begin_write()?;
+        let old_size = self.virtual_size();
+        if new_size < old_size {
+            self.w.discard_freed = true;
+            let shrunk = self.shrink(old_size, new_size, l1_needed);
+            self.w.discard_freed = false;
+            shrunk
+        } else {
+            self.grow(old_size, new_size, l1_needed)
+        }
+    }
+
+    fn set_virtual_size(&mut self, size: u64) -> Result<(), Error<D::Error>> {
+        let layer = self.layers.first_mut().ok_or(Error::ReadOnly)?;
+        layer.size = size;
+        if let Some(meta) = layer.meta.as_mut() {
+            meta.header.size = size;
+        }
+        Ok(())
+    }
+
+    /// Writes back everything, then the header's `size` (made durable).
+    fn commit_size(&mut self, size: u64) -> Result<(), Error<D::Error>> {
+        let mut m = self.meta()?;
+        m.commit_frees()?;
+        m.writeback_all()?;
+        m.flush_dev()?;
+        m.write_header(field::SIZE, &size.to_be_bytes())
+    }
+
+    fn grow(
+        &mut self,
+        old_size: u64,
+        new_size: u64,
+        l1_needed: u64,
+    ) -> Result<(), Error<D::Error>> {
+        {
+            let mut m = self.meta()?;
+            if l1_needed > m.g.tables.l1_size {
+                m.grow_l1(l1_needed)?;
+            }
+        }
+        // A backing file longer than the old disk must not show through the new area (QEMU zeroes it).
+        let backing_size = self.layers.get(1).map_or(0, |l| l.size);
+        self.set_virtual_size(new_size)?;
+        if backing_size > old_size && new_size > old_size {
+            let zeroed = self.zero_range(old_size, new_size.saturating_sub(old_size), false);
+            if let Err(e) = zeroed {
+                self.set_virtual_size(old_size)?;
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.commit_size(new_size) {
+            self.set_virtual_size(old_size)?;
+            return Err(e);
+        }
+        self.end_write()
+    }
+
+    fn shrink(
+        &mut self,
+        old_size: u64,
+        new_size: u64,
+        l1_needed: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let file_size = self.meta()?.dev.size()?;
+        self.commit_size(new_size)?;
+        self.set_virtual_size(new_size)?;
+        // Everything past the cluster that holds the new end: entries unallocated, host clusters freed. As in
+        // QEMU, each L2 table of the range is made writable first (allocated where there is none, copied
+        // where a snapshot shares it), so that the result is QEMU's byte for byte.
+        let g = self.geometry()?;
+        let cs = g.tables.cluster_size;
+        let mut gc = ceil_div(new_size, cs).saturating_mul(cs);
+        let end = ceil_div(old_size, cs).saturating_mul(cs);
+        while gc < end {
+            self.writable_l2(gc)?;
+            self.discard_cluster(gc, false, true)?;
+            gc = gc.saturating_add(cs);
+        }
+        let mut m = self.meta()?;
+        m.commit_frees()?;
+        m.shrink_l1(l1_needed)?;
+        m.commit_frees()?;
+        m.shrink_reftable()?;
+        m.writeback_all()?;
+        m.flush_dev()?;
+        m.trim_file(file_size)
+    }
+}
+
+impl<D, B, const SLICES: usize> Meta<'_, D, B, SLICES>
+where
+    D: BlockDeviceWrite,
+    B: AsRef<[u8]> + AsMut<[u8]>,
+{
+    /// Allocates `n` contiguous clusters (refcount 1 each) for a table; returns the host offset.
+    fn alloc_table_clusters(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        let first_free = self.find_free(self.w.free_hint)?;
+        let mut from = first_free;
+        loop {
+            let c = self.find_free(from)?;
+            let r = c >> self.g.tables.refcount_block_bits;
+            if r >= self.g.tables.refcount_table_entries {
+                self.grow_reftable(c)?;
+                continue;
+            }
+            if self.reftable_entry(r)? == 0 {
+                self.alloc_refblock(r, c)?;
+                continue;
+            }
+            let mut run = 1u64;
+            while run < n {
+                let next = c.saturating_add(run);
+                if next > self.max_cluster()
+                    || self.refcount_loc(next)?.is_none()
+                    || self.refcount(next)? != 0
+                {
+                    break;
+                }
+                run = run.saturating_add(1);
+            }
+            if run < n {
+                from = c.saturating_add(run);
+                continue;
+            }
+            let host = c << self.g.cluster_bits;
+            let len = n.saturating_mul(self.g.tables.cluster_size);
+            self.guard(host, len, false)?;
+            for i in 0..n {
+                self.change_refcount(c.saturating_add(i), true)?;
+            }
+            if c == first_free {
+                self.w.free_hint = c.saturating_add(n);
+            }
+            self.cache.forget_range(0, host, len);
+            return Ok(host);
+        }
+    }
+
+    /// Replaces the L1 table with one of `entries` entries (the old ones, then zeros) in new clusters.
+    fn grow_l1(&mut self, entries: u64) -> Result<(), Error<D::Error>> {
+        let g = self.g;
+        let old_offset = g.tables.l1_table_offset;
+        let old_bytes = g.tables.l1_size.saturating_mul(8);
+        let bytes = entries.saturating_mul(8);
+        let clusters = ceil_div(bytes, g.tables.cluster_size);
+        let table = self.alloc_table_clusters(clusters)?;
+        self.writeback(SliceKind::Refcount)?;
+        let file_end = self.dev.size()?;
+        {
+            let bs = self.dev.block_size();
+            let (bounce, rest) = split_bounce(self.bounce, bs);
+            let mut stack = [0u8; STACK_CHUNK];
+            let chunk = chunk_of(rest, &mut stack);
+            let mut done = 0u64;
+            while done < bytes {
+                let n = (chunk.len() as u64).min(bytes.saturating_sub(done)) as usize;
+                let part = chunk.get_mut(..n).unwrap_or(&mut []);
+                part.fill(0);
+                if done < old_bytes {
+                    let m = (old_bytes.saturating_sub(done) as usize).min(n);
+                    read_bytes(
+                        self.dev,
+                        bounce,
+                        old_offset.saturating_add(done),
+                        part.get_mut(..m).unwrap_or(&mut []),
+                    )?;
+                }
+                write_bytes(self.dev, bounce, table.saturating_add(done), part)?;
+                done = done.saturating_add(n as u64);
+            }
+        }
+        // A table that ends the file ends it at its last byte, not at the device block's end.
+        let table_end = table.saturating_add(bytes);
+        if table_end > file_end {
+            self.dev.set_size(table_end)?;
+        }
+        self.flush_dev()?;
+        let mut fields = [0u8; 12];
+        let (size, offset) = fields.split_at_mut_checked(4).unwrap_or_default();
+        let _ = copy_exact(size, &(entries as u32).to_be_bytes());
+        let _ = copy_exact(offset, &table.to_be_bytes());
+        self.write_header(field::L1_SIZE, &fields)?;
+        self.header.l1_size = entries as u32;
+        self.header.l1_table_offset = table;
+        self.g.tables.l1_size = entries;
+        self.g.tables.l1_table_offset = table;
+        // The old table is no longer named by the (durable) header.
+        self.cache.forget_range(0, old_offset, old_bytes);
+        if old_bytes != 0 {
+            let first = old_offset >> g.cluster_bits;
+            let last = old_offset.saturating_add(old_bytes).saturating_sub(1) >> g.cluster_bits;
+            for c in first..=last {
+                self.change_refcount(c, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the L1 entries from index `keep` on and frees the L2 tables they named (once the cleared
+    /// entries are durable).
+    fn shrink_l1(&mut self, keep: u64) -> Result<(), Error<D::Error>> {
+        let l1 = self.g.tables.l1_table_offset;
+        let mut i = self.g.tables.l1_size;
+        while i > keep {
+            i = i.saturating_sub(1);
+            let entry = self.l1_entry(i)?;
+            if entry.0 == 0 {
+                continue;
+            }
+            self.set_table_word(l1, i.saturating_mul(8), 0)?;
+            let l2 = entry.0 & OFFSET_MASK;
+            if l2 != 0 {
+                self.free_later(l2)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the refcount block at `block`, entry `r` of the refcount table, counts nothing but itself.
+    fn refblock_unused(&mut self, r: u64, block: u64) -> Result<bool, Error<D::Error>> {
+        let g = self.g;
+        let order = g.tables.refcount_order;
+        let bits = g.tables.refcount_block_bits;
+        let own = (block >> g.cluster_bits >> bits == r)
+            .then(|| (block >> g.cluster_bits) & (1u64 << bits).wrapping_sub(1));
+        let slice = g.tables.slice_size;
+        let per_slice = slice.saturating_mul(8) >> order;
+        let bs = self.dev.block_size();
+        let mut at = 0u64;
+        while at < g.tables.cluster_size {
+            let s = self.cache.get(
+                self.dev,
+                bounce_of(self.bounce, bs),
+                0,
+                block.saturating_add(at),
+                slice as usize,
+            )?;
+            let first = at.saturating_mul(8) >> order;
+            let used = match own.filter(|&o| o >= first && o < first.saturating_add(per_slice)) {
+                None => s.iter().any(|&b| b != 0),
+                Some(o) => (0..per_slice).any(|i| {
+                    first.saturating_add(i) != o
+                        && refcount_get(s, order, i as usize).is_some_and(|v| v != 0)
+                }),
+            };
+            if used {
+                return Ok(false);
+            }
+            at = at.saturating_add(slice);
+        }
+        Ok(true)
+    }
+
+    /// Takes refcount blocks that count nothing but themselves out of the refcount table (made durable),
+    /// then frees their clusters, as QEMU does after a shrink.
+    fn shrink_reftable(&mut self) -> Result<(), Error<D::Error>> {
+        let reftable = self.g.tables.refcount_table_offset;
+        let entries = self.g.tables.refcount_table_entries;
+        let mut dropped: Vec<u64, DROPPED_BLOCKS> = Vec::new();
+        for r in 0..entries {
+            let block = self.reftable_entry(r)?;
+            if block == 0 || !self.refblock_unused(r, block)? {
+                continue;
+            }
+            if dropped.is_full() {
+                self.free_refblocks(&mut dropped)?;
+            }
+            self.set_table_word(reftable, r.saturating_mul(8), 0)?;
+            self.cache
+                .forget_range(0, block, self.g.tables.cluster_size);
+            let _ = dropped.push(block);
+        }
+        self.free_refblocks(&mut dropped)
+    }
+
+    /// Frees the clusters of refcount blocks already taken out of the (durable) refcount table.
+    fn free_refblocks(
+        &mut self,
+        dropped: &mut Vec<u64, DROPPED_BLOCKS>,
+    ) -> Result<(), Error<D::Error>> {
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        self.flush_dev()?;
+        let cs = self.g.tables.cluster_size;
+        while let Some(block) = dropped.pop() {
+            let c = block >> self.g.cluster_bits;
+            if self.refcount_loc(c)?.is_some() {
+                self.change_refcount(c, false)?;
+            } else {
+                // It counted itself: no block counts it any more.
+                self.dev.discard(block, cs)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the file after its last cluster with a refcount (QEMU's truncation after a shrink), and at
+    /// most at `file_size`, its length before (a table entry written into the file's last partial device
+    /// block extended it to the block's end).
+    fn trim_file(&mut self, file_size: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.g.tables.cluster_size;
+        let mut c = ceil_div(file_size, cs);
+        while c > 0 {
+            if self.refcount(c.saturating_sub(1))? != 0 {
+                break;
+            }
+            c = c.saturating_sub(1);
+        }
+        let end = c.saturating_mul(cs).min(file_size);
+        if c > 0 && end < self.dev.size()? {
+            self.dev.set_size(end)?;
+        }
+        Ok(())
+    }
+}
