@@ -782,6 +782,12 @@ impl VirtualDiskWrite for Qcow2Disk {
                 "Resizing an image with an external data file is not supported",
             ));
         }
+        let backing = self.image.layers().get(1).map_or(0, |l| l.virtual_size());
+        if h.version < 3 && backing > h.size && size > h.size {
+            return Err(unsupported(
+                "Failed to zero out new clusters: Operation not supported",
+            ));
+        }
         if prealloc != Preallocation::Off {
             let mode = match prealloc {
                 Preallocation::Metadata => "metadata",

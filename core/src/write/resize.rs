@@ -107,14 +107,20 @@ where
         new_size: u64,
         l1_needed: u64,
     ) -> Result<(), Error<D::Error>> {
+        // A backing file longer than the old disk must not show through the new area (QEMU zeroes it).
+        let backing_size = self.layers.get(1).map_or(0, |l| l.size);
+        if backing_size > old_size && !self.geometry()?.tables.l2_format.v3 {
+            return Err(Error::Unsupported {
+                what: "zeroing the area past the old end (a version 2 image cannot mark clusters as zeros)",
+                value: old_size,
+            });
+        }
         {
             let mut m = self.meta()?;
             if l1_needed > m.g.tables.l1_size {
                 m.grow_l1(l1_needed)?;
             }
         }
-        // A backing file longer than the old disk must not show through the new area (QEMU zeroes it).
-        let backing_size = self.layers.get(1).map_or(0, |l| l.size);
         self.set_virtual_size(new_size)?;
         if backing_size > old_size && new_size > old_size {
             let zeroed = self.zero_range(old_size, new_size.saturating_sub(old_size), false);
@@ -167,34 +173,51 @@ where
     D: BlockDeviceWrite,
     B: AsRef<[u8]> + AsMut<[u8]>,
 {
-    /// Allocates `n` contiguous clusters (refcount 1 each) for a table; returns the host offset.
+    /// Allocates `n` contiguous clusters (refcount 1 each) for a table; returns the host offset. As QEMU
+    /// places them: the first run of free clusters (clusters no refcount block covers yet count as free),
+    /// then a refcount block for each region of the run that has none, at the first free cluster after it.
     fn alloc_table_clusters(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        let bits = self.g.tables.refcount_block_bits;
         let first_free = self.find_free(self.w.free_hint)?;
         let mut from = first_free;
         loop {
             let c = self.find_free(from)?;
-            let r = c >> self.g.tables.refcount_block_bits;
-            if r >= self.g.tables.refcount_table_entries {
+            if c >> bits >= self.g.tables.refcount_table_entries {
                 self.grow_reftable(c)?;
-                continue;
-            }
-            if self.reftable_entry(r)? == 0 {
-                self.alloc_refblock(r, c)?;
                 continue;
             }
             let mut run = 1u64;
             while run < n {
                 let next = c.saturating_add(run);
                 if next > self.max_cluster()
-                    || self.refcount_loc(next)?.is_none()
-                    || self.refcount(next)? != 0
+                    || next >> bits >= self.g.tables.refcount_table_entries
+                    || (self.refcount_loc(next)?.is_some() && self.refcount(next)? != 0)
                 {
                     break;
                 }
                 run = run.saturating_add(1);
             }
             if run < n {
-                from = c.saturating_add(run);
+                let next = c.saturating_add(run);
+                if next >> bits >= self.g.tables.refcount_table_entries {
+                    self.grow_reftable(next)?;
+                    continue;
+                }
+                from = next;
+                continue;
+            }
+            let end = c.saturating_add(n);
+            let mut covered = true;
+            for r in (c >> bits)..=(end.saturating_sub(1) >> bits) {
+                if self.reftable_entry(r)? == 0 {
+                    self.cover_region(r, end)?;
+                    covered = false;
+                    break;
+                }
+            }
+            if !covered {
+                // The new refcount block may sit where the search would go: search again (as QEMU does).
+                from = first_free;
                 continue;
             }
             let host = c << self.g.cluster_bits;
@@ -204,11 +227,45 @@ where
                 self.change_refcount(c.saturating_add(i), true)?;
             }
             if c == first_free {
-                self.w.free_hint = c.saturating_add(n);
+                self.w.free_hint = end;
             }
             self.cache.forget_range(0, host, len);
             return Ok(host);
         }
+    }
+
+    /// Gives refcount-table region `r` a refcount block at the first free cluster from `from`: one that
+    /// counts itself when it lies in `r`, else one that an existing block counts.
+    fn cover_region(&mut self, r: u64, from: u64) -> Result<(), Error<D::Error>> {
+        let bits = self.g.tables.refcount_block_bits;
+        let b = self.find_free(from)?;
+        if b >> bits == r {
+            return self.alloc_refblock(r, b);
+        }
+        if self.refcount_loc(b)?.is_none() {
+            // Free only because nothing counts it: place the block in its own region instead.
+            let first = (r << bits).max(from);
+            let own = self.find_free(first)?;
+            if own >> bits != r {
+                return Err(Error::NoSpace {
+                    what: "no free cluster for a refcount block",
+                });
+            }
+            return self.alloc_refblock(r, own);
+        }
+        let host = b << self.g.cluster_bits;
+        self.guard(host, self.g.tables.cluster_size, false)?;
+        self.change_refcount(b, true)?;
+        self.writeback(SliceKind::Refcount)?;
+        self.note_table(host);
+        self.cache.forget_range(0, host, self.g.tables.cluster_size);
+        self.write_zeros(host, self.g.tables.cluster_size)?;
+        self.flush_dev()?;
+        self.set_table_word(
+            self.g.tables.refcount_table_offset,
+            r.saturating_mul(8),
+            host,
+        )
     }
 
     /// Replaces the L1 table with one of `entries` entries (the old ones, then zeros) in new clusters.
@@ -370,20 +427,24 @@ where
         Ok(())
     }
 
-    /// Cuts the file after its last cluster with a refcount (QEMU's truncation after a shrink), and at
-    /// most at `file_size`, its length before (a table entry written into the file's last partial device
-    /// block extended it to the block's end).
+    /// Cuts the file after its last cluster with a refcount (QEMU's truncation after a shrink). Where that
+    /// cluster was already in the file, the file ends at most where it did (a table entry written into the
+    /// file's last partial device block extended it to the block's end).
     fn trim_file(&mut self, file_size: u64) -> Result<(), Error<D::Error>> {
         let cs = self.g.tables.cluster_size;
-        let mut c = ceil_div(file_size, cs);
+        let now = self.dev.size()?;
+        let mut c = ceil_div(now, cs);
         while c > 0 {
             if self.refcount(c.saturating_sub(1))? != 0 {
                 break;
             }
             c = c.saturating_sub(1);
         }
-        let end = c.saturating_mul(cs).min(file_size);
-        if c > 0 && end < self.dev.size()? {
+        let mut end = c.saturating_mul(cs);
+        if c <= ceil_div(file_size, cs) {
+            end = end.min(file_size);
+        }
+        if c > 0 && end < now {
             self.dev.set_size(end)?;
         }
         Ok(())

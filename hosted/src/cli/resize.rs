@@ -19,29 +19,27 @@ const PROBED_RAW_WARNING: &str = "WARNING: Image format was not specified for '{
          Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
          Specify the 'raw' format explicitly to remove the restrictions.";
 
-fn usage_error(msg: &str) -> Fail {
-    fail(format!("{msg}\nTry 'qcow2 resize --help' for more info"))
-}
-
 pub(super) fn cmd_resize(
     p: &mut lexopt::Parser,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<i32, Fail> {
-    // The size is the last argument, taken before the options (a negative size is not an option).
+    // A last argument that is a negative number is the size, not an option (as qemu-img takes it).
     let mut raw: Vec<std::ffi::OsString> =
         p.raw_args().map_err(|e| opt_error("resize", e))?.collect();
-    if raw.iter().any(|a| a == "-h" || a == "--help") && raw.len() < 2 {
-        return print_help("resize", out);
-    }
-    if raw.len() < 2 {
-        return Err(usage_error("Expecting image file name and size"));
-    }
-    let size_arg = os_to_string(raw.pop().unwrap_or_default())?;
+    let negative = raw.last().and_then(|a| a.to_str()).is_some_and(|a| {
+        a.strip_prefix('-')
+            .is_some_and(|d| d.starts_with(|c: char| c.is_ascii_digit() || c == '.'))
+    });
+    let mut size_arg = if negative {
+        raw.pop().map(os_to_string).transpose()?
+    } else {
+        None
+    };
     let mut p = lexopt::Parser::from_args(raw);
     let (mut fmt, mut image_opts, mut quiet, mut shrink) = (None, false, false, false);
     let mut prealloc = Preallocation::Off;
-    let mut files = Vec::new();
+    let mut positional = Vec::new();
     while let Some(arg) = p.next().map_err(|e| opt_error("resize", e))? {
         match arg {
             Arg::Short('h') => return print_help("resize", out),
@@ -63,14 +61,17 @@ pub(super) fn cmd_resize(
                     other => return Err(fail(format!("Invalid preallocation mode '{other}'"))),
                 };
             }
-            Arg::Value(v) => files.push(os_to_string(v)?),
+            Arg::Value(v) => positional.push(os_to_string(v)?),
             other => return Err(unknown_option("resize", other)),
         }
     }
-    let file = match files.as_slice() {
-        [] => return Err(usage_error("Expecting image file name and size")),
-        [f] => f.clone(),
-        _ => return Err(usage_error("Extra argument(s) in command line")),
+    if size_arg.is_none() && positional.len() >= 2 {
+        size_arg = positional.pop();
+    }
+    let (file, size_arg) = match (positional.as_slice(), size_arg) {
+        ([f], Some(size)) => (f.clone(), size),
+        ([_, _, ..], Some(_)) => return Err(fail("Extra argument(s) in command line")),
+        _ => return Err(fail("Expecting image file name and size")),
     };
     let (relative, amount) = match size_arg.as_bytes().first() {
         Some(b'+') => (1i8, &size_arg[1..]),
