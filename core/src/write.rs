@@ -14,6 +14,7 @@
 //! - `compressed`: compressed cluster writes.
 //! - `bitmaps`: disowning persistent bitmaps before the first write.
 //! - `resize`: growing and shrinking the virtual disk.
+//! - `snapshots`: creating and deleting internal snapshots.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
 //! hundred bytes of stack.
@@ -44,10 +45,12 @@ mod l2;
 mod open;
 mod refcounts;
 mod resize;
+mod snapshots;
 mod writeback;
 mod zeroes;
 
 pub use data::Reservation;
+pub use snapshots::NewSnapshot;
 
 /// How many freed host clusters wait for their referencing entries to become durable before the engine
 /// writes back and lowers their refcounts.

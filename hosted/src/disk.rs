@@ -422,6 +422,19 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// Creates an internal snapshot of the disk named `name`, dated `date` (seconds and nanoseconds since the
+    /// epoch), with the next numeric id.
+    fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<(), DiskError> {
+        let _ = (name, date);
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
+    /// Deletes the first internal snapshot named `name`.
+    fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
+        let _ = name;
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DiskError>;
 

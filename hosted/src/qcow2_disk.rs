@@ -23,6 +23,7 @@ use qcow2_core::format::bitmap::{FLAG_AUTO, FLAG_IN_USE};
 use qcow2_core::format::{
     AutoclearFeatures, CompatibleFeatures, CompressionType, IncompatibleFeatures,
 };
+use qcow2_core::write::NewSnapshot;
 use qcow2_core::{Error, Source};
 
 use crate::cache::CacheMode;
@@ -805,6 +806,41 @@ impl VirtualDiskWrite for Qcow2Disk {
             ),
             other => engine_error(other),
         })
+    }
+
+    fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.image
+            .create_snapshot(&NewSnapshot {
+                name: name.as_bytes(),
+                date_sec: date.0,
+                date_nsec: date.1,
+                vm_clock_nsec: 0,
+            })
+            .map_err(engine_error)
+    }
+
+    fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let h = self
+            .image
+            .layers()
+            .first()
+            .and_then(|l| l.qcow2())
+            .map(|m| m.header)
+            .ok_or_else(|| DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))?;
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (entry, next) = self.image.read_snapshot(0, at).map_err(engine_error)?;
+            if self.stored_name(0, Some(entry.name))?.as_deref() == Some(name) {
+                return self.image.delete_snapshot(at).map_err(engine_error);
+            }
+            at = next;
+        }
+        Err(DiskError::with_kind(
+            ErrorKind::NotFound,
+            "snapshot not found",
+        ))
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {

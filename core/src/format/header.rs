@@ -70,6 +70,8 @@ pub mod field {
     pub const SIZE: u64 = offset_of!(RawHeaderV2, size) as u64;
     /// `l1_size` (4 bytes), followed by `l1_table_offset` (8 bytes).
     pub const L1_SIZE: u64 = offset_of!(RawHeaderV2, l1_size) as u64;
+    /// `nb_snapshots` (4 bytes), followed by `snapshots_offset` (8 bytes).
+    pub const NB_SNAPSHOTS: u64 = offset_of!(RawHeaderV2, nb_snapshots) as u64;
     /// `refcount_table_offset` (8 bytes), followed by `refcount_table_clusters` (4 bytes).
     pub const REFCOUNT_TABLE_OFFSET: u64 = offset_of!(RawHeaderV2, refcount_table_offset) as u64;
     /// `incompatible_features` (version 3).

@@ -1,5 +1,6 @@
 //! Allocation: the free-cluster search, allocating clusters (checked against known metadata first), new
-//! refcount blocks that cover themselves, new L2 tables, and refcount-table growth.
+//! refcount blocks that cover themselves, new L2 tables, contiguous clusters for a table (placed as QEMU
+//! places them), and refcount-table growth.
 
 use super::*;
 
@@ -330,5 +331,100 @@ where
             self.change_refcount((old_off >> g.cluster_bits).saturating_add(i), false)?;
         }
         Ok(())
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1 each) for a table; returns the host offset. As QEMU
+    /// places them: the first run of free clusters (clusters no refcount block covers yet count as free),
+    /// then a refcount block for each region of the run that has none, at the first free cluster after it.
+    pub(super) fn alloc_table_clusters(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        let bits = self.g.tables.refcount_block_bits;
+        let first_free = self.find_free(self.w.free_hint)?;
+        let mut from = first_free;
+        loop {
+            let c = self.find_free(from)?;
+            if c >> bits >= self.g.tables.refcount_table_entries {
+                self.grow_reftable(c)?;
+                continue;
+            }
+            let mut run = 1u64;
+            while run < n {
+                let next = c.saturating_add(run);
+                if next > self.max_cluster()
+                    || next >> bits >= self.g.tables.refcount_table_entries
+                    || (self.refcount_loc(next)?.is_some() && self.refcount(next)? != 0)
+                {
+                    break;
+                }
+                run = run.saturating_add(1);
+            }
+            if run < n {
+                let next = c.saturating_add(run);
+                if next >> bits >= self.g.tables.refcount_table_entries {
+                    self.grow_reftable(next)?;
+                    continue;
+                }
+                from = next;
+                continue;
+            }
+            let end = c.saturating_add(n);
+            let mut covered = true;
+            for r in (c >> bits)..=(end.saturating_sub(1) >> bits) {
+                if self.reftable_entry(r)? == 0 {
+                    self.cover_region(r, end)?;
+                    covered = false;
+                    break;
+                }
+            }
+            if !covered {
+                // The new refcount block may sit where the search would go: search again (as QEMU does).
+                from = first_free;
+                continue;
+            }
+            let host = c << self.g.cluster_bits;
+            let len = n.saturating_mul(self.g.tables.cluster_size);
+            self.guard(host, len, false)?;
+            for i in 0..n {
+                self.change_refcount(c.saturating_add(i), true)?;
+            }
+            if c == first_free {
+                self.w.free_hint = end;
+            }
+            self.cache.forget_range(0, host, len);
+            return Ok(host);
+        }
+    }
+
+    /// Gives refcount-table region `r` a refcount block at the first free cluster from `from`: one that
+    /// counts itself when it lies in `r`, else one that an existing block counts.
+    fn cover_region(&mut self, r: u64, from: u64) -> Result<(), Error<D::Error>> {
+        let bits = self.g.tables.refcount_block_bits;
+        let b = self.find_free(from)?;
+        if b >> bits == r {
+            return self.alloc_refblock(r, b);
+        }
+        if self.refcount_loc(b)?.is_none() {
+            // Free only because nothing counts it: place the block in its own region instead.
+            let first = (r << bits).max(from);
+            let own = self.find_free(first)?;
+            if own >> bits != r {
+                return Err(Error::NoSpace {
+                    what: "no free cluster for a refcount block",
+                });
+            }
+            return self.alloc_refblock(r, own);
+        }
+        let host = b << self.g.cluster_bits;
+        self.guard(host, self.g.tables.cluster_size, false)?;
+        self.change_refcount(b, true)?;
+        self.writeback(SliceKind::Refcount)?;
+        self.note_table(host);
+        self.cache.forget_range(0, host, self.g.tables.cluster_size);
+        self.write_zeros(host, self.g.tables.cluster_size)?;
+        self.flush_dev()?;
+        self.set_table_word(
+            self.g.tables.refcount_table_offset,
+            r.saturating_mul(8),
+            host,
+        )
     }
 }

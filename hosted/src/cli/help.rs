@@ -15,7 +15,7 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 11] = [
+pub const COMMANDS: [(&str, &str); 12] = [
     ("bench", "Run simple image benchmark"),
     ("check", "Check basic image integrity"),
     ("compare", "Check if two images have the same contents"),
@@ -33,6 +33,7 @@ pub const COMMANDS: [(&str, &str); 11] = [
     ("map", "Dump image metadata"),
     ("measure", "Calculate file size requred for a new image"),
     ("resize", "Resize the image to the new size"),
+    ("snapshot", "List or manipulate snapshots within image"),
 ];
 
 /// `qcow2 --help` (and `-h`).
@@ -253,6 +254,28 @@ pub fn command_help(cmd: &str) -> Option<String> {
   [+-]SIZE[bkKMGTPE]
      new image size or amount by which to shrink/grow,
      with optional suffix (1024-based multiplies)
+",
+        ),
+        "snapshot" => command(
+            description,
+            "  qcow2 snapshot [-f FMT | --image-opts] [-l | -c|-d SNAPSHOT] [-q] [-U] FILENAME
+",
+            "  -q, --quiet
+      quiet operations
+  -f, --format FMT
+      the format of FILENAME (qcow2 or raw; probed when not given)
+  --image-opts
+      FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
+  -U, --force-share
+      accepted for compatibility
+  Operation, one of:
+    -l, --list
+       list snapshots in FILENAME (the default)
+    -c, --create SNAPSHOT
+       create named snapshot
+    -d, --delete SNAPSHOT
+       delete named snapshot
+  FILENAME - image file name
 ",
         ),
         "measure" => command(

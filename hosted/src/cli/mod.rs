@@ -1,5 +1,5 @@
 //! The `qcow2` command-line tool: argument parsing, and qemu-img's and qemu-io's text, JSON and exit codes,
-//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`, `bench`,
+//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`, `snapshot`, `bench`,
 //! `io`) plus their shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only
 //! through its public API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`],
 //! [`crate::shared`].
@@ -19,6 +19,7 @@ mod measure;
 pub mod progress;
 mod resize;
 pub mod size;
+mod snapshot;
 
 use crate::{cache, disk, open};
 use std::ffi::OsString;
@@ -30,6 +31,11 @@ use crate::cli::map::{MapError, OutputFormat};
 
 /// Program name used in messages.
 const PROG: &str = "qcow2";
+
+/// qemu-img's warning for a raw image whose format was probed.
+pub(crate) const PROBED_RAW_WARNING: &str = "WARNING: Image format was not specified for '{}' and probing guessed raw.
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
+         Specify the 'raw' format explicitly to remove the restrictions.";
 
 /// A command-line problem: the one-line message (without the program name) and the exit code.
 struct Fail {
@@ -670,6 +676,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("create") => cmd_create(&mut p, out),
             Some("dd") => dd::cmd_dd(&mut p, out),
             Some("resize") => resize::cmd_resize(&mut p, out, err),
+            Some("snapshot") => snapshot::cmd_snapshot(&mut p, out, err),
             Some("bench") => cmd_bench(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),
             None => Err(fail(format!(

@@ -7,17 +7,13 @@ use std::io::Write;
 use lexopt::Arg;
 use qcow2_core::create::Preallocation;
 
+use crate::cli::PROBED_RAW_WARNING;
 use crate::cli::size::{SizeError, parse_size};
 use crate::cli::{
     Fail, fail, no_value, open_error, opt_error, os_to_string, print_help, resolve_image,
     unknown_option, value,
 };
 use crate::open;
-
-/// qemu-img's warning for a raw image whose format was probed.
-const PROBED_RAW_WARNING: &str = "WARNING: Image format was not specified for '{}' and probing guessed raw.
-         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
-         Specify the 'raw' format explicitly to remove the restrictions.";
 
 pub(super) fn cmd_resize(
     p: &mut lexopt::Parser,

@@ -56,7 +56,7 @@ where
     }
 
     /// The snapshot table entry at `at`, if it is one the engine can walk past.
-    pub(super) fn snapshot_at(
+    pub(in crate::write) fn snapshot_at(
         &mut self,
         at: u64,
     ) -> Result<Option<SnapshotEntryLayout>, Error<D::Error>> {
