@@ -817,7 +817,14 @@ impl VirtualDiskWrite for Qcow2Disk {
                 date_nsec: date.1,
                 vm_clock_nsec: 0,
             })
-            .map_err(engine_error)
+            .map_err(|e| match e {
+                // QEMU's word for a refcount past refcount_bits (its image then keeps the leaked counts;
+                // this one is left as it was).
+                Error::Unsupported { what, .. } if what.contains("refcount") => {
+                    DiskError::with_kind(ErrorKind::Unsupported, "Invalid argument")
+                }
+                other => engine_error(other),
+            })
     }
 
     fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {

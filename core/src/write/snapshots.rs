@@ -74,6 +74,7 @@ where
         }
         let mut id_buf = [0u8; 20];
         let id = m.next_snapshot_id(&mut id_buf)?;
+        let mut refused = None;
         m.around_dirty_bit(|m| {
             // The snapshot's L1 table: the active one as it is (its COPIED flags included, as QEMU copies it).
             let l1 = m.g.tables;
@@ -87,7 +88,25 @@ where
                 m.copy_bytes(l1.l1_table_offset, host, bytes)?;
                 host
             };
-            m.update_snapshot_refcount(l1.l1_table_offset, l1.l1_size, Some(true))?;
+            let mut budget = u64::MAX;
+            let counted =
+                m.update_snapshot_refcount(l1.l1_table_offset, l1.l1_size, Some(true), &mut budget);
+            if let Err(e) = counted {
+                if !matches!(e, Error::Unsupported { .. }) {
+                    return Err(e);
+                }
+                // A refcount would pass what refcount_bits holds: take back every count made, in the same
+                // order, and leave the image as it was.
+                let mut done = u64::MAX.saturating_sub(budget);
+                m.update_snapshot_refcount(l1.l1_table_offset, l1.l1_size, Some(false), &mut done)?;
+                let mut all = u64::MAX;
+                m.update_snapshot_refcount(l1.l1_table_offset, l1.l1_size, None, &mut all)?;
+                if copy != 0 {
+                    m.free_range(copy, bytes)?;
+                }
+                refused = Some(e);
+                return Ok(());
+            }
             m.writeback_all()?;
             m.flush_dev()?;
             m.rewrite_snapshot_table(
@@ -101,7 +120,8 @@ where
                 }),
             )
         })?;
-        self.end_write()
+        self.end_write()?;
+        refused.map_or(Ok(()), Err)
     }
 
     /// Deletes the internal snapshot whose table entry is at host offset `entry` (as [`Image::read_snapshot`]
@@ -113,13 +133,15 @@ where
         let s = m.find_entry(entry)?;
         m.around_dirty_bit(|m| {
             m.rewrite_snapshot_table(Some(entry), None)?;
-            m.update_snapshot_refcount(s.l1_table_offset, s.l1_size.into(), Some(false))?;
+            let mut all = u64::MAX;
+            m.update_snapshot_refcount(s.l1_table_offset, s.l1_size.into(), Some(false), &mut all)?;
             let bytes = u64::from(s.l1_size).saturating_mul(8);
             if bytes != 0 {
                 m.free_range(s.l1_table_offset, bytes)?;
             }
             let active = m.g.tables;
-            m.update_snapshot_refcount(active.l1_table_offset, active.l1_size, None)?;
+            let mut all = u64::MAX;
+            m.update_snapshot_refcount(active.l1_table_offset, active.l1_size, None, &mut all)?;
             m.writeback_all()?;
             m.flush_dev()
         })?;
@@ -269,12 +291,14 @@ where
     /// QEMU's walk over an L1 table (`l1_size` entries at `l1`): with `Some(up)` every cluster it references
     /// (its L2 tables, their data clusters, the host clusters of their compressed data) counted once more or
     /// once less; then COPIED set in every L2 entry and, unless the table is being dropped, every L1 entry
-    /// whose cluster's refcount is 1, and cleared elsewhere.
+    /// whose cluster's refcount is 1, and cleared elsewhere. At most `budget` counts are changed (the walk
+    /// stops there); `budget` is lowered by those made.
     fn update_snapshot_refcount(
         &mut self,
         l1: u64,
         l1_size: u64,
         change: Option<bool>,
+        budget: &mut u64,
     ) -> Result<(), Error<D::Error>> {
         let g = self.g;
         let bits = g.cluster_bits;
@@ -292,8 +316,10 @@ where
                     .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
                 let refcount = match kind {
                     ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
-                        if let Some(up) = change {
-                            self.change_refcount(host >> bits, up)?;
+                        if let Some(up) = change
+                            && !self.count_once(host >> bits, up, budget)?
+                        {
+                            return Ok(());
                         }
                         self.refcount(host >> bits)?
                     }
@@ -302,7 +328,9 @@ where
                             let first = d.offset >> bits;
                             let last = d.offset.saturating_add(d.len).saturating_sub(1) >> bits;
                             for c in first..=last {
-                                self.change_refcount(c, up)?;
+                                if !self.count_once(c, up, budget)? {
+                                    return Ok(());
+                                }
                             }
                         }
                         // Compressed clusters are never written in place: no COPIED.
@@ -327,8 +355,10 @@ where
                     )?;
                 }
             }
-            if let Some(up) = change {
-                self.change_refcount(l2 >> bits, up)?;
+            if let Some(up) = change
+                && !self.count_once(l2 >> bits, up, budget)?
+            {
+                return Ok(());
             }
             if change == Some(false) {
                 continue;
@@ -344,6 +374,16 @@ where
             }
         }
         Ok(())
+    }
+
+    /// One count up or down, if `budget` allows one more (returns whether it did).
+    fn count_once(&mut self, c: u64, up: bool, budget: &mut u64) -> Result<bool, Error<D::Error>> {
+        if *budget == 0 {
+            return Ok(false);
+        }
+        self.change_refcount(c, up)?;
+        *budget = budget.saturating_sub(1);
+        Ok(true)
     }
 
     fn read_word(&mut self, host: u64) -> Result<u64, Error<D::Error>> {
