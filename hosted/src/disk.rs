@@ -429,6 +429,12 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// Makes the internal snapshot `name` (its id first, else the first with that name) the active disk.
+    fn apply_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
+        let _ = name;
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
     /// Deletes the first internal snapshot named `name`.
     fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
         let _ = name;

@@ -485,6 +485,33 @@ impl Qcow2Disk {
         Ok(list)
     }
 
+    /// The host offset of the first snapshot table entry of the top image whose id and name `pick` takes.
+    fn find_snapshot(
+        &mut self,
+        pick: impl Fn(&str, &str) -> bool,
+    ) -> Result<Option<u64>, DiskError> {
+        let Some(h) = self
+            .image
+            .layers()
+            .first()
+            .and_then(|l| l.qcow2())
+            .map(|m| m.header)
+        else {
+            return Ok(None);
+        };
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (entry, next) = self.image.read_snapshot(0, at).map_err(engine_error)?;
+            let id = self.stored_name(0, Some(entry.id))?.unwrap_or_default();
+            let name = self.stored_name(0, Some(entry.name))?.unwrap_or_default();
+            if pick(&id, &name) {
+                return Ok(Some(at));
+            }
+            at = next;
+        }
+        Ok(None)
+    }
+
     fn file_name(&self, depth: usize, external: bool) -> Option<String> {
         if external {
             self.data_files.get(depth).cloned().flatten()
@@ -825,6 +852,27 @@ impl VirtualDiskWrite for Qcow2Disk {
                 }
                 other => engine_error(other),
             })
+    }
+
+    fn apply_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let not_found = || {
+            DiskError::with_kind(
+                ErrorKind::NotFound,
+                "Failed to load snapshot: No such file or directory",
+            )
+        };
+        let entry = self
+            .find_snapshot(|id, _| id == name)?
+            .or(self.find_snapshot(|_, n| n == name)?)
+            .ok_or_else(not_found)?;
+        self.image.apply_snapshot(entry).map_err(|e| match e {
+            Error::Unsupported { what, .. } if what.contains("refcount") => DiskError::with_kind(
+                ErrorKind::Unsupported,
+                "Failed to load snapshot: Invalid argument",
+            ),
+            other => engine_error(other),
+        })
     }
 
     fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {

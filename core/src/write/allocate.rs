@@ -395,7 +395,8 @@ where
     }
 
     /// Gives refcount-table region `r` a refcount block at the first free cluster from `from`: one that
-    /// counts itself when it lies in `r`, else one that an existing block counts.
+    /// counts itself when it lies in `r`, else one that another block counts (that block first made where
+    /// needed, after it).
     fn cover_region(&mut self, r: u64, from: u64) -> Result<(), Error<D::Error>> {
         let bits = self.g.tables.refcount_block_bits;
         let b = self.find_free(from)?;
@@ -403,15 +404,19 @@ where
             return self.alloc_refblock(r, b);
         }
         if self.refcount_loc(b)?.is_none() {
-            // Free only because nothing counts it: place the block in its own region instead.
-            let first = (r << bits).max(from);
-            let own = self.find_free(first)?;
-            if own >> bits != r {
+            // Free because no block counts it: as QEMU does, the block for its own region goes right after
+            // it (counting itself), and then counts this one.
+            let r2 = b >> bits;
+            if r2 >= self.g.tables.refcount_table_entries {
+                return self.grow_reftable(b);
+            }
+            let b2 = self.find_free(b.saturating_add(1))?;
+            if b2 >> bits != r2 {
                 return Err(Error::NoSpace {
                     what: "no free cluster for a refcount block",
                 });
             }
-            return self.alloc_refblock(r, own);
+            self.alloc_refblock(r2, b2)?;
         }
         let host = b << self.g.cluster_bits;
         self.guard(host, self.g.tables.cluster_size, false)?;

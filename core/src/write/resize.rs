@@ -83,7 +83,7 @@ where
         }
     }
 
-    fn set_virtual_size(&mut self, size: u64) -> Result<(), Error<D::Error>> {
+    pub(super) fn set_virtual_size(&mut self, size: u64) -> Result<(), Error<D::Error>> {
         let layer = self.layers.first_mut().ok_or(Error::ReadOnly)?;
         layer.size = size;
         if let Some(meta) = layer.meta.as_mut() {
@@ -335,7 +335,7 @@ where
     /// Cuts the file after its last cluster with a refcount (QEMU's truncation after a shrink). Where that
     /// cluster was already in the file, the file ends at most where it did (a table entry written into the
     /// file's last partial device block extended it to the block's end).
-    fn trim_file(&mut self, file_size: u64) -> Result<(), Error<D::Error>> {
+    pub(super) fn trim_file(&mut self, file_size: u64) -> Result<(), Error<D::Error>> {
         let cs = self.g.tables.cluster_size;
         let now = self.dev.size()?;
         let mut c = ceil_div(now, cs);

@@ -74,7 +74,6 @@ where
         }
         let mut id_buf = [0u8; 20];
         let id = m.next_snapshot_id(&mut id_buf)?;
-        let mut refused = None;
         m.around_dirty_bit(|m| {
             // The snapshot's L1 table: the active one as it is (its COPIED flags included, as QEMU copies it).
             let l1 = m.g.tables;
@@ -104,8 +103,7 @@ where
                 if copy != 0 {
                     m.free_range(copy, bytes)?;
                 }
-                refused = Some(e);
-                return Ok(());
+                return Ok(Some(e));
             }
             m.writeback_all()?;
             m.flush_dev()?;
@@ -119,9 +117,9 @@ where
                     disk_size,
                 }),
             )
+            .map(|()| None)
         })?;
-        self.end_write()?;
-        refused.map_or(Ok(()), Err)
+        self.end_write()
     }
 
     /// Deletes the internal snapshot whose table entry is at host offset `entry` (as [`Image::read_snapshot`]
@@ -143,8 +141,48 @@ where
             let mut all = u64::MAX;
             m.update_snapshot_refcount(active.l1_table_offset, active.l1_size, None, &mut all)?;
             m.writeback_all()?;
-            m.flush_dev()
+            m.flush_dev().map(|()| None)
         })?;
+        self.end_write()
+    }
+
+    /// Makes the internal snapshot whose table entry is at host offset `entry` the active disk, at the
+    /// snapshot's disk size: QEMU's `qemu-img snapshot -a`. What only the old active disk referenced is
+    /// freed; the snapshot stays.
+    ///
+    /// Crash-safe: the snapshot's L1 table is first written to new clusters, and one header write switches
+    /// the active table and the disk size together; after a crash the disk is the old one or the snapshot's.
+    /// Where QEMU overwrites the active L1 table in place, the new table is then copied there and the header
+    /// switched back, so that the result is QEMU's byte for byte.
+    pub fn apply_snapshot(&mut self, entry: u64) -> Result<(), Error<D::Error>> {
+        self.refuse_external_data("applying a snapshot of an image with an external data file")?;
+        self.begin_write()?;
+        let current = self.virtual_size();
+        let mut m = self.meta()?;
+        let s = m.find_entry(entry)?;
+        crate::format::validate_snapshot_l1(s.l1_table_offset, s.l1_size, m.g.tables.cluster_size)
+            .map_err(|_| corrupt("snapshot L1 table is invalid", entry))?;
+        let size = if s.extra_len >= 16 {
+            m.read_word(
+                entry
+                    .saturating_add(SNAPSHOT_FIXED_LEN as u64)
+                    .saturating_add(8),
+            )?
+        } else {
+            current
+        };
+        let mut resized = *m.header;
+        resized.size = size;
+        let needed = resized
+            .l1_entries_needed()
+            .filter(|&n| n <= crate::format::MAX_L1_BYTES / 8 && size <= i64::MAX as u64)
+            .filter(|_| size.is_multiple_of(512))
+            .ok_or(Error::Unsupported {
+                what: "the snapshot's disk size",
+                value: size,
+            })?;
+        m.around_dirty_bit(|m| m.apply(&s, current, size, needed))?;
+        self.set_virtual_size(size)?;
         self.end_write()
     }
 
@@ -163,9 +201,11 @@ where
 {
     /// Runs `f` with the dirty bit set (version 3, `dirty-repair` builds, unless it is set already), and
     /// clears it once everything `f` wrote is durable. Freed clusters are discarded meanwhile.
+    /// `f` returns `Ok(Some(e))` for a refusal after which the image is consistent again (the bit is cleared,
+    /// and `e` returned); an `Err` leaves the bit set, for the next writable open to repair.
     fn around_dirty_bit<F>(&mut self, f: F) -> Result<(), Error<D::Error>>
     where
-        F: FnOnce(&mut Self) -> Result<(), Error<D::Error>>,
+        F: FnOnce(&mut Self) -> Result<Option<Error<D::Error>>, Error<D::Error>>,
     {
         let mark = self.header.version >= 3 && cfg!(feature = "dirty-repair") && !self.w.dirty_bit;
         if mark {
@@ -176,7 +216,7 @@ where
         self.w.discard_freed = true;
         let done = f(self);
         self.w.discard_freed = false;
-        done?;
+        let refused = done?;
         if mark {
             self.commit_frees()?;
             self.writeback_all()?;
@@ -185,7 +225,117 @@ where
             self.write_header(field::INCOMPATIBLE_FEATURES, &bits.bits().to_be_bytes())?;
             self.header.incompatible_features = bits;
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// [`Image::apply_snapshot`]'s steps: the new active table written aside, the snapshot's clusters counted
+    /// once more, one header write (size and L1 table), the old active table's references dropped, COPIED
+    /// recomputed, and the table moved to where QEMU keeps it.
+    fn apply(
+        &mut self,
+        sn: &SnapshotEntryLayout,
+        current: u64,
+        size: u64,
+        needed: u64,
+    ) -> Result<Option<Error<D::Error>>, Error<D::Error>> {
+        let g = self.g;
+        let cs = g.tables.cluster_size;
+        let (old_offset, old_entries) = (g.tables.l1_table_offset, g.tables.l1_size);
+        // QEMU grows the active table for a larger disk, then for a larger snapshot table; never shrinks it.
+        let after_resize = if size > current {
+            old_entries.max(needed)
+        } else {
+            old_entries
+        };
+        let entries = after_resize.max(sn.l1_size.into());
+        let bytes = entries.saturating_mul(8);
+        let sn_bytes = u64::from(sn.l1_size).saturating_mul(8);
+        if let Some(c) = self.count_overflow(sn.l1_table_offset, sn.l1_size.into())? {
+            return Ok(Some(Error::Unsupported {
+                what: "a cluster's refcount would exceed the largest value refcount_bits can hold",
+                value: c << g.cluster_bits,
+            }));
+        }
+        let file_end = self.dev.size()?;
+        let table = self.alloc_table_clusters(ceil_div(bytes, cs).max(1))?;
+        self.note_table(table);
+        self.writeback(SliceKind::Refcount)?;
+        self.copy_bytes(sn.l1_table_offset, table, sn_bytes)?;
+        if bytes > sn_bytes {
+            self.write_zeros(
+                table.saturating_add(sn_bytes),
+                bytes.saturating_sub(sn_bytes),
+            )?;
+        }
+        let table_end = table.saturating_add(bytes);
+        if table_end > file_end {
+            self.dev.set_size(table_end)?;
+        }
+        let mut all = u64::MAX;
+        self.update_snapshot_refcount(sn.l1_table_offset, sn.l1_size.into(), Some(true), &mut all)?;
+        self.writeback_all()?;
+        self.flush_dev()?;
+        // The switch: size, crypt_method (unchanged), l1_size and l1_table_offset are one 24-byte write.
+        let mut fields = [0u8; 24];
+        let parts: [(usize, &[u8]); 4] = [
+            (0, &size.to_be_bytes()),
+            (8, &self.header.crypt_method.to_be_bytes()),
+            (12, &(entries as u32).to_be_bytes()),
+            (16, &table.to_be_bytes()),
+        ];
+        for (at, b) in parts {
+            let _ = copy_exact(
+                fields
+                    .get_mut(at..at.saturating_add(b.len()))
+                    .unwrap_or(&mut []),
+                b,
+            );
+        }
+        self.write_header(field::SIZE, &fields)?;
+        self.header.size = size;
+        self.header.l1_size = entries as u32;
+        self.header.l1_table_offset = table;
+        self.g.tables.l1_size = entries;
+        self.g.tables.l1_table_offset = table;
+        // The old active table is intact where it was: drop its references, then recompute COPIED.
+        let mut all = u64::MAX;
+        self.update_snapshot_refcount(old_offset, old_entries, Some(false), &mut all)?;
+        let mut all = u64::MAX;
+        self.update_snapshot_refcount(table, entries, None, &mut all)?;
+        self.commit_frees()?;
+        self.writeback_all()?;
+        self.flush_dev()?;
+        let old_bytes = old_entries.saturating_mul(8);
+        if entries == old_entries && old_bytes != 0 {
+            // QEMU writes the snapshot's table over the active one in place: move it back there.
+            self.cache.forget_range(0, old_offset, old_bytes);
+            self.copy_bytes(table, old_offset, bytes)?;
+            self.flush_dev()?;
+            let mut l1 = [0u8; 12];
+            let (n, offset) = l1.split_at_mut_checked(4).unwrap_or_default();
+            let _ = copy_exact(n, &(entries as u32).to_be_bytes());
+            let _ = copy_exact(offset, &old_offset.to_be_bytes());
+            self.write_header(field::L1_SIZE, &l1)?;
+            self.header.l1_table_offset = old_offset;
+            self.g.tables.l1_table_offset = old_offset;
+            self.cache.forget_range(0, table, bytes);
+            self.free_range(table, bytes)?;
+            if table >= file_end {
+                self.dev.set_size(file_end)?;
+            }
+        } else if old_bytes != 0 {
+            // QEMU moved to a larger table and freed the old one (without discarding it).
+            self.w.discard_freed = false;
+            let freed = self.free_range(old_offset, old_bytes);
+            self.w.discard_freed = true;
+            freed?;
+            self.cache.forget_range(0, old_offset, old_bytes);
+        }
+        if size < current {
+            // QEMU shrinks the disk first, which cuts the file after its last used cluster.
+            self.trim_file(file_end)?;
+        }
+        Ok(None)
     }
 
     /// The table entry at host offset `entry`, which must be one of the table's entries.
@@ -374,6 +524,49 @@ where
             }
         }
         Ok(())
+    }
+
+    /// A cluster whose refcount one more reference from the L1 table at `l1` would take past what
+    /// refcount_bits holds (a host cluster of compressed data counts as if each of its references added
+    /// as many again as it has now: at most twice its refcount), if there is one.
+    fn count_overflow(&mut self, l1: u64, l1_size: u64) -> Result<Option<u64>, Error<D::Error>> {
+        let g = self.g;
+        let bits = g.cluster_bits;
+        let max = g.max_refcount;
+        for i in 0..l1_size {
+            let l2 = self.read_word(l1.saturating_add(i.saturating_mul(8)))? & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            if self.refcount(l2 >> bits)? >= max {
+                return Ok(Some(l2 >> bits));
+            }
+            for index in 0..g.l2_entries {
+                let entry = self.l2_get(l2, index)?;
+                let (entry_host, _) = self.l2_loc(l2, index);
+                let kind = entry
+                    .classify(g.tables.l2_format)
+                    .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
+                match kind {
+                    ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) }
+                        if self.refcount(host >> bits)? >= max =>
+                    {
+                        return Ok(Some(host >> bits));
+                    }
+                    ClusterKind::Compressed(d) => {
+                        let first = d.offset >> bits;
+                        let last = d.offset.saturating_add(d.len).saturating_sub(1) >> bits;
+                        for c in first..=last {
+                            if self.refcount(c)?.saturating_mul(2) > max {
+                                return Ok(Some(c));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// One count up or down, if `budget` allows one more (returns whether it did).

@@ -258,7 +258,7 @@ pub fn command_help(cmd: &str) -> Option<String> {
         ),
         "snapshot" => command(
             description,
-            "  qcow2 snapshot [-f FMT | --image-opts] [-l | -c|-d SNAPSHOT] [-q] [-U] FILENAME
+            "  qcow2 snapshot [-f FMT | --image-opts] [-l | -a|-c|-d SNAPSHOT] [-q] [-U] FILENAME
 ",
             "  -q, --quiet
       quiet operations
@@ -273,6 +273,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
        list snapshots in FILENAME (the default)
     -c, --create SNAPSHOT
        create named snapshot
+    -a, --apply SNAPSHOT
+       apply named snapshot to the base
     -d, --delete SNAPSHOT
        delete named snapshot
   FILENAME - image file name

@@ -1,4 +1,4 @@
-//! `qemu-img snapshot`: lists, creates and deletes internal snapshots with qemu-img's arguments, table,
+//! `qemu-img snapshot`: lists, creates, applies and deletes internal snapshots with qemu-img's arguments, table,
 //! messages and exit codes.
 
 use std::io::Write;
@@ -116,9 +116,10 @@ pub(super) fn cmd_snapshot(
             .disk
             .delete_snapshot(name)
             .map_err(|e| format!("Could not delete snapshot '{name}': {e}")),
-        Action::Apply(name) => Err(format!(
-            "Could not apply snapshot '{name}': applying a snapshot is not supported"
-        )),
+        Action::Apply(name) => opened
+            .disk
+            .apply_snapshot(name)
+            .map_err(|e| format!("Could not apply snapshot '{name}': {e}")),
         Action::List => Ok(()),
     };
     let closed = opened.disk.close();
