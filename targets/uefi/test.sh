@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, then read-write six times.
+# Boots a qcow2 disk in OVMF through targets/uefi's qcow2-boot: once read-only, once an internal snapshot
+# read-only, then read-write (a rollback to a snapshot among the runs, and power cuts during rollbacks).
 #
 # The disk: GPT, one EFI system partition (FAT) holding \EFI\BOOT\ (empty) in the base image and
 # \EFI\BOOT\BOOTX64.EFI (the payload) in the overlay only. The base is converted to a deflate-compressed
@@ -87,12 +88,12 @@ ls -l base.qcow2 overlay.qcow2
 mkdir -p boot/EFI/BOOT
 cp "$out/qcow2-boot.efi" boot/EFI/BOOT/BOOTX64.EFI
 
-# boot NAME BOOT_DIR OVERLAY OVERLAY_READONLY(on|off) STOP SIGNAL: runs QEMU (serial output in
+# boot NAME BOOT_DIR OVERLAY OVERLAY_READONLY(on|off) STOP SIGNAL [DELAY]: runs QEMU (serial output in
 # serial-NAME.txt) until it ends by itself, the fixed string STOP shows (empty: never; QEMU is then sent
-# SIGNAL: TERM a second later, or KILL at once), qcow2-boot reports a failure, or time runs out. Sets rc
-# to QEMU's exit status and prints what was printed about booting.
+# SIGNAL: TERM a second later, or KILL after DELAY seconds, 0 by default), qcow2-boot reports a failure,
+# or time runs out. Sets rc to QEMU's exit status and prints what was printed about booting.
 boot() {
-    local name=$1 dir=$2 overlay=$3 ro=$4 stop=$5 signal=$6 serial=serial-$1.txt
+    local name=$1 dir=$2 overlay=$3 ro=$4 stop=$5 signal=$6 delay=${7:-0} serial=serial-$1.txt
     cp "$vars" vars.fd
     qemu-system-x86_64 -machine q35 -m 256 -nographic -no-reboot -net none \
         -drive if=pflash,format=raw,readonly=on,file="$code" -drive if=pflash,format=raw,file=vars.fd \
@@ -111,6 +112,7 @@ boot() {
             sleep 1
             kill "$qemu" 2>/dev/null || true
         else
+            sleep "$delay"
             kill -KILL "$qemu" 2>/dev/null || true
         fi
     fi
@@ -161,6 +163,31 @@ for l in "${read_probes[@]}" "qcow2-payload: WriteBlocks on a read-only disk: WR
     printed ro "$l" || fail ro "no line '$l'"
 done
 echo "uefi: ro: ReadBlocks refused each bad request as the UEFI spec says, WriteBlocks said WRITE_PROTECTED"
+
+# break_update NAME: a "failed update" of NAME.qcow2: the ESP's first MiB (boot sector and FATs) zeroed, so
+# that its active disk has no file system left to boot from.
+break_update() {
+    qemu-io -f qcow2 -c "write -z $((esp_start * 512)) 1M" "$1.qcow2" >/dev/null
+}
+
+# snapshot=NAME (read-only): the overlay's active disk cannot boot (its ESP is zeroed), its snapshot "good"
+# can; qcow2-boot boots the snapshot and the overlay stays as it was.
+echo
+echo "=== read-only, snapshot=good: booting an internal snapshot of a disk whose active state cannot boot"
+cp overlay.qcow2 snap.qcow2
+qemu-img snapshot -c good snap.qcow2
+break_update snap
+truncate -s %512 snap.qcow2
+cp snap.qcow2 snap.orig
+mkdir -p boot-snap/EFI/BOOT
+cp "$out/qcow2-boot.efi" boot-snap/EFI/BOOT/BOOTX64.EFI
+printf 'snapshot=good\n' >boot-snap/EFI/BOOT/qcow2-boot.cfg
+boot snap boot-snap snap.qcow2 on "$LINE" TERM
+for l in "qcow2-boot: booting snapshot good (read-only)" "$LINE"; do
+    printed snap "$l" || fail snap "no line '$l'"
+done
+cmp snap.qcow2 snap.orig || fail snap "the overlay changed"
+echo "uefi: snap: the snapshot of a disk whose active state has no file system booted read-only (qemu exit status $rc)"
 
 # The read-write runs.
 mkdir -p boot-rw/EFI/BOOT
@@ -215,6 +242,7 @@ rw() {
         mcopy -i "esp-$name.img" "payload-$name.cfg" ::/payload.cfg
     fi
     new_overlay "$name" "esp-$name.img" "$lazy"
+    [[ -z ${PREPARE:-} ]] || "$PREPARE" "$name"
     if [[ -n $stop ]]; then
         boot "$name" "$dir" "$name.qcow2" off "$stop" KILL
         ((rc == 137)) || fail "$name" "QEMU ended before '$stop' (exit status $rc)"
@@ -222,7 +250,8 @@ rw() {
         boot "$name" "$dir" "$name.qcow2" off "" KILL
         ((rc == 0)) || fail "$name" "QEMU did not power off within ${limit}s (exit status $rc)"
     fi
-    [[ $dir == boot-rw ]] && settings="qcow2-boot: settings read from \\EFI\\BOOT\\qcow2-boot.cfg"
+    [[ $dir == boot-rw || $dir == boot-rollback ]] &&
+        settings="qcow2-boot: settings read from \\EFI\\BOOT\\qcow2-boot.cfg"
     for l in ${settings:+"$settings"} "qcow2-boot: read-write" \
         "qcow2-payload: wrote \\qcow2-rw.txt (320000 bytes), flushed and closed it" \
         "qcow2-payload: wrote 4096 bytes at block $((esp_sectors - 8)) of its partition through Block I/O, no flush" \
@@ -264,6 +293,55 @@ mkdir -p boot-shell
 cp "$out/qcow2-boot.efi" boot-shell/qcow2-boot.efi
 printf 'fs0:\r\nqcow2-boot.efi mode=rw\r\n' >boot-shell/startup.nsh
 rw shell boot-shell "" on "" "qcow2-boot: ResetSystem: the image is flushed and closed"
+
+# rollback=good (A/B rollback): the overlay's snapshot "good" is the bootable disk, its active state a
+# failed update (the ESP zeroed). qcow2-boot applies the snapshot, then boots it read-write: every check of
+# a read-write run holds, and the snapshot is still there.
+mkdir -p boot-rollback/EFI/BOOT
+cp "$out/qcow2-boot.efi" boot-rollback/EFI/BOOT/BOOTX64.EFI
+printf 'mode=rw\nrollback=good\n' >boot-rollback/EFI/BOOT/qcow2-boot.cfg
+# snapshot_and_break NAME: snapshot "good" of NAME.qcow2, then a failed update of its active disk.
+snapshot_and_break() {
+    qemu-img snapshot -c good "$1.qcow2"
+    break_update "$1"
+    # Room after the data again (the snapshot table went to the end of the file).
+    truncate -s %512 "$1.qcow2"
+    truncate -s +8M "$1.qcow2"
+}
+PREPARE=snapshot_and_break rw rollback boot-rollback "" on "" "qcow2-boot: rolled back to snapshot good"
+qemu-img snapshot -l rollback.qcow2 | grep -q " good " || fail rollback "the snapshot is gone"
+
+# Power cut during the rollback: QEMU is killed at a random moment (up to 0.4 s) after qcow2-boot says it
+# rolls back, three times. The next boot (mode=rw, no rollback: its writable open repairs a dirty image)
+# sees the old disk (no file system: qcow2-boot fails) or the rolled-back one (the payload runs); either
+# way the overlay is then clean and not dirty, the base unchanged, the snapshot there.
+for i in 1 2 3; do
+    name=cut-rollback-$i
+    echo
+    echo "=== read-write, $name: power cut during the rollback"
+    new_overlay "$name" esp-top.img on
+    snapshot_and_break "$name"
+    delay=$(printf '0.%03d' $((RANDOM % 400)))
+    boot "$name" boot-rollback "$name.qcow2" off "qcow2-boot: rolling back to snapshot good" KILL "$delay"
+    if printed "$name" "qcow2-boot: rolled back to snapshot good"; then
+        when="after qcow2-boot said it had rolled back"
+    else
+        when="before qcow2-boot could say it had rolled back"
+    fi
+    boot "$name-next" boot-rw "$name.qcow2" off "" TERM
+    if printed "$name-next" "$LINE"; then
+        seen="the rolled-back disk (the payload ran)"
+    elif printed "$name-next" "qcow2-boot: no file system on the virtual disk (1 in all)" ||
+        grep -aq "qcow2-boot: no file system on the virtual disk" "serial-$name-next.txt"; then
+        seen="the old disk (no file system)"
+    else
+        fail "$name-next" "neither the old nor the rolled-back disk"
+    fi
+    clean "$name"
+    qemu-img snapshot -l "$name.qcow2" | grep -q " good " || fail "$name" "the snapshot is gone"
+    echo "uefi: $name: killed $delay s after the rollback began, $when; the next boot saw $seen;" \
+        "the overlay is clean and not dirty"
+done
 
 # No room after the overlay (the disk that holds it cannot grow): after the bad requests the payload writes
 # a block where the overlay has no cluster (\payload.cfg says disk-full; it writes nothing else). The

@@ -1,6 +1,7 @@
 //! Model-based property tests of the write engine: random sequences of write, write_zeroes, discard, read,
-//! flush, close-and-reopen on an in-memory device, against a flat byte array, over cluster sizes, refcount
-//! widths, extended L2, compat 0.10 and backing files. After every sequence the image is closed and must have
+//! flush, close-and-reopen, resize and internal snapshots (create, apply, delete) on an in-memory device,
+//! against a flat byte array (and one per snapshot), over cluster sizes, refcount widths, extended L2,
+//! compat 0.10 and backing files. After every sequence the image is closed and must have
 //! no corruption and no leaked cluster (an independent reference counter), and must read back as the model.
 //!
 //! Starting images come from `qemu-img create` once per configuration. `PROPTEST_CASES` sets the number of
@@ -195,6 +196,20 @@ enum Op {
         second: (u64, u64, u8),
         cancel: bool,
     },
+    /// The disk resized to `eighths` / 8 of the configuration's size (2 to 12 eighths, sector-aligned).
+    Resize {
+        eighths: u64,
+    },
+    /// An internal snapshot of the disk.
+    Snapshot,
+    /// The `n`-th snapshot (modulo their number) applied.
+    Apply {
+        n: usize,
+    },
+    /// The `n`-th snapshot (modulo their number) deleted.
+    Delete {
+        n: usize,
+    },
 }
 
 fn op(size: u64) -> impl Strategy<Value = Op> {
@@ -212,7 +227,21 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
                 second: (size / 2 + b, blen, bb),
                 cancel,
             }),
+        1 => (2u64..=12).prop_map(|eighths| Op::Resize { eighths }),
+        1 => Just(Op::Snapshot),
+        1 => any::<usize>().prop_map(|n| Op::Apply { n }),
+        1 => any::<usize>().prop_map(|n| Op::Delete { n }),
     ]
+}
+
+/// The host offset of the `n`-th entry of the image's snapshot table.
+fn snapshot_entry(img: &mut Img, n: usize) -> u64 {
+    let h = img.layers()[0].qcow2().unwrap().header;
+    let mut at = h.snapshots_offset;
+    for _ in 0..n {
+        at = img.read_snapshot(0, at).unwrap().1;
+    }
+    at
 }
 
 fn open(bytes: Vec<u8>, len: u64, backing: &Option<Vec<u8>>, small: bool) -> Img {
@@ -276,8 +305,36 @@ fn run(ci: usize, ops: &[Op], small: bool) -> Result<(), TestCaseError> {
         model[(c.size * 3 / 4) as usize..(c.size * 7 / 8) as usize].fill(0x22);
     }
     let mut img = open(bytes, len, backing, small);
+    // The snapshots' contents, oldest first, as the table lists them.
+    let mut snapshots: Vec<Vec<u8>> = Vec::new();
     for o in ops {
-        match *o {
+        // Ranges are drawn for the configuration's size: clipped to the disk's size now.
+        let size = model.len() as u64;
+        let clip = |off: u64, len: u64| {
+            let off = off % size;
+            (off, len.min(size - off).max(1).min(size - off))
+        };
+        let o = match *o {
+            Op::Write { off, len, byte } => {
+                let (off, len) = clip(off, len);
+                Op::Write { off, len, byte }
+            }
+            Op::Zero { off, len, unmap } => {
+                let (off, len) = clip(off, len);
+                Op::Zero { off, len, unmap }
+            }
+            Op::Discard { off, len } => {
+                let (off, len) = clip(off, len);
+                Op::Discard { off, len }
+            }
+            Op::Read { off, len } => {
+                let (off, len) = clip(off, len);
+                Op::Read { off, len }
+            }
+            Op::Parallel { .. } if size != c.size => Op::Flush,
+            ref other => other.clone(),
+        };
+        match o {
             Op::Write { off, len, byte } => {
                 img.write_at(off, &vec![byte; len as usize]).unwrap();
                 model[off as usize..(off + len) as usize].fill(byte);
@@ -290,7 +347,7 @@ fn run(ci: usize, ops: &[Op], small: bool) -> Result<(), TestCaseError> {
                 img.discard(off, len).unwrap();
                 if c.v3 || !c.backing {
                     let start = off.div_ceil(c.cluster) * c.cluster;
-                    let end = if off + len == c.size {
+                    let end = if off + len == size {
                         off + len
                     } else {
                         (off + len) / c.cluster * c.cluster
@@ -355,7 +412,51 @@ fn run(ci: usize, ops: &[Op], small: bool) -> Result<(), TestCaseError> {
                 let (bytes, len) = close(img);
                 img = open(bytes, len, backing, small);
             }
+            Op::Resize { eighths } => {
+                let new = c.size * eighths / 8 / 512 * 512;
+                let backing_len = if c.backing { c.size } else { 0 };
+                match img.resize(new) {
+                    Ok(()) => model.resize(new as usize, 0),
+                    Err(Error::Unsupported { .. })
+                        if (!c.v3 && !snapshots.is_empty())
+                            || (!c.v3 && backing_len > size && new > size) => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("resize to {new}: {e}"))),
+                }
+            }
+            Op::Snapshot => {
+                let made = img.create_snapshot(&qcow2_core::write::NewSnapshot {
+                    name: b"s",
+                    date_sec: 0,
+                    date_nsec: 0,
+                    vm_clock_nsec: 0,
+                });
+                match made {
+                    Ok(()) => snapshots.push(model.clone()),
+                    // 1-bit refcounts cannot count a second reference.
+                    Err(Error::Unsupported { .. }) if c.opts.contains("refcount_bits=1") => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("snapshot: {e}"))),
+                }
+            }
+            Op::Apply { n } if !snapshots.is_empty() => {
+                let n = n % snapshots.len();
+                let at = snapshot_entry(&mut img, n);
+                img.apply_snapshot(at).unwrap();
+                model = snapshots[n].clone();
+            }
+            Op::Delete { n } if !snapshots.is_empty() => {
+                let n = n % snapshots.len();
+                let at = snapshot_entry(&mut img, n);
+                img.delete_snapshot(at).unwrap();
+                snapshots.remove(n);
+            }
+            Op::Apply { .. } | Op::Delete { .. } => {}
         }
+        prop_assert_eq!(
+            img.virtual_size(),
+            model.len() as u64,
+            "virtual size after {:?}",
+            o
+        );
     }
     let (bytes, len) = close(img);
     let report = check_refcounts(&bytes[..len as usize]).map_err(TestCaseError::fail)?;
@@ -369,9 +470,21 @@ fn run(ci: usize, ops: &[Op], small: bool) -> Result<(), TestCaseError> {
         );
     }
     let mut img = open(bytes, len, backing, false);
-    let mut all = vec![0u8; c.size as usize];
+    let mut all = vec![0u8; model.len()];
     img.read_at(0, &mut all).unwrap();
     prop_assert!(all == model, "final content differs from the model");
+    // Every snapshot still holds what the disk held when it was taken.
+    for (n, want) in snapshots.iter().enumerate() {
+        let at = snapshot_entry(&mut img, n);
+        img.apply_snapshot(at).unwrap();
+        let mut got = vec![0u8; want.len()];
+        img.read_at(0, &mut got).unwrap();
+        prop_assert!(
+            &got == want,
+            "snapshot {} differs from the disk it was taken of",
+            n
+        );
+    }
     Ok(())
 }
 

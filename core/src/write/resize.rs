@@ -109,7 +109,7 @@ where
     ) -> Result<(), Error<D::Error>> {
         // A backing file longer than the old disk must not show through the new area (QEMU zeroes it).
         let backing_size = self.layers.get(1).map_or(0, |l| l.size);
-        if backing_size > old_size && !self.geometry()?.tables.l2_format.v3 {
+        if backing_size > old_size && new_size > old_size && !self.geometry()?.tables.l2_format.v3 {
             return Err(Error::Unsupported {
                 what: "zeroing the area past the old end (a version 2 image cannot mark clusters as zeros)",
                 value: old_size,

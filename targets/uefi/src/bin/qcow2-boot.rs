@@ -1,12 +1,17 @@
 //! Boots the EFI program inside a qcow2 disk image, with qcow2-core as the only code that reads qcow2.
 //!
 //! 1. Reads its settings: `qcow2-boot.cfg` next to this program on its file system, then its load options
-//!    (see [`Settings`]). The only setting is `mode=ro` (the default) or `mode=rw`.
+//!    (see [`Settings`]): `mode=ro` (the default) or `mode=rw`, and `snapshot=NAME` (boot an internal
+//!    snapshot, read-only) or `rollback=NAME` (with `mode=rw`: make the snapshot the disk, then boot it: an
+//!    A/B rollback without a second partition).
 //! 2. Finds the disks (firmware Block I/O, whole disks) whose content is a qcow2 image. The top image is
 //!    one with a backing file (or the only qcow2 disk); backing files are the other qcow2 disks, handed out
 //!    in the firmware's handle order (firmware has no file names: the resolver ignores the stored name).
 //! 3. Opens the top image with `Image::open` (read-only) or `Image::open_writable` (read-write; the backing
 //!    files stay read-only) over the firmware's Block I/O, with `Inflate` for deflate-compressed clusters.
+//!    With `snapshot=` the snapshot's L1 table stands in for the active one (`Image::view_snapshot`); with
+//!    `rollback=` the snapshot is applied (`Image::apply_snapshot`: one header write switches the disk, so
+//!    a power cut leaves the old disk or the rolled-back one) and the image flushed before anything else.
 //! 4. Installs a Block I/O protocol (512-byte blocks; read-only unless `mode=rw`) for the virtual disk on a
 //!    new handle with a vendor-defined hardware device path, and connects controllers recursively, so that
 //!    the firmware's own partition and FAT drivers bind to it.
@@ -123,12 +128,31 @@ enum Mode {
     ReadWrite,
 }
 
+/// Longest snapshot name (or id) a setting names.
+const MAX_SNAPSHOT_NAME: usize = 64;
+
+/// What to do with an internal snapshot before booting.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SnapshotUse {
+    /// Boot the active disk.
+    None,
+    /// Boot the snapshot, read-only (`snapshot=NAME`).
+    Boot,
+    /// Apply the snapshot, then boot the disk (`rollback=NAME`, `mode=rw`).
+    Rollback,
+}
+
 /// The settings: `key=value` words separated by white space, `#` to the end of the line a comment.
 /// Read from `qcow2-boot.cfg` in the directory this program was loaded from, then from its load options
 /// (a UCS-2 string, as the UEFI shell or a `Boot####` entry's optional data gives it), which override the
-/// file. Keys: `mode` = `ro` / `read-only` (the default) or `rw` / `read-write`.
+/// file. Keys: `mode` = `ro` / `read-only` (the default) or `rw` / `read-write`; `snapshot` = the id or
+/// name of an internal snapshot to boot (read-only); `rollback` = the id or name of one to apply first
+/// (needs `mode=rw`). An id is matched first, then a name, as `qemu-img snapshot -a` does.
 struct Settings {
     mode: Mode,
+    snapshot: SnapshotUse,
+    name: [u8; MAX_SNAPSHOT_NAME],
+    name_len: usize,
 }
 
 impl Settings {
@@ -153,17 +177,53 @@ impl Settings {
                     (b"mode", b"ro" | b"read-only") => self.mode = Mode::ReadOnly,
                     (b"mode", b"rw" | b"read-write") => self.mode = Mode::ReadWrite,
                     (b"mode", _) => return Err("mode must be ro or rw"),
-                    _ => return Err("unknown setting (the only key is mode)"),
+                    (b"snapshot" | b"rollback", name) => {
+                        if name.is_empty() || name.len() > MAX_SNAPSHOT_NAME {
+                            return Err("a snapshot name must have 1 to 64 characters");
+                        }
+                        self.name
+                            .get_mut(..name.len())
+                            .ok_or("name")?
+                            .copy_from_slice(name);
+                        self.name_len = name.len();
+                        self.snapshot = if key == b"snapshot" {
+                            SnapshotUse::Boot
+                        } else {
+                            SnapshotUse::Rollback
+                        };
+                    }
+                    _ => return Err("unknown setting (the keys are mode, snapshot and rollback)"),
                 }
             }
         }
         Ok(())
     }
 
+    /// The settings that do not go together.
+    fn check(&self) -> Result<(), &'static str> {
+        match (self.snapshot, self.mode) {
+            (SnapshotUse::Boot, Mode::ReadWrite) => {
+                Err("snapshot= boots a snapshot read-only (mode=ro); rollback= makes it the disk")
+            }
+            (SnapshotUse::Rollback, Mode::ReadOnly) => {
+                Err("rollback= changes the disk: it needs mode=rw")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The snapshot name (or id) the settings give.
+    fn name(&self) -> &[u8] {
+        self.name.get(..self.name_len).unwrap_or(&[])
+    }
+
     /// The settings file, then the load options.
     fn read() -> Result<Self, Status> {
         let mut s = Settings {
             mode: Mode::ReadOnly,
+            snapshot: SnapshotUse::None,
+            name: [0; MAX_SNAPSHOT_NAME],
+            name_len: 0,
         };
         let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
             .map_err(|e| e.status())?;
@@ -194,6 +254,10 @@ impl Settings {
                 Status::INVALID_PARAMETER
             })?;
         }
+        s.check().map_err(|e| {
+            say!("settings: {e}");
+            Status::INVALID_PARAMETER
+        })?;
         Ok(s)
     }
 }
@@ -810,6 +874,74 @@ fn open_image(
     })
 }
 
+/// The host offset of the table entry of the top image's internal snapshot with id `name`, else of the
+/// first with that name (as `qemu-img snapshot -a` looks).
+fn find_snapshot(image: &mut Disk, name: &[u8]) -> Result<Option<u64>, Error<Status>> {
+    let Some(h) = image
+        .layers()
+        .first()
+        .and_then(|l| l.qcow2())
+        .map(|m| m.header)
+    else {
+        return Ok(None);
+    };
+    let mut buf = [0u8; MAX_SNAPSHOT_NAME];
+    for by_id in [true, false] {
+        let mut at = h.snapshots_offset;
+        for _ in 0..h.nb_snapshots {
+            let (entry, next) = image.read_snapshot(0, at)?;
+            let stored = if by_id { entry.id } else { entry.name };
+            if stored.len as usize == name.len()
+                && image.read_stored_name(0, stored, &mut buf)? == name
+            {
+                return Ok(Some(at));
+            }
+            at = next;
+        }
+    }
+    Ok(None)
+}
+
+/// Boots snapshot `name` read-only, or applies it (rollback), as the settings say.
+fn use_snapshot(image: &mut Disk, settings: &Settings) -> Result<(), Status> {
+    let name = settings.name();
+    let shown = core::str::from_utf8(name).unwrap_or("?");
+    let at = match find_snapshot(image, name) {
+        Ok(Some(at)) => at,
+        Ok(None) => {
+            say!("the image has no snapshot {shown}");
+            return Err(Status::NOT_FOUND);
+        }
+        Err(e) => {
+            say!("reading the snapshot table: {e:?}");
+            return Err(Status::LOAD_ERROR);
+        }
+    };
+    match settings.snapshot {
+        SnapshotUse::Boot => {
+            let (entry, _) = image.read_snapshot(0, at).map_err(|_| Status::LOAD_ERROR)?;
+            image.view_snapshot(&entry).map_err(|e| {
+                say!("snapshot {shown}: {e:?}");
+                Status::LOAD_ERROR
+            })?;
+            say!("booting snapshot {shown} (read-only)");
+        }
+        SnapshotUse::Rollback => {
+            say!("rolling back to snapshot {shown}");
+            image
+                .apply_snapshot(at)
+                .and_then(|()| image.flush())
+                .map_err(|e| {
+                    say!("rolling back to snapshot {shown}: {e:?}");
+                    Status::LOAD_ERROR
+                })?;
+            say!("rolled back to snapshot {shown}");
+        }
+        SnapshotUse::None => {}
+    }
+    Ok(())
+}
+
 /// Installs the virtual disk's device path and Block I/O on a new handle.
 fn install(image: Disk, mode: Mode) -> Result<Handle, Status> {
     let size = image.virtual_size();
@@ -896,7 +1028,8 @@ fn boot_payload(handle: Handle) -> Result<(), Status> {
 
 fn run() -> Result<(), Status> {
     // 1. The settings.
-    let mode = Settings::read()?.mode;
+    let settings = Settings::read()?;
+    let mode = settings.mode;
     say!(
         "{}",
         match mode {
@@ -928,8 +1061,14 @@ fn run() -> Result<(), Status> {
     };
     say!("found a qcow2 disk; opening it");
 
-    // 3. The image.
-    let image = open_image(top, disks, mode)?;
+    // 3. The image (and the snapshot the settings name).
+    let mut image = open_image(top, disks, mode)?;
+    if settings.snapshot != SnapshotUse::None
+        && let Err(e) = use_snapshot(&mut image, &settings)
+    {
+        let _ = image.close();
+        return Err(e);
+    }
     say!(
         "virtual disk of {} bytes, {} image(s) in the chain",
         image.virtual_size(),
