@@ -13,7 +13,8 @@
 # The binaries' flash includes their own few hundred bytes of start-up and device glue (`_start`, the opaque
 # device); ro-plain (no decompressor) and rw-repair (the read-write engine with qcow2-core's `dirty-repair`,
 # which links check's walk and repair so that a writable open can rebuild a dirty image's refcounts) are
-# printed for comparison, and rw-repair gets the panic-path check too. RAM figures are size_of values for the
+# printed for comparison, and so is rw-snapshots (the read-write engine that also resizes and creates,
+# applies and deletes snapshots); both get the panic-path check too. RAM figures are size_of values for the
 # target, stored by the binaries in a `.budget` section. The peak stack comes from targets/cortex-m/test.sh
 # (which this script runs unless QCOW2_STACK_FILE names a file it already wrote).
 #
@@ -55,6 +56,7 @@ ro_plain=$(flash "$bin_dir/ro-plain")
 ro_deflate=$(flash "$bin_dir/ro-deflate")
 rw=$(flash "$bin_dir/rw")
 rw_repair=$(flash "$bin_dir/rw-repair")
+rw_snapshots=$(flash "$bin_dir/rw-snapshots")
 ram_plain=$((img_plain + bounce))
 ram_deflate=$((img_deflate + bounce + metadata + window + input))
 
@@ -84,6 +86,7 @@ printf '%-13s %-58s %7d B\n' info "flash: read-only engine, no decompressor (ro-
 check flash-ro "flash: read-only engine with deflate (ro-deflate)" "$ro_deflate" $((32 * 1024))
 check flash-rw "flash: read-write engine with deflate (rw)" "$rw" $((64 * 1024))
 printf '%-13s %-58s %7d B\n' info "  (with dirty-repair, which links check::repair: rw-repair)" "$rw_repair"
+printf '%-13s %-58s %7d B\n' info "  (with resize and snapshots create/apply/delete: rw-snapshots)" "$rw_snapshots"
 check ram-plain "RAM, uncompressed read: Image $img_plain + bounce $bounce" "$ram_plain" $((8 * 1024))
 printf '%-13s %-58s %7d B\n' info "  (plus the caller's metadata cache: 4 slices)" "$metadata"
 check ram-deflate "RAM, compressed read: Image+inflate $img_deflate + buffers" "$ram_deflate" $((48 * 1024))
@@ -92,7 +95,7 @@ check stack-read "peak stack, Cortex-M run, read jobs" "$stack_read" $((8 * 1024
 check stack-write "peak stack, Cortex-M run, write jobs" "$stack_write" $((8 * 1024))
 
 echo
-for b in ro-deflate rw rw-repair; do
+for b in ro-deflate rw rw-repair rw-snapshots; do
     echo "Panic paths in $b:"
     reason=$(sed -n "s/^panic-$b: //p" "$waivers" 2>/dev/null || true)
     if python3 budget/panic_paths.py "$bin_dir/$b" budget/panic-allowlist.txt; then

@@ -390,22 +390,20 @@ where
             max = max.max(v);
             at = at.saturating_add(s.entry_len());
         }
+        // The digits from the end of `buf` backwards.
         let mut v = max.wrapping_add(1);
-        let mut len = 0usize;
-        loop {
-            let digit = (v % 10) as u8;
-            if let Some(slot) = buf.get_mut(len) {
-                *slot = b'0'.saturating_add(digit);
+        let mut start = buf.len();
+        while let Some(i) = start.checked_sub(1) {
+            if let Some(slot) = buf.get_mut(i) {
+                *slot = b'0'.saturating_add((v % 10) as u8);
             }
-            len = len.saturating_add(1);
+            start = i;
             v /= 10;
-            if v == 0 || len >= buf.len() {
+            if v == 0 {
                 break;
             }
         }
-        let id = buf.get_mut(..len).unwrap_or(&mut []);
-        id.reverse();
-        Ok(id)
+        Ok(buf.get(start..).unwrap_or(&[]))
     }
 
     /// Copies `len` bytes from host offset `from` to `to`.

@@ -11,7 +11,7 @@ mod rw;
 
 #[unsafe(no_mangle)]
 pub extern "C" fn _start() -> ! {
-    rw::run()
+    rw::run(false)
 }
 
 #[panic_handler]

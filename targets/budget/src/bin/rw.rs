@@ -27,7 +27,7 @@ static RAM_RW: [u32; 5] = [
 
 #[unsafe(no_mangle)]
 pub extern "C" fn _start() -> ! {
-    rw::run()
+    rw::run(false)
 }
 
 #[panic_handler]
