@@ -7,6 +7,10 @@
 # - `write` jobs: after the program's writes (src/main.rs WRITES), `qemu-img check` must find the image
 #   clean, `qemu-io -c 'read -P ...'` must read every pattern back, and the whole disk must equal a raw copy
 #   to which qemu-io made the same writes.
+# - `snapshot` and `rollback` jobs: on a copy of plain.qcow2 the program creates snapshot `before`, doubles
+#   the disk and makes the writes; `qemu-img check` must find it clean, qemu-img must list the snapshot and
+#   read it as the original disk, and the active disk must equal a raw copy resized and written by qemu-io.
+#   On a second copy it then applies the snapshot: clean, the snapshot still listed, the disk the original.
 # Prints the program's RAM figures and its peak stack per job; writes "read BYTES write BYTES" (the largest
 # peak of each kind of job) to $1 when given, for targets/budget.sh.
 # Fails (never skips) when qemu-system-arm, qemu-img or qemu-io is missing.
@@ -33,9 +37,15 @@ source "$targets/guest-images.sh"
 
 reads=(plain.qcow2 deflate4k.qcow2 deflate64k.qcow2 extl2.qcow2 overlay.qcow2)
 writes=(write-overlay.qcow2 write-extl2.qcow2)
+cp plain.qcow2 snap.qcow2
+cp plain.qcow2 rollback.qcow2
+qemu-img convert -O raw plain.qcow2 original.raw
 {
     for f in "${reads[@]}"; do echo "read $f"; done
     for f in "${writes[@]}"; do echo "write $f"; done
+    echo "snapshot snap.qcow2"
+    echo "snapshot rollback.qcow2"
+    echo "rollback rollback.qcow2"
 } >jobs.txt
 
 # The expected disks after the writes: raw copies with the same writes made by qemu-io.
@@ -95,6 +105,32 @@ for f in "${writes[@]}"; do
         fail=1
     fi
 done
+
+# The snapshot jobs.
+grep -qx "snapshot snap.qcow2" out.txt || { echo "FAIL: no 'snapshot snap.qcow2'" >&2; fail=1; }
+grep -qx "rolled back rollback.qcow2" out.txt || { echo "FAIL: no 'rolled back rollback.qcow2'" >&2; fail=1; }
+cp original.raw snap.expected
+truncate -s $((2 * size)) snap.expected
+args=()
+for w in "${pattern_writes[@]}"; do
+    read -r p o l <<<"$w"
+    ((o == size - 4096)) && o=$((2 * size - 4096))
+    args+=(-c "write -P $p $o $l")
+done
+qemu-io -f raw "${args[@]}" snap.expected >/dev/null
+for f in snap.qcow2 rollback.qcow2; do
+    qemu-img check -q "$f" || { echo "FAIL: qemu-img check $f" >&2; fail=1; }
+    qemu-img snapshot -l "$f" | grep -q "^1 *before " || { echo "FAIL: $f has no snapshot 'before'" >&2; fail=1; }
+    qemu-img convert -l snapshot.name=before -O raw "$f" "$f.snap.raw"
+    # (qemu-img reads a snapshot at the active disk's size: the original disk, then zeros.)
+    cmp -s -n "$size" "$f.snap.raw" original.raw || { echo "FAIL: $f: snapshot 'before' is not the original disk" >&2; fail=1; }
+done
+qemu-img convert -O raw snap.qcow2 snap.raw
+cmp -s snap.raw snap.expected || { echo "FAIL: snap.qcow2: the resized and written disk differs" >&2; fail=1; }
+qemu-img convert -O raw rollback.qcow2 rollback.raw
+cmp -s rollback.raw original.raw || { echo "FAIL: rollback.qcow2 is not the original disk" >&2; fail=1; }
+echo "ok: snapshot, resize and rollback jobs: qemu-img check clean, the snapshot reads as the original disk," \
+    "the resized disk as expected, the rolled-back disk the original; peak stack $(sed -n 's/^stack-peak-snapshots //p' out.txt) bytes"
 
 peak=$(sed -n 's/^stack-peak //p' out.txt)
 [[ -n $peak ]] || { echo "FAIL: no stack-peak line" >&2; fail=1; }

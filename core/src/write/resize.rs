@@ -174,6 +174,7 @@ where
     B: AsRef<[u8]> + AsMut<[u8]>,
 {
     /// Replaces the L1 table with one of `entries` entries (the old ones, then zeros) in new clusters.
+    #[inline(never)]
     fn grow_l1(&mut self, entries: u64) -> Result<(), Error<D::Error>> {
         let g = self.g;
         let old_offset = g.tables.l1_table_offset;
@@ -290,6 +291,7 @@ where
 
     /// Takes refcount blocks that count nothing but themselves out of the refcount table (made durable),
     /// then frees their clusters, as QEMU does after a shrink.
+    #[inline(never)]
     fn shrink_reftable(&mut self) -> Result<(), Error<D::Error>> {
         let reftable = self.g.tables.refcount_table_offset;
         let entries = self.g.tables.refcount_table_entries;
@@ -335,6 +337,7 @@ where
     /// Cuts the file after its last cluster with a refcount (QEMU's truncation after a shrink). Where that
     /// cluster was already in the file, the file ends at most where it did (a table entry written into the
     /// file's last partial device block extended it to the block's end).
+    #[inline(never)]
     pub(super) fn trim_file(&mut self, file_size: u64) -> Result<(), Error<D::Error>> {
         let cs = self.g.tables.cluster_size;
         let now = self.dev.size()?;

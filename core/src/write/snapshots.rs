@@ -407,6 +407,7 @@ where
     }
 
     /// Copies `len` bytes from host offset `from` to `to`.
+    #[inline(never)]
     fn copy_bytes(&mut self, from: u64, to: u64, len: u64) -> Result<(), Error<D::Error>> {
         let bs = self.dev.block_size();
         let (bounce, rest) = split_bounce(self.bounce, bs);
@@ -441,6 +442,7 @@ where
     /// once less; then COPIED set in every L2 entry and, unless the table is being dropped, every L1 entry
     /// whose cluster's refcount is 1, and cleared elsewhere. At most `budget` counts are changed (the walk
     /// stops there); `budget` is lowered by those made.
+    #[inline(never)]
     fn update_snapshot_refcount(
         &mut self,
         l1: u64,
@@ -527,6 +529,7 @@ where
     /// A cluster whose refcount one more reference from the L1 table at `l1` would take past what
     /// refcount_bits holds (a host cluster of compressed data counts as if each of its references added
     /// as many again as it has now: at most twice its refcount), if there is one.
+    #[inline(never)]
     fn count_overflow(&mut self, l1: u64, l1_size: u64) -> Result<Option<u64>, Error<D::Error>> {
         let g = self.g;
         let bits = g.cluster_bits;
@@ -588,6 +591,7 @@ where
     /// Writes the snapshot table, without the entry at `drop` and with `add` at its end, to new clusters (as
     /// QEMU writes it: each entry at an 8-byte boundary, each with at least QEMU's 24 bytes of extra data),
     /// commits it with one header write and frees the old table.
+    #[inline(never)]
     fn rewrite_snapshot_table(
         &mut self,
         drop: Option<u64>,
@@ -666,6 +670,7 @@ where
     /// Copies the entry at `at` to `to` with QEMU's 24 bytes of extra data at least (a shorter entry gets the
     /// disk size the image has and an icount of -1, as QEMU reads it); returns the new entry's length
     /// (without padding).
+    #[inline(never)]
     fn copy_entry(
         &mut self,
         at: u64,
@@ -747,6 +752,7 @@ where
             .saturating_add(u64::from(s.id_len).saturating_add(s.name_len.into())))
     }
 
+    #[inline(never)]
     fn write_new_entry(&mut self, a: &Added<'_>, to: u64) -> Result<(), Error<D::Error>> {
         let mut head = [0u8; SNAPSHOT_FIXED_LEN + EXTRA_LEN as usize];
         let lens = ((a.id.len() as u32) << 16) | (a.snapshot.name.len() as u32 & 0xffff);

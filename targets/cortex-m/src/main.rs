@@ -8,11 +8,16 @@
 //!   `sha256 NAME <hex>`: the SHA-256 of the virtual disk, as `qemu-img convert -O raw NAME - | sha256sum`.
 //! - `write NAME`: opens `NAME` with `Image::open_writable`, writes the fixed pattern [`WRITES`], closes it,
 //!   prints `wrote NAME`.
+//! - `snapshot NAME`: opens `NAME` for writing, creates the internal snapshot `before`, doubles the disk's
+//!   size, makes the writes of [`WRITES`] (the last at the new end), closes it, prints `snapshot NAME`.
+//! - `rollback NAME`: opens `NAME` for writing, applies its first internal snapshot, closes it, prints
+//!   `rolled back NAME`.
 //!
 //! Every buffer the engine uses is a static. The stack is painted before each job and its peak use during
 //! the job (open, reads or writes, close, hashing; measured from the top of the stack, so `main`'s frame is
 //! included) is printed as `stack read|write NAME BYTES`; the last line is
-//! `stack-peak read BYTES write BYTES`, the largest of each kind.
+//! `stack-peak read BYTES write BYTES`, the largest of each kind (`snapshot` and `rollback` jobs are
+//! printed as `stack snapshot|rollback NAME BYTES` and their largest as `stack-peak-snapshots BYTES`).
 //! The program exits through semihosting: status 0 when every job succeeded.
 
 #![no_std]
@@ -251,6 +256,51 @@ fn write_image(ctx: &mut Ctx, chunk: &mut [u8], name: &[u8]) -> Result<(), Error
     }
 }
 
+/// Creates snapshot `before` of `name`, doubles its size, makes the writes of [`WRITES`], closes it.
+#[inline(never)]
+fn snapshot_image(ctx: &mut Ctx, chunk: &mut [u8], name: &[u8]) -> Result<(), Error<SemiError>> {
+    let dev = SemiFile::open(name, true).map_err(Error::Io)?;
+    let (buffers, inflate) = ctx.lend();
+    let mut opened = open_writable(dev, buffers, inflate);
+    let image = opened.as_mut().map_err(|e| e.clone())?;
+    image.create_snapshot(&qcow2_core::write::NewSnapshot {
+        name: b"before",
+        date_sec: 0,
+        date_nsec: 0,
+        vm_clock_nsec: 0,
+    })?;
+    let size = image.virtual_size();
+    image.resize(size * 2)?;
+    write_patterns(image, chunk)?;
+    match opened {
+        Ok(image) => image.close().map(drop),
+        Err(e) => Err(e),
+    }
+}
+
+/// Applies the first internal snapshot of `name` and closes it.
+#[inline(never)]
+fn rollback_image(ctx: &mut Ctx, name: &[u8]) -> Result<(), Error<SemiError>> {
+    let dev = SemiFile::open(name, true).map_err(Error::Io)?;
+    let (buffers, inflate) = ctx.lend();
+    let mut opened = open_writable(dev, buffers, inflate);
+    let image = opened.as_mut().map_err(|e| e.clone())?;
+    let first = image
+        .layers()
+        .first()
+        .and_then(|l| l.qcow2())
+        .filter(|m| m.header.nb_snapshots > 0)
+        .map(|m| m.header.snapshots_offset)
+        .ok_or(Error::Unavailable {
+            what: "the image has no snapshot",
+        })?;
+    image.apply_snapshot(first)?;
+    match opened {
+        Ok(image) => image.close().map(drop),
+        Err(e) => Err(e),
+    }
+}
+
 /// `Image::open_writable`, in a frame of its own (so that the stack it needs shows apart from the caller's).
 #[inline(never)]
 fn open_writable<'a>(
@@ -366,7 +416,7 @@ fn main() -> ! {
         BLOCK
     );
     let mut failed = false;
-    let (mut peak_read, mut peak_write) = (0usize, 0usize);
+    let (mut peak_read, mut peak_write, mut peak_snapshots) = (0usize, 0usize, 0usize);
     let len = match SemiFile::open(b"jobs.txt", false) {
         Ok(mut f) => f.read(jobs).unwrap_or(0),
         Err(_) => {
@@ -408,6 +458,30 @@ fn main() -> ! {
                     failed = true;
                 }
             }
+        } else if let Some(name) = line.strip_prefix(b"snapshot ") {
+            let result = snapshot_image(&mut ctx, chunk, name);
+            let peak = stack_peak();
+            peak_snapshots = peak_snapshots.max(peak);
+            hprintln!("stack snapshot {} {}", text(name), peak);
+            match result {
+                Ok(()) => hprintln!("snapshot {}", text(name)),
+                Err(e) => {
+                    hprintln!("error: snapshot {}: {:?}", text(name), e);
+                    failed = true;
+                }
+            }
+        } else if let Some(name) = line.strip_prefix(b"rollback ") {
+            let result = rollback_image(&mut ctx, name);
+            let peak = stack_peak();
+            peak_snapshots = peak_snapshots.max(peak);
+            hprintln!("stack rollback {} {}", text(name), peak);
+            match result {
+                Ok(()) => hprintln!("rolled back {}", text(name)),
+                Err(e) => {
+                    hprintln!("error: rollback {}: {:?}", text(name), e);
+                    failed = true;
+                }
+            }
         } else {
             hprintln!("error: bad job line: {}", text(line));
             failed = true;
@@ -415,6 +489,7 @@ fn main() -> ! {
     }
 
     hprintln!("stack-peak read {} write {}", peak_read, peak_write);
+    hprintln!("stack-peak-snapshots {}", peak_snapshots);
     debug::exit(if failed {
         debug::EXIT_FAILURE
     } else {
