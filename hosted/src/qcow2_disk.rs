@@ -485,33 +485,6 @@ impl Qcow2Disk {
         Ok(list)
     }
 
-    /// The host offset of the first snapshot table entry of the top image whose id and name `pick` takes.
-    fn find_snapshot(
-        &mut self,
-        pick: impl Fn(&str, &str) -> bool,
-    ) -> Result<Option<u64>, DiskError> {
-        let Some(h) = self
-            .image
-            .layers()
-            .first()
-            .and_then(|l| l.qcow2())
-            .map(|m| m.header)
-        else {
-            return Ok(None);
-        };
-        let mut at = h.snapshots_offset;
-        for _ in 0..h.nb_snapshots {
-            let (entry, next) = self.image.read_snapshot(0, at).map_err(engine_error)?;
-            let id = self.stored_name(0, Some(entry.id))?.unwrap_or_default();
-            let name = self.stored_name(0, Some(entry.name))?.unwrap_or_default();
-            if pick(&id, &name) {
-                return Ok(Some(at));
-            }
-            at = next;
-        }
-        Ok(None)
-    }
-
     fn file_name(&self, depth: usize, external: bool) -> Option<String> {
         if external {
             self.data_files.get(depth).cloned().flatten()
@@ -863,8 +836,9 @@ impl VirtualDiskWrite for Qcow2Disk {
             )
         };
         let entry = self
-            .find_snapshot(|id, _| id == name)?
-            .or(self.find_snapshot(|_, n| n == name)?)
+            .image
+            .find_snapshot(name.as_bytes(), true, true)
+            .map_err(engine_error)?
             .ok_or_else(not_found)?;
         self.image.apply_snapshot(entry).map_err(|e| match e {
             Error::Unsupported { what, .. } if what.contains("refcount") => DiskError::with_kind(
@@ -877,25 +851,17 @@ impl VirtualDiskWrite for Qcow2Disk {
 
     fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
         self.check_writable()?;
-        let h = self
+        match self
             .image
-            .layers()
-            .first()
-            .and_then(|l| l.qcow2())
-            .map(|m| m.header)
-            .ok_or_else(|| DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))?;
-        let mut at = h.snapshots_offset;
-        for _ in 0..h.nb_snapshots {
-            let (entry, next) = self.image.read_snapshot(0, at).map_err(engine_error)?;
-            if self.stored_name(0, Some(entry.name))?.as_deref() == Some(name) {
-                return self.image.delete_snapshot(at).map_err(engine_error);
-            }
-            at = next;
+            .find_snapshot(name.as_bytes(), false, true)
+            .map_err(engine_error)?
+        {
+            Some(entry) => self.image.delete_snapshot(entry).map_err(engine_error),
+            None => Err(DiskError::with_kind(
+                ErrorKind::NotFound,
+                "snapshot not found",
+            )),
         }
-        Err(DiskError::with_kind(
-            ErrorKind::NotFound,
-            "snapshot not found",
-        ))
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {

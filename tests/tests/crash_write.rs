@@ -960,6 +960,57 @@ fn crash_during_refcount_rebuild() {
     );
 }
 
+/// The guest content of `img`, as `qemu-img convert` reads it.
+fn guest_content(s: &Scratch, img: &std::path::Path) -> Vec<u8> {
+    let raw = s.path("content.raw");
+    let _ = std::fs::remove_file(&raw);
+    qemu_img_ok([
+        "convert".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        img.as_os_str(),
+        raw.as_os_str(),
+    ]);
+    std::fs::read(&raw).unwrap()
+}
+
+/// One allowed value per cell: the one `content` holds (each cell of it uniform).
+fn exactly(content: &[u8]) -> Vec<Values> {
+    content
+        .chunks(CELL)
+        .map(|cell| {
+            assert!(cell.iter().all(|&b| b == cell[0]), "cells must be uniform");
+            let mut v = Values::default();
+            v.add(cell[0]);
+            v
+        })
+        .collect()
+}
+
+/// Checks one crash state ([`verify`]) and, with `sample`, runs `qemu-img check` on what was checked too,
+/// which must find no corruption (leaks allowed).
+fn verify_sampled(
+    s: &Scratch,
+    state: &[u8],
+    base: &Option<Vec<u8>>,
+    allowed: &[Values],
+    what: &str,
+    sample: bool,
+) -> Vec<u8> {
+    let checked = verify(state, base, allowed, what);
+    if sample {
+        let path = s.path("state.qcow2");
+        std::fs::write(&path, &checked).unwrap();
+        let out = qemu_img(["check".as_ref(), path.as_os_str()]);
+        assert!(
+            matches!(out.code, Some(0) | Some(3)),
+            "{what}: qemu-img check reports corruption:\n{}",
+            out.describe()
+        );
+    }
+    checked
+}
+
 /// Power loss during resize: grow with L1 growth across clusters (plain, lazy refcounts, over a longer backing
 /// file whose data must not show through), shrink that drops data, L2 tables and refcount blocks (with
 /// compressed clusters, and with an internal snapshot that shares L2 tables). Every crash state opens, has
@@ -1063,28 +1114,10 @@ fn crash_resize() {
             qemu_io_cmds(&img, "qcow2", &["write -P 0xee 2M 64k".to_string()]);
         }
         let initial = std::fs::read(&img).unwrap();
-        let raw = s.path("old.raw");
-        qemu_img_ok([
-            "convert".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            img.as_os_str(),
-            raw.as_os_str(),
-        ]);
-        let old = std::fs::read(&raw).unwrap();
+        let old = guest_content(&s, &img);
         let mut new = old.clone();
         new.resize(c.new_size as usize, 0);
-        let cells = |data: &[u8]| -> Vec<Values> {
-            data.chunks(CELL)
-                .map(|cell| {
-                    let mut v = Values::default();
-                    assert!(cell.iter().all(|&b| b == cell[0]));
-                    v.add(cell[0]);
-                    v
-                })
-                .collect()
-        };
-        let (old_cells, new_cells) = (cells(&old), cells(&new));
+        let (old_cells, new_cells) = (exactly(&old), exactly(&new));
         let log_base = base_bytes.clone();
         let states = states_of(&initial, |dev| {
             let log = dev.log.clone();
@@ -1108,18 +1141,8 @@ fn crash_resize() {
             } else {
                 panic!("{what}: virtual size {size} is neither the old nor the new one");
             };
-            let checked = verify(state, &base_bytes, allowed, &what);
             total += 1;
-            if total % 29 == 0 {
-                let path = s.path("state.qcow2");
-                std::fs::write(&path, &checked).unwrap();
-                let out = qemu_img(["check".as_ref(), path.as_os_str()]);
-                assert!(
-                    matches!(out.code, Some(0) | Some(3)),
-                    "{what}: qemu-img check reports corruption:\n{}",
-                    out.describe()
-                );
-            }
+            verify_sampled(&s, state, &base_bytes, allowed, &what, total % 29 == 0);
         }
         eprintln!("resize {}: {} crash states", c.name, states.len());
     }
@@ -1160,23 +1183,7 @@ fn crash_snapshots() {
             qemu_io_cmds(&img, "qcow2", &["write -P 0x55 0 128k".to_string()]);
         }
         let initial = std::fs::read(&img).unwrap();
-        let raw = s.path("now.raw");
-        qemu_img_ok([
-            "convert".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            img.as_os_str(),
-            raw.as_os_str(),
-        ]);
-        let content = std::fs::read(&raw).unwrap();
-        let allowed: Vec<Values> = content
-            .chunks(CELL)
-            .map(|c| {
-                let mut v = Values::default();
-                v.add(c[0]);
-                v
-            })
-            .collect();
+        let allowed = exactly(&guest_content(&s, &img));
         let states = states_of(&initial, |dev| {
             let log = dev.log.clone();
             let mut image: Img = Image::open_writable(
@@ -1204,24 +1211,21 @@ fn crash_snapshots() {
         let last = states.len() - 1;
         for (i, (state, what)) in states.iter().enumerate() {
             let what = format!("snapshot {name}: {what}");
-            let checked = verify(state, &None, &allowed, &what);
+            total += 1;
+            let checked = verify_sampled(
+                &s,
+                state,
+                &None,
+                &allowed,
+                &what,
+                total % 17 == 0 || i == last,
+            );
             let nb = u32::from_be_bytes(checked[60..64].try_into().unwrap());
             if i == last {
                 assert_eq!(
                     nb,
                     u32::from(!delete),
                     "{what}: snapshot count after the operation"
-                );
-            }
-            total += 1;
-            if total % 17 == 0 || i == last {
-                let path = s.path("state.qcow2");
-                std::fs::write(&path, &checked).unwrap();
-                let out = qemu_img(["check".as_ref(), path.as_os_str()]);
-                assert!(
-                    matches!(out.code, Some(0) | Some(3)),
-                    "{what}: qemu-img check reports corruption:\n{}",
-                    out.describe()
                 );
             }
         }
@@ -1253,18 +1257,7 @@ fn crash_snapshot_apply() {
             cmds.push(format!("write {flag}-P {} {} 8192", i + 1, i * 131072));
         }
         qemu_io_cmds(&img, "qcow2", &cmds);
-        let raw = |name: &str| {
-            let out = s.path(name);
-            qemu_img_ok([
-                "convert".as_ref(),
-                "-O".as_ref(),
-                "raw".as_ref(),
-                img.as_os_str(),
-                out.as_os_str(),
-            ]);
-            std::fs::read(&out).unwrap()
-        };
-        let at_snapshot = raw("snap.raw");
+        let at_snapshot = guest_content(&s, &img);
         qemu_img_ok(["snapshot", "-c", "good", img.to_str().unwrap()]);
         qemu_img_ok(["resize", img.to_str().unwrap(), "2M"]);
         qemu_io_cmds(
@@ -1275,18 +1268,9 @@ fn crash_snapshot_apply() {
                 "write -P 0x67 1536k 64k".to_string(),
             ],
         );
-        let before = raw("before.raw");
+        let before = guest_content(&s, &img);
         let initial = std::fs::read(&img).unwrap();
-        let cells = |data: &[u8]| -> Vec<Values> {
-            data.chunks(CELL)
-                .map(|c| {
-                    let mut v = Values::default();
-                    v.add(c[0]);
-                    v
-                })
-                .collect()
-        };
-        let (old_cells, new_cells) = (cells(&before), cells(&at_snapshot));
+        let (old_cells, new_cells) = (exactly(&before), exactly(&at_snapshot));
         let states = states_of(&initial, |dev| {
             let log = dev.log.clone();
             let mut image: Img = Image::open_writable(
@@ -1312,18 +1296,15 @@ fn crash_snapshot_apply() {
             if i == last {
                 assert_eq!(size, 1 << 20, "{what}: the snapshot was not applied");
             }
-            let checked = verify(state, &None, allowed, &what);
             total += 1;
-            if total % 13 == 0 || i == last {
-                let path = s.path("state.qcow2");
-                std::fs::write(&path, &checked).unwrap();
-                let out = qemu_img(["check".as_ref(), path.as_os_str()]);
-                assert!(
-                    matches!(out.code, Some(0) | Some(3)),
-                    "{what}: qemu-img check reports corruption:\n{}",
-                    out.describe()
-                );
-            }
+            verify_sampled(
+                &s,
+                state,
+                &None,
+                allowed,
+                &what,
+                total % 13 == 0 || i == last,
+            );
         }
         eprintln!("apply {opts}: {} crash states", states.len());
     }

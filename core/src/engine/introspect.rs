@@ -162,6 +162,54 @@ where
         Ok((entry, next))
     }
 
+    /// The host offset of the table entry of the opened image's internal snapshot whose id (with `by_id`)
+    /// or name (with `by_name`) is `key`: every id is looked at first, then every name, as QEMU looks a
+    /// snapshot up (`qemu-img snapshot -a` by id or name, `-d` by name). `None` when none matches.
+    pub fn find_snapshot(
+        &mut self,
+        key: &[u8],
+        by_id: bool,
+        by_name: bool,
+    ) -> Result<Option<u64>, Error<D::Error>> {
+        let Some(h) = self.layers.first().and_then(|l| l.meta).map(|m| m.header) else {
+            return Ok(None);
+        };
+        for (ids, wanted) in [(true, by_id), (false, by_name)] {
+            if !wanted {
+                continue;
+            }
+            let mut at = h.snapshots_offset;
+            for _ in 0..h.nb_snapshots {
+                let (entry, next) = self.read_snapshot(0, at)?;
+                if self.stored_name_is(if ids { entry.id } else { entry.name }, key)? {
+                    return Ok(Some(at));
+                }
+                at = next;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the string `name` of the opened image is `key` (compared a few bytes at a time).
+    fn stored_name_is(&mut self, name: StoredName, key: &[u8]) -> Result<bool, Error<D::Error>> {
+        if name.len as usize != key.len() {
+            return Ok(false);
+        }
+        let Image { layers, bounce, .. } = self;
+        let layer = layer_at(layers, 0)?;
+        let mut chunk = [0u8; 32];
+        let mut at = name.offset;
+        for part in key.chunks(chunk.len()) {
+            let got = chunk.get_mut(..part.len()).unwrap_or(&mut []);
+            read_bytes(&mut layer.dev, bounce.as_mut(), at, got)?;
+            if got != part {
+                return Ok(false);
+            }
+            at = at.saturating_add(part.len() as u64);
+        }
+        Ok(true)
+    }
+
     /// The refcount of host cluster `cluster` of the qcow2 image at `depth` (0 where no refcount block covers
     /// it).
     pub fn refcount(&mut self, depth: usize, cluster: u64) -> Result<u64, Error<D::Error>> {

@@ -149,19 +149,28 @@ where
     }
 
     /// Copies the cluster at host offset `from` to `to`.
+    pub(super) fn copy_cluster(&mut self, from: u64, to: u64) -> Result<(), Error<D::Error>> {
+        self.copy_bytes(from, to, self.g.tables.cluster_size)
+    }
+
+    /// Copies `len` bytes from host offset `from` to `to`, chunk by chunk.
     ///
     /// Out of line: inlined, its stack copy buffer would sit in the frame of the write request, below which
     /// every allocation of that request runs.
     #[inline(never)]
-    pub(super) fn copy_cluster(&mut self, from: u64, to: u64) -> Result<(), Error<D::Error>> {
-        let cs = self.g.tables.cluster_size;
+    pub(super) fn copy_bytes(
+        &mut self,
+        from: u64,
+        to: u64,
+        len: u64,
+    ) -> Result<(), Error<D::Error>> {
         let bs = self.dev.block_size();
         let (bounce, rest) = split_bounce(self.bounce, bs);
         let mut stack = [0u8; STACK_CHUNK];
         let chunk = chunk_of(rest, &mut stack);
         let mut done = 0u64;
-        while done < cs {
-            let n = (chunk.len() as u64).min(cs.saturating_sub(done)) as usize;
+        while done < len {
+            let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
             let part = chunk.get_mut(..n).unwrap_or(&mut []);
             read_bytes(self.dev, bounce, from.saturating_add(done), part)?;
             write_bytes(self.dev, bounce, to.saturating_add(done), part)?;

@@ -70,6 +70,21 @@ where
         Ok((entry, l2))
     }
 
+    /// L2 entry `index` of the table at `l2`, and what it describes (an entry no valid image has marks the
+    /// image corrupt).
+    pub(super) fn classified_entry(
+        &mut self,
+        l2: u64,
+        index: u64,
+    ) -> Result<(L2Entry, ClusterKind), Error<D::Error>> {
+        let entry = self.l2_get(l2, index)?;
+        let (entry_host, _) = self.l2_loc(l2, index);
+        let kind = entry
+            .classify(self.g.tables.l2_format)
+            .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
+        Ok((entry, kind))
+    }
+
     /// The index, entry and kind of guest cluster `gc` in the L2 table at `l2`. An invalid entry marks the
     /// image corrupt.
     pub(super) fn cluster_entry(
@@ -77,14 +92,9 @@ where
         l2: u64,
         gc: u64,
     ) -> Result<(u64, L2Entry, ClusterKind), Error<D::Error>> {
-        let g = self.g;
-        let index = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
-        let old = self.l2_get(l2, index)?;
-        let (entry_host, _) = self.l2_loc(l2, index);
-        let kind = old
-            .classify(g.tables.l2_format)
-            .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
-        Ok((index, old, kind))
+        let index = (gc >> self.g.cluster_bits) & self.g.l2_entries.wrapping_sub(1);
+        let (entry, kind) = self.classified_entry(l2, index)?;
+        Ok((index, entry, kind))
     }
 
     /// Queues the host clusters an entry held for freeing (data, preallocated zero, compressed).

@@ -184,29 +184,11 @@ where
         let table = self.alloc_table_clusters(clusters)?;
         self.writeback(SliceKind::Refcount)?;
         let file_end = self.dev.size()?;
-        {
-            let bs = self.dev.block_size();
-            let (bounce, rest) = split_bounce(self.bounce, bs);
-            let mut stack = [0u8; STACK_CHUNK];
-            let chunk = chunk_of(rest, &mut stack);
-            let mut done = 0u64;
-            while done < bytes {
-                let n = (chunk.len() as u64).min(bytes.saturating_sub(done)) as usize;
-                let part = chunk.get_mut(..n).unwrap_or(&mut []);
-                part.fill(0);
-                if done < old_bytes {
-                    let m = (old_bytes.saturating_sub(done) as usize).min(n);
-                    read_bytes(
-                        self.dev,
-                        bounce,
-                        old_offset.saturating_add(done),
-                        part.get_mut(..m).unwrap_or(&mut []),
-                    )?;
-                }
-                write_bytes(self.dev, bounce, table.saturating_add(done), part)?;
-                done = done.saturating_add(n as u64);
-            }
-        }
+        self.copy_bytes(old_offset, table, old_bytes)?;
+        self.write_zeros(
+            table.saturating_add(old_bytes),
+            bytes.saturating_sub(old_bytes),
+        )?;
         // A table that ends the file ends it at its last byte, not at the device block's end.
         let table_end = table.saturating_add(bytes);
         if table_end > file_end {

@@ -406,25 +406,6 @@ where
         Ok(buf.get(start..).unwrap_or(&[]))
     }
 
-    /// Copies `len` bytes from host offset `from` to `to`.
-    #[inline(never)]
-    fn copy_bytes(&mut self, from: u64, to: u64, len: u64) -> Result<(), Error<D::Error>> {
-        let bs = self.dev.block_size();
-        let (bounce, rest) = split_bounce(self.bounce, bs);
-        let mut stack = [0u8; STACK_CHUNK];
-        let chunk = chunk_of(rest, &mut stack);
-        let mut done = 0u64;
-        while done < len {
-            let n = (chunk.len() as u64).min(len.saturating_sub(done)) as usize;
-            let part = chunk.get_mut(..n).unwrap_or(&mut []);
-            read_bytes(self.dev, bounce, from.saturating_add(done), part)?;
-            write_bytes(self.dev, bounce, to.saturating_add(done), part)?;
-            done = done.saturating_add(n as u64);
-        }
-        self.w.needs_flush = true;
-        Ok(())
-    }
-
     /// Lowers the refcount of every cluster overlapping host bytes `[host, host + len)` (a table no longer
     /// named anywhere).
     fn free_range(&mut self, host: u64, len: u64) -> Result<(), Error<D::Error>> {
@@ -459,11 +440,7 @@ where
                 continue;
             }
             for index in 0..g.l2_entries {
-                let entry = self.l2_get(l2, index)?;
-                let (entry_host, _) = self.l2_loc(l2, index);
-                let kind = entry
-                    .classify(g.tables.l2_format)
-                    .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
+                let (entry, kind) = self.classified_entry(l2, index)?;
                 let refcount = match kind {
                     ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) } => {
                         if let Some(up) = change
@@ -543,11 +520,7 @@ where
                 return Ok(Some(l2 >> bits));
             }
             for index in 0..g.l2_entries {
-                let entry = self.l2_get(l2, index)?;
-                let (entry_host, _) = self.l2_loc(l2, index);
-                let kind = entry
-                    .classify(g.tables.l2_format)
-                    .map_err(|e| self.mark_corrupt(e.describe("L2"), entry_host))?;
+                let (_, kind) = self.classified_entry(l2, index)?;
                 match kind {
                     ClusterKind::Data { host } | ClusterKind::Zero { host: Some(host) }
                         if self.refcount(host >> bits)? >= max =>

@@ -874,39 +874,11 @@ fn open_image(
     })
 }
 
-/// The host offset of the table entry of the top image's internal snapshot with id `name`, else of the
-/// first with that name (as `qemu-img snapshot -a` looks).
-fn find_snapshot(image: &mut Disk, name: &[u8]) -> Result<Option<u64>, Error<Status>> {
-    let Some(h) = image
-        .layers()
-        .first()
-        .and_then(|l| l.qcow2())
-        .map(|m| m.header)
-    else {
-        return Ok(None);
-    };
-    let mut buf = [0u8; MAX_SNAPSHOT_NAME];
-    for by_id in [true, false] {
-        let mut at = h.snapshots_offset;
-        for _ in 0..h.nb_snapshots {
-            let (entry, next) = image.read_snapshot(0, at)?;
-            let stored = if by_id { entry.id } else { entry.name };
-            if stored.len as usize == name.len()
-                && image.read_stored_name(0, stored, &mut buf)? == name
-            {
-                return Ok(Some(at));
-            }
-            at = next;
-        }
-    }
-    Ok(None)
-}
-
 /// Boots snapshot `name` read-only, or applies it (rollback), as the settings say.
 fn use_snapshot(image: &mut Disk, settings: &Settings) -> Result<(), Status> {
     let name = settings.name();
     let shown = core::str::from_utf8(name).unwrap_or("?");
-    let at = match find_snapshot(image, name) {
+    let at = match image.find_snapshot(name, true, true) {
         Ok(Some(at)) => at,
         Ok(None) => {
             say!("the image has no snapshot {shown}");
