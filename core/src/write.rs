@@ -14,6 +14,7 @@
 //! - `compressed`: compressed cluster writes.
 //! - `bitmaps`: disowning persistent bitmaps before the first write.
 //! - `resize`: growing and shrinking the virtual disk.
+//! - `amend`: header options changed in place (lazy refcounts).
 //! - `snapshots`: creating and deleting internal snapshots.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
@@ -37,6 +38,7 @@ use crate::io::{ceil_div, copy_exact, read_bytes, write_bytes};
 use crate::meta::{SliceCache, SliceKind, TableAccess, TableLayout};
 
 mod allocate;
+mod amend;
 mod bitmaps;
 mod compressed;
 mod data;

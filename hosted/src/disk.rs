@@ -441,6 +441,12 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// Turns the image's lazy refcounts on or off (qemu-img amend's `lazy_refcounts`).
+    fn set_lazy_refcounts(&mut self, on: bool) -> Result<(), DiskError> {
+        let _ = on;
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DiskError>;
 

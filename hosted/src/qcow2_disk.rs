@@ -849,6 +849,27 @@ impl VirtualDiskWrite for Qcow2Disk {
         })
     }
 
+    fn set_lazy_refcounts(&mut self, on: bool) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let v2 = self
+            .image
+            .layers()
+            .first()
+            .and_then(|l| l.qcow2())
+            .is_some_and(|m| m.header.version < 3);
+        if on && v2 {
+            return Err(DiskError::with_kind(
+                ErrorKind::Unsupported,
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 \
+                 or greater)",
+            ));
+        }
+        if v2 {
+            return Ok(());
+        }
+        self.image.set_lazy_refcounts(on).map_err(engine_error)
+    }
+
     fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
         self.check_writable()?;
         match self

@@ -77,6 +77,9 @@ pub mod field {
     /// `incompatible_features` (version 3).
     pub const INCOMPATIBLE_FEATURES: u64 =
         (size_of::<RawHeaderV2>() + offset_of!(RawHeaderV3, incompatible_features)) as u64;
+    /// `compatible_features` (version 3).
+    pub const COMPATIBLE_FEATURES: u64 =
+        (size_of::<RawHeaderV2>() + offset_of!(RawHeaderV3, compatible_features)) as u64;
     /// `autoclear_features` (version 3).
     pub const AUTOCLEAR_FEATURES: u64 =
         (size_of::<RawHeaderV2>() + offset_of!(RawHeaderV3, autoclear_features)) as u64;

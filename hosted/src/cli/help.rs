@@ -15,7 +15,8 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 12] = [
+pub const COMMANDS: [(&str, &str); 13] = [
+    ("amend", "Update format-specific options of the image"),
     ("bench", "Run simple image benchmark"),
     ("check", "Check basic image integrity"),
     ("compare", "Check if two images have the same contents"),
@@ -254,6 +255,28 @@ pub fn command_help(cmd: &str) -> Option<String> {
   [+-]SIZE[bkKMGTPE]
      new image size or amount by which to shrink/grow,
      with optional suffix (1024-based multiplies)
+",
+        ),
+        "amend" => command(
+            description,
+            "  qcow2 amend [-f FMT | --image-opts] [-t CACHE] [--force] [-p] [-q] -o OPTIONS FILENAME
+",
+            "  -q, --quiet
+     quiet operation
+  -p, --progress
+     accepted for compatibility
+  -f, --format FMT
+     the format of FILENAME (qcow2; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
+  -t, --cache CACHE
+     accepted for compatibility
+  --force
+     accepted for compatibility
+  -o, --options OPTIONS
+     size=SIZE and lazy_refcounts=on|off; compat and refcount_bits as the image has them
+  FILENAME
+     image file name
 ",
         ),
         "snapshot" => command(

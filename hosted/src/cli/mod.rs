@@ -1,9 +1,10 @@
 //! The `qcow2` command-line tool: argument parsing, and qemu-img's and qemu-io's text, JSON and exit codes,
-//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`, `snapshot`, `bench`,
+//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`, `snapshot`, `amend`, `bench`,
 //! `io`) plus their shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only
 //! through its public API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`],
 //! [`crate::shared`].
 
+mod amend;
 pub mod bench;
 pub mod check;
 pub mod compare;
@@ -676,6 +677,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("create") => cmd_create(&mut p, out),
             Some("dd") => dd::cmd_dd(&mut p, out),
             Some("resize") => resize::cmd_resize(&mut p, out, err),
+            Some("amend") => amend::cmd_amend(&mut p, out),
             Some("snapshot") => snapshot::cmd_snapshot(&mut p, out, err),
             Some("bench") => cmd_bench(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),

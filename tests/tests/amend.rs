@@ -1,0 +1,128 @@
+//! `qcow2 amend` against `qemu-img amend` on copies of the same images: `lazy_refcounts` on and off, `size`
+//! (grow and shrink, exact), `compat` and `refcount_bits` naming what the image has, several `-o`, on v3
+//! images of several cluster sizes: the results byte-identical and clean; every mistake qemu-img refuses
+//! gives its message and exit code; what this tool does not amend (another compatibility level or refcount
+//! width) is refused before anything changes.
+
+use std::path::Path;
+
+use qcow2_tests::{Output, Scratch, assert_files_equal, qcow2, qemu_img, qemu_io_cmds};
+
+fn amend(tool: fn(&[&str]) -> Output, args: &[&str], file: &Path) -> Output {
+    let mut all = vec!["amend"];
+    all.extend_from_slice(args);
+    all.push(file.to_str().unwrap());
+    tool(&all)
+}
+
+/// Runs `amend ARGS` with both tools on copies of `img`; compares exit code, messages and, on success,
+/// the files (and `qemu-img check`).
+fn both(s: &Scratch, img: &Path, args: &[&str], what: &str) -> Output {
+    let (ours, theirs) = (s.path("ours.qcow2"), s.path("theirs.qcow2"));
+    std::fs::copy(img, &ours).unwrap();
+    std::fs::copy(img, &theirs).unwrap();
+    let o = amend(|a| qcow2(a), args, &ours);
+    let t = amend(|a| qemu_img(a), args, &theirs);
+    let what = format!("{what}: amend {args:?}");
+    assert_eq!(
+        o.code,
+        t.code,
+        "{what}:\n{}\n{}",
+        o.describe(),
+        t.describe()
+    );
+    let first = |out: &Output| -> String {
+        out.stderr_str()
+            .lines()
+            .filter(|l| !l.starts_with("Try '"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace("qemu-img", "qcow2")
+    };
+    assert_eq!(first(&o), first(&t), "{what}: messages");
+    if o.success() {
+        assert_files_equal(&ours, &theirs, &what);
+        let c = qemu_img(["check".as_ref(), ours.as_os_str()]);
+        assert_eq!(c.code, Some(0), "{what}: {}", c.describe());
+    } else {
+        assert_files_equal(&ours, img, &format!("{what} (refused: unchanged)"));
+    }
+    o
+}
+
+#[test]
+fn options_match_qemu_img() {
+    let s = Scratch::new();
+    for opts in [
+        "",
+        "cluster_size=4096",
+        "cluster_size=512,lazy_refcounts=on",
+        "cluster_size=2M",
+    ] {
+        let img = s.qcow2("img.qcow2", opts, 8 << 20);
+        qemu_io_cmds(
+            &img,
+            "qcow2",
+            &[
+                "write -P 1 0 1M".to_string(),
+                "write -P 2 6M 1M".to_string(),
+            ],
+        );
+        for args in [
+            vec!["-o", "lazy_refcounts=on"],
+            vec!["-o", "lazy_refcounts=off"],
+            vec!["-o", "lazy_refcounts"],
+            vec!["-o", "lazy_refcounts=on,lazy_refcounts=off"],
+            vec!["-o", "size=64M"],
+            vec!["-o", "size=2M"],
+            vec!["-o", "lazy_refcounts=on", "-o", "size=1G"],
+            vec!["-o", "compat=1.1,refcount_bits=16"],
+            vec!["-q", "-p", "-o", "compat=v3"],
+        ] {
+            both(&s, &img, &args, opts);
+        }
+        for args in [
+            vec!["-o", "extended_l2=on"],
+            vec!["-o", "cluster_size=4k"],
+            vec!["-o", "bogus=1"],
+            vec!["-o", "lazy_refcounts=maybe"],
+            vec!["-o", "size=abc"],
+            vec!["-o", "backing_file=x"],
+            vec!["-o", "backing_fmt=raw"],
+            vec!["-f", "raw", "-o", "size=1M"],
+            vec![],
+        ] {
+            let o = both(&s, &img, &args, opts);
+            assert!(!o.success());
+        }
+    }
+    // Lazy refcounts on a version 2 image: refused by both.
+    let v2 = s.qcow2("v2.qcow2", "compat=0.10", 1 << 20);
+    both(&s, &v2, &["-o", "lazy_refcounts=on"], "v2");
+    both(&s, &v2, &["-o", "lazy_refcounts=off"], "v2");
+}
+
+/// What this tool does not amend is refused with a message that says so, and the image is left alone.
+#[test]
+fn unsupported_changes_are_refused() {
+    let s = Scratch::new();
+    let img = s.qcow2("img.qcow2", "", 1 << 20);
+    for (opt, what) in [
+        ("compat=0.10", "the compatibility level (to 0.10)"),
+        ("refcount_bits=8", "refcount_bits (to 8)"),
+        ("data_file=x", "'data_file'"),
+    ] {
+        let before = std::fs::read(&img).unwrap();
+        let o = qcow2(["amend", "-o", opt, img.to_str().unwrap()]);
+        assert_eq!(o.code, Some(1), "{opt}: {}", o.describe());
+        assert_eq!(
+            o.stderr_str(),
+            format!("qcow2: Amending {what} is not supported by this tool\n")
+        );
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            before,
+            "{opt} changed the image"
+        );
+    }
+}
