@@ -263,8 +263,6 @@ pub fn command_help(cmd: &str) -> Option<String> {
 ",
             "  -q, --quiet
      quiet operation
-  -p, --progress
-     accepted for compatibility
   -f, --format FMT
      the format of FILENAME (qcow2; probed when not given)
   --image-opts
@@ -273,7 +271,7 @@ pub fn command_help(cmd: &str) -> Option<String> {
      accepted for compatibility
   --force
      accepted for compatibility
-  -o, --options OPTIONS
+  OPTIONS (after -o, --options; -p, --progress is accepted too)
      size=SIZE and lazy_refcounts=on|off; compat and refcount_bits as the image has them
   FILENAME
      image file name
