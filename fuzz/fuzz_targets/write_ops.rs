@@ -1,8 +1,9 @@
 //! Arbitrary operation sequences on a small in-memory image (64 KiB virtual, 512-byte clusters, 16-bit
-//! refcounts): writes, zero writes (with and without unmap), discards, reads, flushes and reopens, with
-//! firmware-sized buffers (a 512-byte bounce block, four 512-byte metadata slices). The image must read
-//! back exactly as a flat model of the disk, after every read and after a final close and reopen, and `check`
-//! must find no corruption and no leak.
+//! refcounts): writes, zero writes (with and without unmap), discards, reads, flushes, reopens, resizes
+//! (512 bytes to 128 KiB) and internal snapshots created, applied and deleted, with firmware-sized buffers
+//! (a 512-byte bounce block, four 512-byte metadata slices). The image must read back exactly as a flat
+//! model of the disk (and each snapshot as the disk it was taken of), after every read and after a final
+//! close and reopen, and `check` must find no corruption and no leak.
 
 #![no_main]
 
@@ -29,6 +30,16 @@ fn open(bytes: Vec<u8>, len: u64) -> Result<Img, Error<MemDeviceFull>> {
     )
 }
 
+/// The host offset of the `n`-th entry of the snapshot table.
+fn snapshot_entry(img: &mut Img, n: usize) -> u64 {
+    let h = img.layers()[0].qcow2().expect("qcow2").header;
+    let mut at = h.snapshots_offset;
+    for _ in 0..n {
+        at = img.read_snapshot(0, at).expect("snapshot entry").1;
+    }
+    at
+}
+
 fn close(img: Img) -> (Vec<u8>, u64) {
     let dev = img.close().expect("close");
     let len = dev.content().len() as u64;
@@ -43,12 +54,14 @@ fuzz_target!(|data: &[u8]| {
     for (i, b) in model[..512].iter_mut().enumerate() {
         *b = i as u8;
     }
+    let mut snapshots: Vec<Vec<u8>> = Vec::new();
     for op in data.chunks_exact(6).take(64) {
-        let off = (usize::from(u16::from_le_bytes([op[1], op[2]])) % SIZE) as u64;
+        let size = model.len();
+        let off = (usize::from(u16::from_le_bytes([op[1], op[2]])) % size) as u64;
         let len = (1 + usize::from(u16::from_le_bytes([op[3], op[4]])) % 8192)
-            .min(SIZE - off as usize) as u64;
+            .min(size - off as usize) as u64;
         let (o, l) = (off as usize, len as usize);
-        match op[0] % 7 {
+        match op[0] % 11 {
             0 | 1 => {
                 img.write_at(off, &vec![op[5]; l]).expect("write");
                 model[o..o + l].fill(op[5]);
@@ -61,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
             3 => {
                 img.discard(off, len).expect("discard");
                 let start = o.div_ceil(512) * 512;
-                let end = (o + l) / 512 * 512;
+                let end = if o + l == size {
+                    o + l
+                } else {
+                    (o + l) / 512 * 512
+                };
                 if start < end {
                     model[start..end].fill(0);
                 }
@@ -75,11 +92,40 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
             5 => img.flush().expect("flush"),
-            _ => {
+            6 => {
                 let (bytes, len) = close(img);
                 img = open(bytes, len).expect("reopen");
             }
+            7 => {
+                let new = (usize::from(u16::from_le_bytes([op[1], op[2]])) % 256 + 1) * 512;
+                img.resize(new as u64).expect("resize");
+                model.resize(new, 0);
+            }
+            8 => {
+                img.create_snapshot(&qcow2_core::write::NewSnapshot {
+                    name: &op[1..3],
+                    date_sec: 0,
+                    date_nsec: 0,
+                    vm_clock_nsec: 0,
+                })
+                .expect("create a snapshot");
+                snapshots.push(model.clone());
+            }
+            9 if !snapshots.is_empty() => {
+                let n = usize::from(op[1]) % snapshots.len();
+                let at = snapshot_entry(&mut img, n);
+                img.apply_snapshot(at).expect("apply a snapshot");
+                model = snapshots[n].clone();
+            }
+            10 if !snapshots.is_empty() => {
+                let n = usize::from(op[1]) % snapshots.len();
+                let at = snapshot_entry(&mut img, n);
+                img.delete_snapshot(at).expect("delete a snapshot");
+                snapshots.remove(n);
+            }
+            _ => {}
         }
+        assert_eq!(img.virtual_size(), model.len() as u64, "virtual size");
     }
     let (bytes, len) = close(img);
     // What the engine leaves behind is clean: no corruption, no leaked cluster.
@@ -98,7 +144,17 @@ fuzz_target!(|data: &[u8]| {
         "the image is not clean after the sequence"
     );
     let mut img = open(bytes, len).expect("final reopen");
-    let mut all = vec![0u8; SIZE];
+    let mut all = vec![0u8; model.len()];
     img.read_at(0, &mut all).expect("final read");
     assert!(all == model, "final content differs from the model");
+    for (n, want) in snapshots.iter().enumerate() {
+        let at = snapshot_entry(&mut img, n);
+        img.apply_snapshot(at).expect("apply a snapshot");
+        let mut got = vec![0u8; want.len()];
+        img.read_at(0, &mut got).expect("read a snapshot");
+        assert!(
+            &got == want,
+            "snapshot {n} differs from the disk it was taken of"
+        );
+    }
 });
