@@ -1,6 +1,6 @@
 //! The std side of qcow2-core, as a library: host files as block devices ([`mod@file`]), opening an image by
-//! name with the backing-file policy ([`open`]), raw and qcow2 images behind one trait ([`disk`],
-//! [`raw_disk`], [`qcow2_disk`]), cache modes ([`cache`]) and a thread-safe handle ([`shared`]).
+//! name with the backing-file policy ([`open`]; the chain's files found by [`chain`]), raw and qcow2 images
+//! behind one trait ([`disk`], [`raw_disk`], [`qcow2_disk`]), cache modes ([`cache`]) and a thread-safe handle ([`shared`]).
 //!
 //! Programs open images with [`Qcow2File`] (a `std::io` file over the guest view; [`OpenOptions`] for
 //! read-write, format and cache mode) or share one between threads with [`shared::SharedDisk`]; errors are
@@ -12,6 +12,7 @@
 
 pub mod aligned;
 pub mod cache;
+pub mod chain;
 pub mod cli;
 pub mod disk;
 pub mod file;

@@ -74,6 +74,16 @@ impl Output {
             })
             .collect()
     }
+    /// stderr as this tool would print it: without qemu-img's "Try '... --help' for more info" line after a
+    /// usage error (the one line the tool leaves out) and with "qemu-img" spelled "qcow2".
+    pub fn stderr_as_ours(&self) -> String {
+        self.stderr_str()
+            .lines()
+            .filter(|l| !l.starts_with("Try '"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .replace("qemu-img", "qcow2")
+    }
     /// The first of [`Output::messages`] ("" when stderr is empty).
     pub fn first_message(&self) -> String {
         self.messages().into_iter().next().unwrap_or_default()

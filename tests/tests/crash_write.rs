@@ -960,6 +960,19 @@ fn crash_during_refcount_rebuild() {
     );
 }
 
+/// Opens the image on the recording device `dev` for writing (its backing file, if any, from `base`, on
+/// the same log).
+fn open_recorded(dev: SimDevice, base: Option<Vec<u8>>) -> Img {
+    let log = dev.log.clone();
+    Image::open_writable(
+        dev,
+        buffers(false),
+        qcow2_alloc::AllocDecompressor::default(),
+        &mut Backing(base, log),
+    )
+    .unwrap()
+}
+
 /// The guest content of `img`, as `qemu-img convert` reads it.
 fn guest_content(s: &Scratch, img: &std::path::Path) -> Vec<u8> {
     let raw = s.path("content.raw");
@@ -1120,14 +1133,7 @@ fn crash_resize() {
         let (old_cells, new_cells) = (exactly(&old), exactly(&new));
         let log_base = base_bytes.clone();
         let states = states_of(&initial, |dev| {
-            let log = dev.log.clone();
-            let mut image: Img = Image::open_writable(
-                dev,
-                buffers(false),
-                qcow2_alloc::AllocDecompressor::default(),
-                &mut Backing(log_base, log),
-            )
-            .unwrap();
+            let mut image = open_recorded(dev, log_base);
             image.resize(c.new_size).unwrap();
             image.close().unwrap();
         });
@@ -1185,14 +1191,7 @@ fn crash_snapshots() {
         let initial = std::fs::read(&img).unwrap();
         let allowed = exactly(&guest_content(&s, &img));
         let states = states_of(&initial, |dev| {
-            let log = dev.log.clone();
-            let mut image: Img = Image::open_writable(
-                dev,
-                buffers(false),
-                qcow2_alloc::AllocDecompressor::default(),
-                &mut Backing(None, log),
-            )
-            .unwrap();
+            let mut image = open_recorded(dev, None);
             if delete {
                 let at = image.layers()[0].qcow2().unwrap().header.snapshots_offset;
                 image.delete_snapshot(at).unwrap();
@@ -1272,14 +1271,7 @@ fn crash_snapshot_apply() {
         let initial = std::fs::read(&img).unwrap();
         let (old_cells, new_cells) = (exactly(&before), exactly(&at_snapshot));
         let states = states_of(&initial, |dev| {
-            let log = dev.log.clone();
-            let mut image: Img = Image::open_writable(
-                dev,
-                buffers(false),
-                qcow2_alloc::AllocDecompressor::default(),
-                &mut Backing(None, log),
-            )
-            .unwrap();
+            let mut image = open_recorded(dev, None);
             let at = image.layers()[0].qcow2().unwrap().header.snapshots_offset;
             image.apply_snapshot(at).unwrap();
             image.close().unwrap();
@@ -1329,14 +1321,7 @@ fn crash_amend_lazy_refcounts() {
         let initial = std::fs::read(&img).unwrap();
         let allowed = exactly(&guest_content(&s, &img));
         let states = states_of(&initial, |dev| {
-            let log = dev.log.clone();
-            let mut image: Img = Image::open_writable(
-                dev,
-                buffers(false),
-                qcow2_alloc::AllocDecompressor::default(),
-                &mut Backing(None, log),
-            )
-            .unwrap();
+            let mut image = open_recorded(dev, None);
             image.set_lazy_refcounts(on).unwrap();
             image.close().unwrap();
         });

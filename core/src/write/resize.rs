@@ -227,9 +227,11 @@ where
             if entry.0 == 0 {
                 continue;
             }
+            let l2 = entry.l2_offset(self.g.tables.cluster_size).map_err(|e| {
+                self.mark_corrupt(e.describe("L1"), l1.saturating_add(i.saturating_mul(8)))
+            })?;
             self.set_table_word(l1, i.saturating_mul(8), 0)?;
-            let l2 = entry.0 & OFFSET_MASK;
-            if l2 != 0 {
+            if let Some(l2) = l2 {
                 self.free_later(l2)?;
             }
         }

@@ -129,6 +129,8 @@ where
         self.begin_write()?;
         let mut m = self.meta()?;
         let s = m.find_entry(entry)?;
+        crate::format::validate_snapshot_l1(s.l1_table_offset, s.l1_size, m.g.tables.cluster_size)
+            .map_err(|_| corrupt("snapshot L1 table is invalid", entry))?;
         m.around_dirty_bit(|m| {
             m.rewrite_snapshot_table(Some(entry), None)?;
             let mut all = u64::MAX;
@@ -434,11 +436,10 @@ where
         let g = self.g;
         let bits = g.cluster_bits;
         for i in 0..l1_size {
-            let word = self.read_word(l1.saturating_add(i.saturating_mul(8)))?;
-            let l2 = word & OFFSET_MASK;
-            if l2 == 0 {
+            let (word, l2) = self.l1_word(l1, i)?;
+            let Some(l2) = l2 else {
                 continue;
-            }
+            };
             for index in 0..g.l2_entries {
                 let (entry, kind) = self.classified_entry(l2, index)?;
                 let refcount = match kind {
@@ -512,10 +513,9 @@ where
         let bits = g.cluster_bits;
         let max = g.max_refcount;
         for i in 0..l1_size {
-            let l2 = self.read_word(l1.saturating_add(i.saturating_mul(8)))? & OFFSET_MASK;
-            if l2 == 0 {
+            let Some(l2) = self.l1_word(l1, i)?.1 else {
                 continue;
-            }
+            };
             if self.refcount(l2 >> bits)? >= max {
                 return Ok(Some(l2 >> bits));
             }
@@ -551,6 +551,17 @@ where
         self.change_refcount(c, up)?;
         *budget = budget.saturating_sub(1);
         Ok(true)
+    }
+
+    /// Entry `i` of the L1 table at `l1`: the word and the L2 table it names (an entry with reserved bits
+    /// set or a misaligned table marks the image corrupt).
+    fn l1_word(&mut self, l1: u64, i: u64) -> Result<(u64, Option<u64>), Error<D::Error>> {
+        let at = l1.saturating_add(i.saturating_mul(8));
+        let word = self.read_word(at)?;
+        let l2 = L1Entry(word)
+            .l2_offset(self.g.tables.cluster_size)
+            .map_err(|e| self.mark_corrupt(e.describe("L1"), at))?;
+        Ok((word, l2))
     }
 
     fn read_word(&mut self, host: u64) -> Result<u64, Error<D::Error>> {
