@@ -14,7 +14,8 @@
 //! - `compressed`: compressed cluster writes.
 //! - `bitmaps`: disowning persistent bitmaps before the first write.
 //! - `resize`: growing and shrinking the virtual disk.
-//! - `amend`: header options changed in place (lazy refcounts).
+//! - `header`: the first cluster rewritten as QEMU lays it out (version, backing file, data file name).
+//! - `amend`: header options changed in place (lazy refcounts, version, backing and data file names).
 //! - `snapshots`: creating and deleting internal snapshots.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
@@ -43,6 +44,7 @@ mod bitmaps;
 mod compressed;
 mod data;
 mod guard;
+mod header;
 mod l2;
 mod open;
 mod refcounts;
@@ -52,6 +54,7 @@ mod writeback;
 mod zeroes;
 
 pub use data::Reservation;
+pub use header::{BackingFile, Cluster0Change};
 pub use snapshots::NewSnapshot;
 
 /// How many freed host clusters wait for their referencing entries to become durable before the engine

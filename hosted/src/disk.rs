@@ -447,6 +447,26 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// Changes the image's format version (qemu-img amend's `compat`: 2 for 0.10, 3 for 1.1).
+    fn set_compat(&mut self, version: u32) -> Result<(), DiskError> {
+        let _ = version;
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
+    /// Names another backing file (and its format), or none, without touching the data (qemu-img
+    /// rebase's unsafe mode).
+    fn set_backing_file(&mut self, backing: Option<(&str, Option<&str>)>) -> Result<(), DiskError> {
+        let _ = backing;
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
+    /// Changes the external data file's stored name (`Some(None)`: no name; `None`: kept) and turns
+    /// `data_file_raw` off when `raw` is false (qemu-img amend's `data_file` and `data_file_raw`).
+    fn set_data_file(&mut self, name: Option<Option<&str>>, raw: bool) -> Result<(), DiskError> {
+        let _ = (name, raw);
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DiskError>;
 

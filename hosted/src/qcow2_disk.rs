@@ -727,6 +727,62 @@ impl VirtualDiskWrite for Qcow2Disk {
         self.image.set_lazy_refcounts(on).map_err(engine_error)
     }
 
+    fn set_compat(&mut self, version: u32) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let current = self
+            .image
+            .layers()
+            .first()
+            .and_then(|l| l.qcow2())
+            .map_or(3, |m| m.header.version);
+        match (current, version) {
+            (a, b) if a == b => Ok(()),
+            (2, 3) => self.image.upgrade_to_v3().map_err(|e| match e {
+                Error::NoSpace { .. } => DiskError::with_kind(
+                    ErrorKind::NoSpace,
+                    "Failed to update the image header: No space left on device",
+                ),
+                other => engine_error(other),
+            }),
+            _ => Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP)),
+        }
+    }
+
+    fn set_backing_file(&mut self, backing: Option<(&str, Option<&str>)>) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let backing = backing.map(|(name, format)| qcow2_core::write::BackingFile { name, format });
+        self.image.set_backing_file(backing).map_err(engine_error)
+    }
+
+    fn set_data_file(&mut self, name: Option<Option<&str>>, raw: bool) -> Result<(), DiskError> {
+        self.check_writable()?;
+        let current = self.image.layers().first().and_then(|l| l.qcow2()).map(|m| {
+            (
+                m.header.external_data_file(),
+                m.header
+                    .autoclear_features
+                    .contains(qcow2_core::format::AutoclearFeatures::DATA_FILE_RAW),
+            )
+        });
+        let (has_data_file, is_raw) = current.unwrap_or((false, false));
+        if name.is_some_and(|n| n.is_some()) && !has_data_file {
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                "data-file can only be set for images that use an external data file",
+            ));
+        }
+        if raw && !is_raw {
+            return Err(DiskError::with_kind(
+                ErrorKind::InvalidArgument,
+                "data-file-raw cannot be set on existing images",
+            ));
+        }
+        if !has_data_file || (name.is_none() && raw == is_raw) {
+            return Ok(());
+        }
+        self.image.set_data_file(name, raw).map_err(engine_error)
+    }
+
     fn delete_snapshot(&mut self, name: &str) -> Result<(), DiskError> {
         self.check_writable()?;
         match self

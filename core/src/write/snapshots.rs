@@ -40,7 +40,7 @@ pub struct NewSnapshot<'a> {
 }
 
 /// The entry a rewrite of the snapshot table adds at its end.
-struct Added<'a> {
+pub(super) struct Added<'a> {
     snapshot: &'a NewSnapshot<'a>,
     id: &'a [u8],
     l1_table_offset: u64,
@@ -356,7 +356,7 @@ where
         })
     }
 
-    fn entry_at(&mut self, at: u64) -> Result<SnapshotEntryLayout, Error<D::Error>> {
+    pub(super) fn entry_at(&mut self, at: u64) -> Result<SnapshotEntryLayout, Error<D::Error>> {
         self.snapshot_at(at)?.ok_or(corrupt(
             "snapshot table entry is invalid or the table is larger than 64 MiB",
             at,
@@ -576,7 +576,7 @@ where
     /// QEMU writes it: each entry at an 8-byte boundary, each with at least QEMU's 24 bytes of extra data),
     /// commits it with one header write and frees the old table.
     #[inline(never)]
-    fn rewrite_snapshot_table(
+    pub(super) fn rewrite_snapshot_table(
         &mut self,
         drop: Option<u64>,
         add: Option<&Added<'_>>,

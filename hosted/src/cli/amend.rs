@@ -138,44 +138,89 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
     let specific = top.qcow2.as_ref();
     let version = specific.map_or(3, |s| if s.compat == "0.10" { 2 } else { 3 });
     let refcount_bits = specific.map_or(16, |s| s.refcount_bits);
+    let new_version = match get("compat") {
+        None => version,
+        Some("1.1" | "v3") => 3,
+        Some("0.10" | "v2") => 2,
+        Some(v) => {
+            let _ = opened.disk.close();
+            return Err(fail(format!("Unknown compatibility level {v}")));
+        }
+    };
     // What this tool does not change: refused before anything is written.
     let refuse = |what: &str| fail(format!("Amending {what} is not supported by this tool"));
-    let refusal = match get("compat") {
-        Some("1.1" | "v3") if version == 3 => None,
-        Some("0.10" | "v2") if version == 2 => None,
-        Some(v @ ("1.1" | "v3" | "0.10" | "v2")) => {
-            Some(refuse(&format!("the compatibility level (to {v})")))
-        }
-        Some(v) => Some(fail(format!("Unknown compatibility level {v}"))),
-        None => None,
-    }
-    .or_else(|| {
-        get("refcount_bits")
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|&b| b != refcount_bits)
-            .map(|b| refuse(&format!("refcount_bits (to {b})")))
-    })
-    .or_else(|| {
-        get("backing_file").or(get("backing_fmt")).map(|_| {
-            fail(format!(
-                "Cannot amend the backing file\nYou can use '{} rebase' instead.",
-                crate::cli::PROG
-            ))
+    let backing_now = (
+        top.backing_filename.clone(),
+        top.backing_filename_format.clone(),
+    );
+    let lazy_now = specific.is_some_and(|s| s.lazy_refcounts == Some(true));
+    let refusal = (lazy == Some(true) && !lazy_now && new_version < 3)
+        .then(|| {
+            fail(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use \
+                 compat=1.1 or greater)",
+            )
         })
-    })
-    .or_else(|| {
-        given
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .find(|k| !matches!(*k, "compat" | "refcount_bits" | "lazy_refcounts" | "size"))
-            .map(|k| refuse(&format!("'{k}'")))
-    });
+        .or_else(|| (new_version < version).then(|| refuse("the compatibility level (to 0.10)")))
+        .or_else(|| {
+            get("refcount_bits")
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|&b| b != refcount_bits)
+                .map(|b| {
+                    if b == 0 || b > 64 || !b.is_power_of_two() {
+                        fail("Refcount width must be a power of two and may not exceed 64 bits")
+                    } else {
+                        refuse(&format!("refcount_bits (to {b})"))
+                    }
+                })
+        })
+        .or_else(|| {
+            let (file, format) = (get("backing_file"), get("backing_fmt"));
+            (file.is_some() || format.is_some())
+                .then_some(())
+                .filter(|()| {
+                    file != backing_now.0.as_deref() || format != backing_now.1.as_deref()
+                })
+                .map(|()| {
+                    fail(format!(
+                        "Cannot amend the backing file\nYou can use '{} rebase' instead.",
+                        crate::cli::PROG
+                    ))
+                })
+        })
+        .or_else(|| {
+            given
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .find(|k| k.starts_with("encrypt."))
+                .map(|k| refuse(&format!("'{k}'")))
+        });
     if let Some(f) = refusal {
         let _ = opened.disk.close();
         return Err(f);
     }
+    let data_file_raw = match get("data_file_raw") {
+        None => None,
+        Some("on") => Some(true),
+        Some("off") => Some(false),
+        Some(_) => {
+            let _ = opened.disk.close();
+            return Err(fail("Parameter 'data_file_raw' expects 'on' or 'off'"));
+        }
+    };
+    // QEMU's order: the upgrade, the data file, lazy refcounts, the size.
     let mut done = Ok(());
-    if let Some(on) = lazy {
+    if new_version > version {
+        done = opened.disk.set_compat(new_version);
+    }
+    if done.is_ok() && (get("data_file").is_some() || data_file_raw.is_some()) {
+        let name = get("data_file").map(|n| (!n.is_empty()).then_some(n));
+        let raw_now = specific.is_some_and(|s| s.data_file_raw == Some(true));
+        done = opened
+            .disk
+            .set_data_file(name, data_file_raw.unwrap_or(raw_now));
+    }
+    if let (Ok(()), Some(on)) = (&done, lazy) {
         done = opened.disk.set_lazy_refcounts(on);
     }
     if let (Ok(()), Some(size)) = (&done, size) {
