@@ -16,6 +16,7 @@
 //! - `resize`: growing and shrinking the virtual disk.
 //! - `header`: the first cluster rewritten as QEMU lays it out (version, backing file, data file name).
 //! - `amend`: header options changed in place (lazy refcounts, version, backing and data file names).
+//! - `downgrade`: the downgrade to version 2 (zero clusters expanded).
 //! - `snapshots`: creating and deleting internal snapshots.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
@@ -43,6 +44,7 @@ mod amend;
 mod bitmaps;
 mod compressed;
 mod data;
+mod downgrade;
 mod guard;
 mod header;
 mod l2;
@@ -54,6 +56,10 @@ mod writeback;
 mod zeroes;
 
 pub use data::Reservation;
+pub use downgrade::{
+    DOWNGRADE_DATA_FILE, DOWNGRADE_FEATURES, DOWNGRADE_REFCOUNT_BITS, DOWNGRADE_SNAPSHOTS,
+    DOWNGRADE_ZSTD,
+};
 pub use header::{BackingFile, Cluster0Change};
 pub use snapshots::NewSnapshot;
 

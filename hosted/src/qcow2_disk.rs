@@ -744,6 +744,37 @@ impl VirtualDiskWrite for Qcow2Disk {
                 ),
                 other => engine_error(other),
             }),
+            (3, 2) => self.image.downgrade_to_v2().map_err(|e| {
+                use qcow2_core::write::*;
+                let refused = |m: String| DiskError::with_kind(ErrorKind::Unsupported, m);
+                match e {
+                    Error::Unsupported { what, value } => match what {
+                        DOWNGRADE_REFCOUNT_BITS => {
+                            refused("compat=0.10 requires refcount_bits=16".into())
+                        }
+                        DOWNGRADE_DATA_FILE => {
+                            refused("Cannot downgrade an image with a data file".into())
+                        }
+                        DOWNGRADE_SNAPSHOTS => {
+                            refused("Internal snapshots prevent downgrade of image".into())
+                        }
+                        DOWNGRADE_FEATURES => refused(format!(
+                            "Cannot downgrade an image with incompatible features {value:#x} set"
+                        )),
+                        DOWNGRADE_ZSTD => refused(
+                            "Cannot downgrade an image with zstd compression type and existing \
+                             compressed clusters"
+                                .into(),
+                        ),
+                        _ => engine_error(Error::Unsupported { what, value }),
+                    },
+                    Error::NoSpace { .. } => DiskError::with_kind(
+                        ErrorKind::NoSpace,
+                        "Failed to update the image header: No space left on device",
+                    ),
+                    other => engine_error(other),
+                }
+            }),
             _ => Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP)),
         }
     }
@@ -756,14 +787,19 @@ impl VirtualDiskWrite for Qcow2Disk {
 
     fn set_data_file(&mut self, name: Option<Option<&str>>, raw: bool) -> Result<(), DiskError> {
         self.check_writable()?;
-        let current = self.image.layers().first().and_then(|l| l.qcow2()).map(|m| {
-            (
-                m.header.external_data_file(),
-                m.header
-                    .autoclear_features
-                    .contains(qcow2_core::format::AutoclearFeatures::DATA_FILE_RAW),
-            )
-        });
+        let current = self
+            .image
+            .layers()
+            .first()
+            .and_then(|l| l.qcow2())
+            .map(|m| {
+                (
+                    m.header.external_data_file(),
+                    m.header
+                        .autoclear_features
+                        .contains(qcow2_core::format::AutoclearFeatures::DATA_FILE_RAW),
+                )
+            });
         let (has_data_file, is_raw) = current.unwrap_or((false, false));
         if name.is_some_and(|n| n.is_some()) && !has_data_file {
             return Err(DiskError::with_kind(

@@ -1,9 +1,9 @@
 //! `qcow2 amend` against `qemu-img amend` on copies of the same images: `lazy_refcounts` on and off, `size`
 //! (grow and shrink, exact), `compat` and `refcount_bits` naming what the image has, several `-o`, on v3
 //! images of several cluster sizes: the results byte-identical and clean; every mistake qemu-img refuses
-//! gives its message and exit code; what this tool does not amend (another compatibility level or refcount
-//! width) is refused before anything changes. Version 2 images upgraded (`compat=1.1`, alone and with other
-//! options): with snapshots, with backing file names short and long, byte-identical.
+//! gives its message and exit code; what this tool does not amend (another refcount width) is refused before
+//! anything changes. Version 2 images upgraded and version 3 images downgraded (`compat`, alone and with
+//! other options): with snapshots, zero clusters, backing files with short and long names, byte-identical.
 
 use std::path::Path;
 
@@ -38,7 +38,8 @@ fn both(s: &Scratch, img: &Path, args: &[&str], what: &str) -> Output {
         let c = qemu_img(["check".as_ref(), ours.as_os_str()]);
         assert_eq!(c.code, Some(0), "{what}: {}", c.describe());
     } else {
-        assert_files_equal(&ours, img, &format!("{what} (refused: unchanged)"));
+        // Refused: left as qemu-img leaves it (unchanged, or changed by the steps before the refusal).
+        assert_files_equal(&ours, &theirs, &format!("{what} (refused)"));
     }
     o
 }
@@ -71,6 +72,7 @@ fn options_match_qemu_img() {
             vec!["-o", "lazy_refcounts=on", "-o", "size=1G"],
             vec!["-o", "compat=1.1,refcount_bits=16"],
             vec!["-q", "-p", "-o", "compat=v3"],
+            vec!["-o", "compat=0.10,lazy_refcounts=on"],
         ] {
             both(&s, &img, &args, opts);
         }
@@ -85,7 +87,6 @@ fn options_match_qemu_img() {
             vec!["-o", "data_file=x"],
             vec!["-o", "data_file_raw=on"],
             vec!["-o", "refcount_bits=3"],
-            vec!["-o", "compat=0.10,lazy_refcounts=on"],
             vec!["-o", "compat=2.0"],
             vec!["-f", "raw", "-o", "size=1M"],
             vec![],
@@ -105,23 +106,19 @@ fn options_match_qemu_img() {
 fn unsupported_changes_are_refused() {
     let s = Scratch::new();
     let img = s.qcow2("img.qcow2", "", 1 << 20);
-    for (opt, what) in [
-        ("compat=0.10", "the compatibility level (to 0.10)"),
-        ("refcount_bits=8", "refcount_bits (to 8)"),
-    ] {
-        let before = std::fs::read(&img).unwrap();
-        let o = qcow2(["amend", "-o", opt, img.to_str().unwrap()]);
-        assert_eq!(o.code, Some(1), "{opt}: {}", o.describe());
-        assert_eq!(
-            o.stderr_str(),
-            format!("qcow2: Amending {what} is not supported by this tool\n")
-        );
-        assert_eq!(
-            std::fs::read(&img).unwrap(),
-            before,
-            "{opt} changed the image"
-        );
-    }
+    let (opt, what) = ("refcount_bits=8", "refcount_bits (to 8)");
+    let before = std::fs::read(&img).unwrap();
+    let o = qcow2(["amend", "-o", opt, img.to_str().unwrap()]);
+    assert_eq!(o.code, Some(1), "{opt}: {}", o.describe());
+    assert_eq!(
+        o.stderr_str(),
+        format!("qcow2: Amending {what} is not supported by this tool\n")
+    );
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "{opt} changed the image"
+    );
 }
 
 /// `compat=1.1` on version 2 images: the header rewritten as qemu-img rewrites it (the feature name table
@@ -164,5 +161,65 @@ fn upgrade_matches_qemu_img() {
                 both(&s, &img, &args, &what);
             }
         }
+    }
+}
+
+/// `compat=0.10` on version 3 images: zero clusters expanded (dropped without a backing file, written as
+/// zeros over one, kept where they own a host cluster), in the active table and a snapshot's, the header
+/// rewritten without the feature name table; byte-identical to qemu-img and clean. What version 2 cannot
+/// hold gets qemu-img's message, and the image is left alone.
+#[test]
+fn downgrade_matches_qemu_img() {
+    let s = Scratch::new();
+    let base = s.qcow2("base.qcow2", "", 8 << 20);
+    qemu_io_cmds(&base, "qcow2", &["write -P 5 0 8M".to_string()]);
+    let zeros = [
+        "write -P 1 0 1M".to_string(),
+        "write -z 1M 1M".to_string(),
+        "write -P 3 3M 64k".to_string(),
+        "write -z 3M 32k".to_string(),
+        "write -z 5M 64k".to_string(),
+    ];
+    for cs in ["512", "4096", "65536", "2M"] {
+        for backed in [false, true] {
+            for (extra, snapshot) in [("", false), (",lazy_refcounts=on", false), ("", true)] {
+                let what =
+                    format!("cluster_size={cs}{extra}, backed {backed}, snapshot {snapshot}");
+                let img = s.create(
+                    "v3.qcow2",
+                    "qcow2",
+                    &format!("cluster_size={cs}{extra}"),
+                    8 << 20,
+                    backed.then(|| (base.to_str().unwrap(), "qcow2")),
+                );
+                qemu_io_cmds(&img, "qcow2", &zeros);
+                if snapshot {
+                    qemu_img(["snapshot", "-c", "one", img.to_str().unwrap()]);
+                }
+                for args in [
+                    vec!["-o", "compat=0.10"],
+                    vec!["-o", "compat=v2,lazy_refcounts=off"],
+                    vec!["-o", "compat=0.10,size=4M"],
+                ] {
+                    both(&s, &img, &args, &what);
+                }
+            }
+        }
+    }
+    for (opts, setup) in [
+        ("refcount_bits=8", ""),
+        ("extended_l2=on", ""),
+        ("compression_type=zstd", "write -c 0 64k"),
+        ("compression_type=zstd", "write 0 64k"),
+        ("", "snapshot-then-resize"),
+    ] {
+        let img = s.qcow2("r.qcow2", opts, 8 << 20);
+        if setup == "snapshot-then-resize" {
+            qemu_img(["snapshot", "-c", "one", img.to_str().unwrap()]);
+            qemu_img(["resize", img.to_str().unwrap(), "16M"]);
+        } else if !setup.is_empty() {
+            qemu_io_cmds(&img, "qcow2", &[setup.to_string()]);
+        }
+        both(&s, &img, &["-o", "compat=0.10"], &format!("{opts} {setup}"));
     }
 }

@@ -348,7 +348,8 @@ fn run(w: &Workload, seeds: u64) -> usize {
 /// Checks one crash state; returns the image as checked (repaired first when it was dirty).
 fn verify(state: &[u8], base: &Option<Vec<u8>>, allowed: &[Values], what: &str) -> Vec<u8> {
     let log: Log = Rc::new(RefCell::new(Vec::new()));
-    let dirty = u64::from_be_bytes(state[72..80].try_into().unwrap()) & 1 != 0;
+    let version = u32::from_be_bytes(state[4..8].try_into().unwrap());
+    let dirty = version >= 3 && u64::from_be_bytes(state[72..80].try_into().unwrap()) & 1 != 0;
     let mut bytes = state.to_vec();
     if dirty {
         // Lazy refcounts: the writable open rebuilds the refcounts first.
@@ -1363,7 +1364,15 @@ fn declared(state: &[u8]) -> (u32, Vec<u8>) {
 #[test]
 fn crash_header_rewrite() {
     let s = Scratch::new();
-    let deep = s.path(&["d".repeat(200), "e".repeat(200), "f".repeat(200), "g".repeat(200)].join("/"));
+    let deep = s.path(
+        &[
+            "d".repeat(200),
+            "e".repeat(200),
+            "f".repeat(200),
+            "g".repeat(200),
+        ]
+        .join("/"),
+    );
     std::fs::create_dir_all(&deep).unwrap();
     let long_base = deep.join("base.qcow2");
     let short_base = s.path("b.qcow2");
@@ -1391,8 +1400,16 @@ fn crash_header_rewrite() {
         ("compat=0.10,cluster_size=65536", &long, Change::Upgrade),
         ("compat=0.10,cluster_size=4096", &long, Change::Upgrade),
         ("compat=0.10,cluster_size=512", &short, Change::Upgrade),
-        ("cluster_size=65536", &long, Change::Backing(Some(short.clone()))),
-        ("cluster_size=4096", &short, Change::Backing(Some(long.clone()))),
+        (
+            "cluster_size=65536",
+            &long,
+            Change::Backing(Some(short.clone())),
+        ),
+        (
+            "cluster_size=4096",
+            &short,
+            Change::Backing(Some(long.clone())),
+        ),
         ("cluster_size=65536", &short, Change::Backing(None)),
     ];
     let mut total = 0;
@@ -1413,11 +1430,9 @@ fn crash_header_rewrite() {
             match &change {
                 Change::Upgrade => image.upgrade_to_v3().unwrap(),
                 Change::Backing(name) => image
-                    .set_backing_file(name.as_deref().map(|name| {
-                        qcow2_core::write::BackingFile {
-                            name,
-                            format: Some("qcow2"),
-                        }
+                    .set_backing_file(name.as_deref().map(|name| qcow2_core::write::BackingFile {
+                        name,
+                        format: Some("qcow2"),
                     }))
                     .unwrap(),
             }
@@ -1448,5 +1463,99 @@ fn crash_header_rewrite() {
     qcow2_tests::record_evidence(
         "crash_write-header",
         &format!("crash_write header rewrite: {total} crash states checked, 0 violations"),
+    );
+}
+
+/// What the first internal snapshot of `state` holds, read through the engine.
+fn first_snapshot(state: &[u8], base: &Option<Vec<u8>>, len: usize) -> Vec<u8> {
+    let log: Log = Rc::new(RefCell::new(Vec::new()));
+    let dev = SimDevice {
+        data: state.to_vec(),
+        id: 0,
+        log: log.clone(),
+        read_only: true,
+    };
+    let mut image: Img = Image::open(
+        dev,
+        buffers(false),
+        qcow2_alloc::AllocDecompressor::default(),
+        &mut Backing(base.clone(), log),
+    )
+    .unwrap();
+    let at = image.layers()[0].qcow2().unwrap().header.snapshots_offset;
+    let (entry, _) = image.read_snapshot(0, at).unwrap();
+    image.view_snapshot(&entry).unwrap();
+    let mut out = vec![0u8; len];
+    image.read_at(0, &mut out).unwrap();
+    out
+}
+
+/// Power loss during the downgrade to version 2 (`amend -o compat=0.10`): zero clusters expanded (dropped,
+/// written as zeros over a backing file, kept where they own a host cluster, moved off a host cluster a
+/// snapshot shares), then the header rewritten. Every crash state opens, is consistent, reads as the disk
+/// and the snapshot did, and is version 3 until the final header write makes it version 2.
+#[test]
+fn crash_downgrade() {
+    let s = Scratch::new();
+    let base = s.qcow2("base.qcow2", "cluster_size=4096", 1 << 20);
+    qemu_io_cmds(&base, "qcow2", &["write -P 5 0 1M".to_string()]);
+    let base_bytes = std::fs::read(&base).unwrap();
+    let mut total = 0;
+    for (opts, backed, after_snapshot) in [
+        ("cluster_size=4096", true, false),
+        ("cluster_size=65536", false, false),
+        ("cluster_size=4096,lazy_refcounts=on", true, true),
+        ("cluster_size=512", false, true),
+    ] {
+        let img = s.create(
+            "d.qcow2",
+            "qcow2",
+            opts,
+            1 << 20,
+            backed.then(|| (base.to_str().unwrap(), "qcow2")),
+        );
+        qemu_io_cmds(
+            &img,
+            "qcow2",
+            &[
+                "write -P 1 0 256k".to_string(),
+                "write -z 64k 64k".to_string(),
+                "write -z 512k 128k".to_string(),
+            ],
+        );
+        qemu_img_ok(["snapshot", "-c", "one", img.to_str().unwrap()]);
+        if after_snapshot {
+            // Zero clusters whose host clusters the snapshot still reads.
+            qemu_io_cmds(&img, "qcow2", &["write -z 128k 64k".to_string()]);
+        }
+        let initial = std::fs::read(&img).unwrap();
+        let allowed = exactly(&guest_content(&s, &img));
+        let base = backed.then(|| base_bytes.clone());
+        let snapshot = first_snapshot(&initial, &base, 1 << 20);
+        let states = states_of(&initial, |dev| {
+            let mut image = open_recorded(dev, base.clone());
+            image.downgrade_to_v2().unwrap();
+            image.close().unwrap();
+        });
+        let last = states.len() - 1;
+        for (i, (state, what)) in states.iter().enumerate() {
+            let what = format!("downgrade ({opts}): {what}");
+            total += 1;
+            let version = u32::from_be_bytes(state[4..8].try_into().unwrap());
+            assert!(version == 3 || version == 2, "{what}: version {version}");
+            if i == last {
+                assert_eq!(version, 2, "{what}: the final state");
+            }
+            let checked =
+                verify_sampled(&s, state, &base, &allowed, &what, i == last || i % 11 == 0);
+            assert!(
+                first_snapshot(&checked, &base, 1 << 20) == snapshot,
+                "{what}: the snapshot reads differently"
+            );
+        }
+    }
+    qcow2_tests::record_evidence(
+        "crash_write-downgrade",
+        &format!("crash_write downgrade: {total} crash states checked, 0 violations"),
     );
 }

@@ -10,7 +10,6 @@ mod map;
 mod open;
 mod read;
 
-#[cfg(feature = "dirty-repair")]
 pub(crate) use open::open_qcow2;
 pub(crate) use read::Reader;
 

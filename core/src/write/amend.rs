@@ -67,7 +67,10 @@ where
     /// format extension rewritten in the first cluster, nothing else. Whether the guest sees the same disk
     /// through the new backing file is the caller's matter. The open image keeps reading through the chain
     /// it was opened with; open it again to read through the new one.
-    pub fn set_backing_file(&mut self, backing: Option<BackingFile<'_>>) -> Result<(), Error<D::Error>> {
+    pub fn set_backing_file(
+        &mut self,
+        backing: Option<BackingFile<'_>>,
+    ) -> Result<(), Error<D::Error>> {
         if let Some(b) = backing {
             if b.name.len() > crate::format::MAX_BACKING_NAME_LEN {
                 return Err(Error::Unsupported {
@@ -75,7 +78,9 @@ where
                     value: b.name.len() as u64,
                 });
             }
-            if b.format.is_some_and(|f| f.len() > crate::format::MAX_BACKING_FORMAT_LEN) {
+            if b.format
+                .is_some_and(|f| f.len() > crate::format::MAX_BACKING_FORMAT_LEN)
+            {
                 return Err(Error::Unsupported {
                     what: "a backing format name longer than 15 bytes",
                     value: b.format.map_or(0, str::len) as u64,
@@ -146,7 +151,8 @@ where
         let mut m = self.meta()?;
         let mut new = *m.header;
         if !raw {
-            new.autoclear_features -= AutoclearFeatures::DATA_FILE_RAW;
+            new.autoclear_features
+                .remove(AutoclearFeatures::DATA_FILE_RAW);
         }
         m.rewrite_cluster0(
             &mut new,
@@ -159,7 +165,7 @@ where
     }
 
     /// Reads the top image's header and extensions again after the first cluster was rewritten.
-    fn reload_meta(&mut self) -> Result<(), Error<D::Error>> {
+    pub(super) fn reload_meta(&mut self) -> Result<(), Error<D::Error>> {
         let Image { layers, bounce, .. } = self;
         let layer = layers.first_mut().ok_or(Error::ReadOnly)?;
         let meta = crate::engine::open_qcow2(&mut layer.dev, bounce.as_mut(), layer.file_size)?;

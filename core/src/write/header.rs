@@ -63,11 +63,13 @@ impl Layout<'_> {
 
     /// An extension's 8-byte header, its data left to the caller, and the padding to 8 bytes.
     fn extension(&mut self, magic: u32, len: usize) -> Option<(usize, usize)> {
-        self.put(&ExtensionHeader {
-            magic,
-            len: u32::try_from(len).ok()?,
-        }
-        .emit())?;
+        self.put(
+            &ExtensionHeader {
+                magic,
+                len: u32::try_from(len).ok()?,
+            }
+            .emit(),
+        )?;
         let at = self.len;
         self.slot(len.next_multiple_of(8))?;
         Some((at, len))
@@ -209,9 +211,11 @@ where
         if out.put(fixed.get(..n).unwrap_or(&[])).is_none() {
             return Ok(false);
         }
-        let unknown = (self.header.version >= 3)
-            .then(|| u64::from(self.header.header_length).saturating_sub(V3_HEADER_LEN as u64))
-            .unwrap_or(0);
+        let unknown = if self.header.version >= 3 {
+            u64::from(self.header.header_length).saturating_sub(V3_HEADER_LEN as u64)
+        } else {
+            0
+        };
         if h.version >= 3 && unknown > 0 {
             let Some(dst) = out.slot(usize::try_from(unknown).unwrap_or(usize::MAX)) else {
                 return Ok(false);

@@ -142,7 +142,6 @@ where
         new_size: u64,
         l1_needed: u64,
     ) -> Result<(), Error<D::Error>> {
-        let file_size = self.meta()?.dev.size()?;
         self.commit_size(new_size)?;
         self.set_virtual_size(new_size)?;
         // Everything past the cluster that holds the new end: entries unallocated, host clusters freed. As in
@@ -164,7 +163,7 @@ where
         m.shrink_reftable()?;
         m.writeback_all()?;
         m.flush_dev()?;
-        m.trim_file(file_size)
+        m.trim_file()
     }
 }
 
@@ -318,11 +317,10 @@ where
         Ok(())
     }
 
-    /// Cuts the file after its last cluster with a refcount (QEMU's truncation after a shrink). Where that
-    /// cluster was already in the file, the file ends at most where it did (a table entry written into the
-    /// file's last partial device block extended it to the block's end).
+    /// Ends the file at the end of its last cluster with a refcount, as qemu-img leaves it after a shrink
+    /// (cut after that cluster, or extended to its end where the file ended inside it).
     #[inline(never)]
-    pub(super) fn trim_file(&mut self, file_size: u64) -> Result<(), Error<D::Error>> {
+    pub(super) fn trim_file(&mut self) -> Result<(), Error<D::Error>> {
         let cs = self.g.tables.cluster_size;
         let now = self.dev.size()?;
         let mut c = ceil_div(now, cs);
@@ -332,11 +330,9 @@ where
             }
             c = c.saturating_sub(1);
         }
-        let mut end = c.saturating_mul(cs);
-        if c <= ceil_div(file_size, cs) {
-            end = end.min(file_size);
-        }
-        if c > 0 && end < now {
+        // QEMU's file ends at the end of that cluster, even where it ended inside it before.
+        let end = c.saturating_mul(cs);
+        if c > 0 && end != now {
             self.dev.set_size(end)?;
         }
         Ok(())

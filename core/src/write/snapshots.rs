@@ -335,7 +335,7 @@ where
         }
         if size < current {
             // QEMU shrinks the disk first, which cuts the file after its last used cluster.
-            self.trim_file(file_end)?;
+            self.trim_file()?;
         }
         Ok(None)
     }
@@ -555,7 +555,11 @@ where
 
     /// Entry `i` of the L1 table at `l1`: the word and the L2 table it names (an entry with reserved bits
     /// set or a misaligned table marks the image corrupt).
-    fn l1_word(&mut self, l1: u64, i: u64) -> Result<(u64, Option<u64>), Error<D::Error>> {
+    pub(super) fn l1_word(
+        &mut self,
+        l1: u64,
+        i: u64,
+    ) -> Result<(u64, Option<u64>), Error<D::Error>> {
         let at = l1.saturating_add(i.saturating_mul(8));
         let word = self.read_word(at)?;
         let l2 = L1Entry(word)

@@ -161,7 +161,6 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
                  compat=1.1 or greater)",
             )
         })
-        .or_else(|| (new_version < version).then(|| refuse("the compatibility level (to 0.10)")))
         .or_else(|| {
             get("refcount_bits")
                 .and_then(|v| v.parse::<u64>().ok())
@@ -178,9 +177,7 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
             let (file, format) = (get("backing_file"), get("backing_fmt"));
             (file.is_some() || format.is_some())
                 .then_some(())
-                .filter(|()| {
-                    file != backing_now.0.as_deref() || format != backing_now.1.as_deref()
-                })
+                .filter(|()| file != backing_now.0.as_deref() || format != backing_now.1.as_deref())
                 .map(|()| {
                     fail(format!(
                         "Cannot amend the backing file\nYou can use '{} rebase' instead.",
@@ -208,7 +205,7 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
             return Err(fail("Parameter 'data_file_raw' expects 'on' or 'off'"));
         }
     };
-    // QEMU's order: the upgrade, the data file, lazy refcounts, the size.
+    // QEMU's order: the upgrade, the data file, lazy refcounts, the size, the downgrade.
     let mut done = Ok(());
     if new_version > version {
         done = opened.disk.set_compat(new_version);
@@ -225,6 +222,9 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
     }
     if let (Ok(()), Some(size)) = (&done, size) {
         done = opened.disk.resize(size, Preallocation::Off);
+    }
+    if done.is_ok() && new_version < version {
+        done = opened.disk.set_compat(new_version);
     }
     let closed = opened.disk.close();
     done.map_err(|e| fail(e.to_string()))?;
