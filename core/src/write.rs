@@ -17,6 +17,7 @@
 //! - `header`: the first cluster rewritten as QEMU lays it out (version, backing file, data file name).
 //! - `amend`: header options changed in place (lazy refcounts, version, backing and data file names).
 //! - `downgrade`: the downgrade to version 2 (zero clusters expanded).
+//! - `empty`: emptying an image after a commit.
 //! - `snapshots`: creating and deleting internal snapshots.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
@@ -45,6 +46,7 @@ mod bitmaps;
 mod compressed;
 mod data;
 mod downgrade;
+mod empty;
 mod guard;
 mod header;
 mod l2;

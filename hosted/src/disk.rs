@@ -467,6 +467,11 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// Drops everything the image holds, so that it reads as its backing file (after a commit).
+    fn make_empty(&mut self) -> Result<(), DiskError> {
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DiskError>;
 

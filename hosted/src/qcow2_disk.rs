@@ -779,6 +779,11 @@ impl VirtualDiskWrite for Qcow2Disk {
         }
     }
 
+    fn make_empty(&mut self) -> Result<(), DiskError> {
+        self.check_writable()?;
+        self.image.make_empty().map_err(engine_error)
+    }
+
     fn set_backing_file(&mut self, backing: Option<(&str, Option<&str>)>) -> Result<(), DiskError> {
         self.check_writable()?;
         let backing = backing.map(|(name, format)| qcow2_core::write::BackingFile { name, format });

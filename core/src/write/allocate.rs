@@ -5,7 +5,12 @@
 use super::*;
 
 /// Sets refcount entry `entry` (of a block whose chunk starting at byte `chunk_start` is `chunk`) to 1.
-fn set_in_chunk(chunk: &mut [u8], chunk_start: u64, entry: u64, order: u32) -> Option<()> {
+pub(super) fn set_in_chunk(
+    chunk: &mut [u8],
+    chunk_start: u64,
+    entry: u64,
+    order: u32,
+) -> Option<()> {
     let bit = entry << order;
     let byte = bit >> 3;
     if byte < chunk_start || byte >= chunk_start.saturating_add(chunk.len() as u64) {
@@ -69,7 +74,19 @@ where
                 continue;
             }
             if self.reftable_entry(r)? == 0 {
-                self.alloc_refblock(r, c)?;
+                // As QEMU places them: the run first, its refcount block at the first free cluster after it
+                // (clusters no block covers count as free); then the search starts again.
+                let mut run = 1u64;
+                while run < max {
+                    let next = c.saturating_add(run);
+                    if next > self.max_cluster()
+                        || (self.refcount_loc(next)?.is_some() && self.refcount(next)? != 0)
+                    {
+                        break;
+                    }
+                    run = run.saturating_add(1);
+                }
+                self.cover_region(r, c.saturating_add(run))?;
                 continue;
             }
             let mut count = 1u64;

@@ -136,6 +136,20 @@ where
         self.end_write()
     }
 
+    /// QEMU's full discard of the guest clusters in `[from, to)` (cluster-aligned): each L2 table of the range
+    /// made writable first (allocated where there is none, copied where a snapshot shares it), then every
+    /// entry unallocated and its host cluster freed.
+    pub(super) fn drop_clusters(&mut self, from: u64, to: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.geometry()?.tables.cluster_size;
+        let mut gc = from;
+        while gc < to {
+            self.writable_l2(gc)?;
+            self.discard_cluster(gc, false, true)?;
+            gc = gc.saturating_add(cs);
+        }
+        Ok(())
+    }
+
     fn shrink(
         &mut self,
         old_size: u64,
@@ -147,15 +161,11 @@ where
         // Everything past the cluster that holds the new end: entries unallocated, host clusters freed. As in
         // QEMU, each L2 table of the range is made writable first (allocated where there is none, copied
         // where a snapshot shares it), so that the result is QEMU's byte for byte.
-        let g = self.geometry()?;
-        let cs = g.tables.cluster_size;
-        let mut gc = ceil_div(new_size, cs).saturating_mul(cs);
-        let end = ceil_div(old_size, cs).saturating_mul(cs);
-        while gc < end {
-            self.writable_l2(gc)?;
-            self.discard_cluster(gc, false, true)?;
-            gc = gc.saturating_add(cs);
-        }
+        let cs = self.geometry()?.tables.cluster_size;
+        self.drop_clusters(
+            ceil_div(new_size, cs).saturating_mul(cs),
+            ceil_div(old_size, cs).saturating_mul(cs),
+        )?;
         let mut m = self.meta()?;
         m.commit_frees()?;
         m.shrink_l1(l1_needed)?;

@@ -188,7 +188,10 @@ where
         self.end_write()
     }
 
-    fn refuse_external_data(&mut self, what: &'static str) -> Result<(), Error<D::Error>> {
+    pub(super) fn refuse_external_data(
+        &mut self,
+        what: &'static str,
+    ) -> Result<(), Error<D::Error>> {
         if self.meta()?.header.external_data_file() {
             return Err(Error::Unsupported { what, value: 0 });
         }

@@ -15,10 +15,11 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 13] = [
+pub const COMMANDS: [(&str, &str); 15] = [
     ("amend", "Update format-specific options of the image"),
     ("bench", "Run simple image benchmark"),
     ("check", "Check basic image integrity"),
+    ("commit", "Commit image to its backing file"),
     ("compare", "Check if two images have the same contents"),
     (
         "convert",
@@ -33,6 +34,7 @@ pub const COMMANDS: [(&str, &str); 13] = [
     ),
     ("map", "Dump image metadata"),
     ("measure", "Calculate file size requred for a new image"),
+    ("rebase", "Change backing file of the image"),
     ("resize", "Resize the image to the new size"),
     ("snapshot", "List or manipulate snapshots within image"),
 ];
@@ -257,6 +259,62 @@ pub fn command_help(cmd: &str) -> Option<String> {
      with optional suffix (1024-based multiplies)
 ",
         ),
+        "commit" => command(
+            description,
+            "  qcow2 commit [-f FMT | --image-opts] [-t CACHE_MODE] [-b BASE_IMG] [-d] [-r RATE] [-q] [-p]
+        FILENAME
+",
+            "  -q, --quiet
+     quiet operation
+  -p, --progress
+     accepted for compatibility
+  -f, --format FMT
+     the format of FILENAME (qcow2; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
+  -t, --cache CACHE_MODE
+     accepted for compatibility
+  -d, --drop
+     do not empty FILENAME afterwards
+  -b, --base BASE_IMG
+     commit into this image of the backing chain instead of the backing file (implies --drop)
+  -r, --rate RATE
+     accepted for compatibility (a size)
+  FILENAME
+     image file name
+",
+        ),
+        "rebase" => command(
+            description,
+            "  qcow2 rebase [-f FMT | --image-opts] [-t CACHE] [-q] [-U] [-p]
+        [-b BACKING_FILENAME [-F BACKING_FMT] [-T BACKING_CACHE]] [-u] [-c] FILENAME
+",
+            "  -q, --quiet
+     quiet operation
+  -p, --progress
+     accepted for compatibility
+  -f, --format FMT
+     the format of FILENAME (qcow2; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
+  -t, --cache CACHE
+     accepted for compatibility
+  -b, --backing BACKING_FILENAME|\"\"
+     the new backing file (relative names from the image's directory), or none
+  -F, --backing-format BACKING_FMT
+     the new backing file's format (required with a backing file)
+  -T, --backing-cache CACHE
+     accepted for compatibility
+  -u, --backing-unsafe
+     only change the name and format: the guest may then see different data
+  -c, --compress
+     write the copied clusters compressed
+  -U, --force-share
+     accepted for compatibility
+  FILENAME
+     image file name
+",
+        ),
         "amend" => command(
             description,
             "  qcow2 amend [-f FMT | --image-opts] [-t CACHE] [--force] [-p] [-q] -o OPTIONS FILENAME
@@ -272,7 +330,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
   --force
      accepted for compatibility
   OPTIONS (after -o, --options; -p, --progress is accepted too)
-     size=SIZE and lazy_refcounts=on|off; compat and refcount_bits as the image has them
+     compat=0.10|1.1, lazy_refcounts=on|off, size=SIZE, data_file=NAME, data_file_raw=off;
+     refcount_bits as the image has it
   FILENAME
      image file name
 ",

@@ -7,6 +7,7 @@
 mod amend;
 pub mod bench;
 pub mod check;
+mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -18,6 +19,7 @@ pub mod json;
 pub mod map;
 mod measure;
 pub mod progress;
+mod rebase;
 mod resize;
 pub mod size;
 mod snapshot;
@@ -676,6 +678,8 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("io") => cmd_io(&mut p, out, err),
             Some("create") => cmd_create(&mut p, out),
             Some("dd") => dd::cmd_dd(&mut p, out),
+            Some("rebase") => rebase::cmd_rebase(&mut p, out),
+            Some("commit") => commit::cmd_commit(&mut p, out),
             Some("resize") => resize::cmd_resize(&mut p, out, err),
             Some("amend") => amend::cmd_amend(&mut p, out),
             Some("snapshot") => snapshot::cmd_snapshot(&mut p, out, err),
