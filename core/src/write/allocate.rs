@@ -86,7 +86,14 @@ where
                     }
                     run = run.saturating_add(1);
                 }
-                self.cover_region(r, c.saturating_add(run))?;
+                // (Where that cluster lies past the region, the block goes at the run's start instead.)
+                let b = self.find_free(c.saturating_add(run))?;
+                let at = if b >> self.g.tables.refcount_block_bits == r {
+                    b
+                } else {
+                    c
+                };
+                self.alloc_refblock(r, at)?;
                 continue;
             }
             let mut count = 1u64;
