@@ -1,6 +1,7 @@
 //! Arbitrary operation sequences on a small in-memory image (64 KiB virtual, 512-byte clusters, 16-bit
 //! refcounts): writes, zero writes (with and without unmap), discards, reads, flushes, reopens, resizes
-//! (512 bytes to 128 KiB) and internal snapshots created, applied and deleted, with firmware-sized buffers
+//! (512 bytes to 128 KiB), internal snapshots created, applied and deleted, the version changed both ways,
+//! backing file names written and removed, and the image emptied, with firmware-sized buffers
 //! (a 512-byte bounce block, four 512-byte metadata slices). The image must read back exactly as a flat
 //! model of the disk (and each snapshot as the disk it was taken of), after every read and after a final
 //! close and reopen, and `check` must find no corruption and no leak.
@@ -40,6 +41,10 @@ fn snapshot_entry(img: &mut Img, n: usize) -> u64 {
     at
 }
 
+fn version(img: &Img) -> u32 {
+    img.layers()[0].qcow2().expect("qcow2").header.version
+}
+
 fn close(img: Img) -> (Vec<u8>, u64) {
     let dev = img.close().expect("close");
     let len = dev.content().len() as u64;
@@ -61,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
         let len = (1 + usize::from(u16::from_le_bytes([op[3], op[4]])) % 8192)
             .min(size - off as usize) as u64;
         let (o, l) = (off as usize, len as usize);
-        match op[0] % 11 {
+        match op[0] % 14 {
             0 | 1 => {
                 img.write_at(off, &vec![op[5]; l]).expect("write");
                 model[o..o + l].fill(op[5]);
@@ -98,8 +103,13 @@ fuzz_target!(|data: &[u8]| {
             }
             7 => {
                 let new = (usize::from(u16::from_le_bytes([op[1], op[2]])) % 256 + 1) * 512;
-                img.resize(new as u64).expect("resize");
-                model.resize(new, 0);
+                match img.resize(new as u64) {
+                    Ok(()) => model.resize(new, 0),
+                    // Version 2 images with snapshots keep their size, as in QEMU.
+                    Err(Error::Unsupported { .. })
+                        if version(&img) == 2 && !snapshots.is_empty() => {}
+                    Err(e) => panic!("resize: {e}"),
+                }
             }
             8 => {
                 img.create_snapshot(&qcow2_core::write::NewSnapshot {
@@ -122,6 +132,27 @@ fuzz_target!(|data: &[u8]| {
                 let at = snapshot_entry(&mut img, n);
                 img.delete_snapshot(at).expect("delete a snapshot");
                 snapshots.remove(n);
+            }
+            11 if version(&img) >= 3 => match img.downgrade_to_v2() {
+                // Snapshots of another disk size stay version 3, as in QEMU.
+                Ok(()) | Err(Error::Unsupported { .. }) => {}
+                Err(e) => panic!("downgrade: {e}"),
+            },
+            11 => img.upgrade_to_v3().expect("upgrade"),
+            12 => {
+                let name: String = (0..usize::from(op[5]) + 1)
+                    .map(|i| char::from(b'a' + (op[1].wrapping_add(i as u8) % 26)))
+                    .collect();
+                img.set_backing_file(Some(qcow2_core::write::BackingFile {
+                    name: &name,
+                    format: Some("qcow2"),
+                }))
+                .expect("name a backing file");
+                img.set_backing_file(None).expect("remove the backing file");
+            }
+            13 => {
+                img.make_empty().expect("make empty");
+                model.fill(0);
             }
             _ => {}
         }
