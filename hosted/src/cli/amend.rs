@@ -48,8 +48,10 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
     let (mut fmt, mut image_opts) = (None, false);
     let mut options: Vec<String> = Vec::new();
     let mut files = Vec::new();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("amend", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("amend", p)?)?,
             Arg::Short('h') => return print_help("amend", out),
             Arg::Long("help") => {
                 no_value("amend", "help", p)?;

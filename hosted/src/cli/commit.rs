@@ -26,8 +26,10 @@ pub(super) fn cmd_commit(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<
     let (mut fmt, mut image_opts, mut quiet, mut drop) = (None, false, false, false);
     let mut base = None::<String>;
     let mut files = Vec::new();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("commit", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("commit", p)?)?,
             Arg::Short('h') => return print_help("commit", out),
             Arg::Long("help") => {
                 no_value("commit", "help", p)?;

@@ -96,6 +96,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      accepted for compatibility (images are opened read-only)
   --output human|json
      output format (default human)
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      image file name
 ",
@@ -115,6 +117,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      output format (default human)
   -r, --repair leaks|all
      repair leaked clusters only, or all errors (opens the image read-write)
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      image file name
 ",
@@ -130,6 +134,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      output format (default human)
   -U, --force-share
      accepted for compatibility
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      image file name
 ",
@@ -151,6 +157,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      strict mode: images of different sizes differ
   -U, --force-share
      accepted for compatibility
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME1, FILENAME2
      the images to compare
 ",
@@ -252,6 +260,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      allow operation when new size is smaller than original
   --preallocation PREALLOC
      preallocation of the new area: off (default); raw images also falloc and full
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      image file to resize
   [+-]SIZE[bkKMGTPE]
@@ -280,6 +290,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      commit into this image of the backing chain instead of the backing file (implies --drop)
   -r, --rate RATE
      accepted for compatibility (a size)
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      image file name
 ",
@@ -311,6 +323,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      write the copied clusters compressed
   -U, --force-share
      accepted for compatibility
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      image file name
 ",
@@ -348,6 +362,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
       FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
   -U, --force-share
       accepted for compatibility
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   Operation, one of:
     -l, --list
        list snapshots in FILENAME (the default)
@@ -400,6 +416,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      the format of BACKING_FILENAME
   -u, --backing-unsafe
      do not open BACKING_FILENAME (SIZE is then required)
+  --object OBJDEF
+     a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
      the image file to create (an existing file is overwritten)
   SIZE

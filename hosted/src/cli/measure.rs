@@ -175,8 +175,10 @@ pub(super) fn cmd_measure(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result
         (None, "raw".to_string(), Vec::new(), None::<String>);
     let (mut json, mut img_size, mut files) = (false, None, Vec::new());
     let mut image_opts = false;
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("measure", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("measure", p)?)?,
             Arg::Short('h') => return print_help("measure", out),
             Arg::Long("help") => {
                 return no_value("measure", "help", p).and_then(|()| print_help("measure", out));

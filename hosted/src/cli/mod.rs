@@ -18,6 +18,7 @@ pub mod io;
 pub mod json;
 pub mod map;
 mod measure;
+mod object;
 pub mod progress;
 mod rebase;
 mod resize;
@@ -248,8 +249,10 @@ fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let mut image_opts = false;
     let (mut fmt, mut output, mut chain, mut files) =
         (None, OutputFormat::Human, false, Vec::new());
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("info", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("info", p)?)?,
             Arg::Short('h') => return print_help("info", out),
             Arg::Long("help") => {
                 return no_value("info", "help", p).and_then(|()| print_help("info", out));
@@ -297,8 +300,10 @@ fn cmd_check(
         repair: None,
     };
     let mut files = Vec::new();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("check", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("check", p)?)?,
             Arg::Short('h') => return print_help("check", out),
             Arg::Long("help") => {
                 return no_value("check", "help", p).and_then(|()| print_help("check", out));
@@ -348,8 +353,10 @@ fn cmd_check(
 fn cmd_map(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let mut image_opts = false;
     let (mut fmt, mut output, mut files) = (None, OutputFormat::Human, Vec::new());
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("map", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("map", p)?)?,
             Arg::Short('h') => return print_help("map", out),
             Arg::Long("help") => {
                 return no_value("map", "help", p).and_then(|()| print_help("map", out));
@@ -482,8 +489,12 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
     let (mut fmt1, mut fmt2, mut files) = (None, None, Vec::new());
     let mut opts = compare::CompareOptions::default();
     // Usage errors exit with 1 like qemu-img's; only failures to open or read exit with 2 and up.
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("compare", e))? {
         match arg {
+            Arg::Long("object") => objects
+                .add(&value("compare", p)?)
+                .map_err(|e| Fail { code: 2, ..e })?,
             Arg::Short('h') => return print_help("compare", out),
             Arg::Long("help") => {
                 return no_value("compare", "help", p).and_then(|()| print_help("compare", out));
@@ -535,8 +546,10 @@ fn cmd_compare(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail>
 fn cmd_create(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
     let mut args = create::CreateArgs::default();
     let mut files = Vec::new();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("create", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("create", p)?)?,
             Arg::Short('h') => return print_help("create", out),
             Arg::Long("help") => {
                 return no_value("create", "help", p).and_then(|()| print_help("create", out));
@@ -571,8 +584,10 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
     let mut read_only = false;
     // qemu-io's default: every write is durable before it is reported.
     let mut cache = cache::CacheMode::default();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("io", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("io", p)?)?,
             Arg::Short('h') => return print_help("io", out),
             Arg::Long("help") => {
                 return no_value("io", "help", p).and_then(|()| print_help("io", out));

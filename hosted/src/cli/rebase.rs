@@ -51,8 +51,10 @@ pub(super) fn cmd_rebase(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<
     let (mut fmt, mut image_opts, mut unsafe_mode, mut compress) = (None, false, false, false);
     let (mut backing, mut backing_fmt) = (None::<String>, None::<String>);
     let mut files = Vec::new();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("rebase", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("rebase", p)?)?,
             Arg::Short('h') => return print_help("rebase", out),
             Arg::Long("help") => {
                 no_value("rebase", "help", p)?;

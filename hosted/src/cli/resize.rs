@@ -36,8 +36,10 @@ pub(super) fn cmd_resize(
     let (mut fmt, mut image_opts, mut quiet, mut shrink) = (None, false, false, false);
     let mut prealloc = Preallocation::Off;
     let mut positional = Vec::new();
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("resize", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("resize", &mut p)?)?,
             Arg::Short('h') => return print_help("resize", out),
             Arg::Long("help") => {
                 no_value("resize", "help", &mut p)?;

@@ -40,8 +40,10 @@ pub(super) fn cmd_snapshot(
         *action = Some(a);
         Ok(())
     };
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("snapshot", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("snapshot", p)?)?,
             Arg::Short('h') => return print_help("snapshot", out),
             Arg::Long("help") => {
                 no_value("snapshot", "help", p)?;

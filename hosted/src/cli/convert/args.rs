@@ -42,8 +42,10 @@ pub(in crate::cli) fn cmd_convert(
     // qemu-img convert's default for the target: `unsafe` (nothing is made durable; the image is consistent
     // once the tool has exited, unless the host goes down).
     let (mut cache, mut src_cache) = (None, None);
+    let mut objects = crate::cli::object::Objects::default();
     while let Some(arg) = p.next().map_err(|e| opt_error("convert", e))? {
         match arg {
+            Arg::Long("object") => objects.add(&value("convert", p)?)?,
             Arg::Short('h') => return print_help("convert", out),
             Arg::Long("help") => {
                 return no_value("convert", "help", p).and_then(|()| print_help("convert", out));
