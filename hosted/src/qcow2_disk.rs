@@ -475,9 +475,13 @@ impl Qcow2Disk {
     }
 
     /// Cluster size and compression type of the top image.
+    /// The top image's header.
+    fn top_header(&self) -> Option<qcow2_core::format::Header> {
+        Some(self.image.layers().first()?.qcow2()?.header)
+    }
+
     fn top_format(&self) -> Option<(u64, CompressionType, bool)> {
-        let meta = self.image.layers().first()?.qcow2()?;
-        let h = &meta.header;
+        let h = &self.top_header()?;
         let data_file = h
             .incompatible_features
             .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
@@ -708,12 +712,7 @@ impl VirtualDiskWrite for Qcow2Disk {
 
     fn set_lazy_refcounts(&mut self, on: bool) -> Result<(), DiskError> {
         self.check_writable()?;
-        let v2 = self
-            .image
-            .layers()
-            .first()
-            .and_then(|l| l.qcow2())
-            .is_some_and(|m| m.header.version < 3);
+        let v2 = self.top_header().is_some_and(|h| h.version < 3);
         if on && v2 {
             return Err(DiskError::with_kind(
                 ErrorKind::Unsupported,
@@ -729,12 +728,7 @@ impl VirtualDiskWrite for Qcow2Disk {
 
     fn set_compat(&mut self, version: u32) -> Result<(), DiskError> {
         self.check_writable()?;
-        let current = self
-            .image
-            .layers()
-            .first()
-            .and_then(|l| l.qcow2())
-            .map_or(3, |m| m.header.version);
+        let current = self.top_header().map_or(3, |h| h.version);
         match (current, version) {
             (a, b) if a == b => Ok(()),
             (2, 3) => self.image.upgrade_to_v3().map_err(|e| match e {

@@ -451,6 +451,22 @@ where
     out.stdout_str()
 }
 
+/// What the guest sees in `img` (through its backing chain), as `qemu-img convert -O raw` reads it.
+pub fn guest_view(img: &Path) -> Vec<u8> {
+    let raw = img.with_extension("guest-view.raw");
+    let _ = std::fs::remove_file(&raw);
+    qemu_img_ok([
+        "convert".as_ref(),
+        "-O".as_ref(),
+        "raw".as_ref(),
+        img.as_os_str(),
+        raw.as_os_str(),
+    ]);
+    let view = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    view
+}
+
 /// Runs qemu-io commands on an image (format given explicitly) and panics unless all of them succeeded.
 pub fn qemu_io_cmds(img: &Path, fmt: &str, cmds: &[String]) {
     if cmds.is_empty() {

@@ -8,26 +8,10 @@
 use std::path::{Path, PathBuf};
 
 use qcow2_tests::{
-    Output, Scratch, assert_files_equal, qcow2, qemu_img, qemu_img_ok, qemu_io_cmds,
+    Output, Scratch, assert_files_equal, guest_view, qcow2, qemu_img, qemu_img_ok, qemu_io_cmds,
 };
 
-/// The guest view of `img` (through its chain) as raw bytes.
-fn view(img: &Path) -> Vec<u8> {
-    let raw = img.with_extension("view");
-    let _ = std::fs::remove_file(&raw);
-    qemu_img_ok([
-        "convert".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        img.as_os_str(),
-        raw.as_os_str(),
-    ]);
-    let v = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    v
-}
-
-/// A chain in `dir`: `names` from the bottom up, made by `make` (which writes them).
+/// Copies the files `names` of a chain from `from` to `to`.
 fn copy_chain(from: &Path, to: &Path, names: &[&str]) {
     std::fs::create_dir_all(to).unwrap();
     for n in names {
@@ -53,7 +37,7 @@ fn both(s: &Scratch, src: &Path, names: &[&str], args: &[&str], what: &str) {
     copy_chain(src, &ours, names);
     copy_chain(src, &theirs, names);
     let top = *names.last().unwrap();
-    let before = view(&src.join(top));
+    let before = guest_view(&src.join(top));
     let o = run_in(|a| qcow2(a), &ours, args);
     let t = run_in(|a| qemu_img(a), &theirs, args);
     let what = format!("{what}: commit {args:?}");
@@ -88,8 +72,8 @@ fn both(s: &Scratch, src: &Path, names: &[&str], args: &[&str], what: &str) {
     for n in names {
         let (a, b) = (ours.join(n), theirs.join(n));
         assert_eq!(
-            view(&a),
-            view(&b),
+            guest_view(&a),
+            guest_view(&b),
             "{what}: {n} reads differently from qemu-img's"
         );
         let c = qemu_img(["check".as_ref(), a.as_os_str()]);
@@ -98,7 +82,7 @@ fn both(s: &Scratch, src: &Path, names: &[&str], args: &[&str], what: &str) {
     }
     // The committed image still shows what it showed.
     assert!(
-        view(&ours.join(top)) == before,
+        guest_view(&ours.join(top)) == before,
         "{what}: the guest view changed"
     );
 }

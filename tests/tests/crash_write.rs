@@ -22,7 +22,7 @@ use qcow2_tests::crash::{
     Event, Log, SimDevice, SimError, Survivors, check_refcounts, crash_state,
 };
 use qcow2_tests::ops::{Op, ops};
-use qcow2_tests::{Scratch, qemu_img, qemu_img_ok, qemu_io_cmds};
+use qcow2_tests::{Scratch, guest_view, qemu_img, qemu_img_ok, qemu_io_cmds};
 
 /// The model's unit: every operation the generator makes starts and ends on a multiple of it.
 const CELL: usize = 128;
@@ -374,19 +374,7 @@ fn verify(state: &[u8], base: &Option<Vec<u8>>, allowed: &[Values], what: &str) 
         "{what}: {:?}",
         report.corruptions
     );
-    let dev = SimDevice {
-        data: bytes.clone(),
-        id: 0,
-        log: log.clone(),
-        read_only: true,
-    };
-    let mut image: Img = Image::open(
-        dev,
-        buffers(false),
-        qcow2_alloc::AllocDecompressor::default(),
-        &mut Backing(base.clone(), log),
-    )
-    .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    let mut image = open_read_only(&bytes, base).unwrap_or_else(|e| panic!("{what}: open: {e}"));
     let mut sector = vec![0u8; 256 * CELL];
     for chunk in 0..allowed.len().div_ceil(256) {
         let n = (allowed.len() - chunk * 256).min(256);
@@ -974,20 +962,6 @@ fn open_recorded(dev: SimDevice, base: Option<Vec<u8>>) -> Img {
     .unwrap()
 }
 
-/// The guest content of `img`, as `qemu-img convert` reads it.
-fn guest_content(s: &Scratch, img: &std::path::Path) -> Vec<u8> {
-    let raw = s.path("content.raw");
-    let _ = std::fs::remove_file(&raw);
-    qemu_img_ok([
-        "convert".as_ref(),
-        "-O".as_ref(),
-        "raw".as_ref(),
-        img.as_os_str(),
-        raw.as_os_str(),
-    ]);
-    std::fs::read(&raw).unwrap()
-}
-
 /// One allowed value per cell: the one `content` holds (each cell of it uniform).
 fn exactly(content: &[u8]) -> Vec<Values> {
     content
@@ -1128,7 +1102,7 @@ fn crash_resize() {
             qemu_io_cmds(&img, "qcow2", &["write -P 0xee 2M 64k".to_string()]);
         }
         let initial = std::fs::read(&img).unwrap();
-        let old = guest_content(&s, &img);
+        let old = guest_view(&img);
         let mut new = old.clone();
         new.resize(c.new_size as usize, 0);
         let (old_cells, new_cells) = (exactly(&old), exactly(&new));
@@ -1190,7 +1164,7 @@ fn crash_snapshots() {
             qemu_io_cmds(&img, "qcow2", &["write -P 0x55 0 128k".to_string()]);
         }
         let initial = std::fs::read(&img).unwrap();
-        let allowed = exactly(&guest_content(&s, &img));
+        let allowed = exactly(&guest_view(&img));
         let states = states_of(&initial, |dev| {
             let mut image = open_recorded(dev, None);
             if delete {
@@ -1257,7 +1231,7 @@ fn crash_snapshot_apply() {
             cmds.push(format!("write {flag}-P {} {} 8192", i + 1, i * 131072));
         }
         qemu_io_cmds(&img, "qcow2", &cmds);
-        let at_snapshot = guest_content(&s, &img);
+        let at_snapshot = guest_view(&img);
         qemu_img_ok(["snapshot", "-c", "good", img.to_str().unwrap()]);
         qemu_img_ok(["resize", img.to_str().unwrap(), "2M"]);
         qemu_io_cmds(
@@ -1268,7 +1242,7 @@ fn crash_snapshot_apply() {
                 "write -P 0x67 1536k 64k".to_string(),
             ],
         );
-        let before = guest_content(&s, &img);
+        let before = guest_view(&img);
         let initial = std::fs::read(&img).unwrap();
         let (old_cells, new_cells) = (exactly(&before), exactly(&at_snapshot));
         let states = states_of(&initial, |dev| {
@@ -1320,7 +1294,7 @@ fn crash_amend_lazy_refcounts() {
         let img = s.qcow2("l.qcow2", opts, 1 << 20);
         qemu_io_cmds(&img, "qcow2", &["write -P 9 0 192k".to_string()]);
         let initial = std::fs::read(&img).unwrap();
-        let allowed = exactly(&guest_content(&s, &img));
+        let allowed = exactly(&guest_view(&img));
         let states = states_of(&initial, |dev| {
             let mut image = open_recorded(dev, None);
             image.set_lazy_refcounts(on).unwrap();
@@ -1423,7 +1397,7 @@ fn crash_header_rewrite() {
             Change::Backing(name) => (old.0, name.clone().unwrap_or_default().into_bytes()),
         };
         // Where the new name is gone, the backing file's data is too; keep it only where both name one.
-        let allowed = exactly(&guest_content(&s, &img));
+        let allowed = exactly(&guest_view(&img));
         let base = Some(base_bytes.clone());
         let states = states_of(&initial, |dev| {
             let mut image = open_recorded(dev, base.clone());
@@ -1466,22 +1440,26 @@ fn crash_header_rewrite() {
     );
 }
 
-/// What the first internal snapshot of `state` holds, read through the engine.
-fn first_snapshot(state: &[u8], base: &Option<Vec<u8>>, len: usize) -> Vec<u8> {
+/// `bytes` opened read-only (with `base` as its backing file).
+fn open_read_only(bytes: &[u8], base: &Option<Vec<u8>>) -> Result<Img, Error<SimError>> {
     let log: Log = Rc::new(RefCell::new(Vec::new()));
     let dev = SimDevice {
-        data: state.to_vec(),
+        data: bytes.to_vec(),
         id: 0,
         log: log.clone(),
         read_only: true,
     };
-    let mut image: Img = Image::open(
+    Image::open(
         dev,
         buffers(false),
         qcow2_alloc::AllocDecompressor::default(),
         &mut Backing(base.clone(), log),
     )
-    .unwrap();
+}
+
+/// What the first internal snapshot of `state` holds, read through the engine.
+fn first_snapshot(state: &[u8], base: &Option<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut image = open_read_only(state, base).unwrap();
     let at = image.layers()[0].qcow2().unwrap().header.snapshots_offset;
     let (entry, _) = image.read_snapshot(0, at).unwrap();
     image.view_snapshot(&entry).unwrap();
@@ -1529,7 +1507,7 @@ fn crash_downgrade() {
             qemu_io_cmds(&img, "qcow2", &["write -z 128k 64k".to_string()]);
         }
         let initial = std::fs::read(&img).unwrap();
-        let allowed = exactly(&guest_content(&s, &img));
+        let allowed = exactly(&guest_view(&img));
         let base = backed.then(|| base_bytes.clone());
         let snapshot = first_snapshot(&initial, &base, 1 << 20);
         let states = states_of(&initial, |dev| {
@@ -1570,7 +1548,7 @@ fn crash_make_empty() {
     let base = s.qcow2("base.qcow2", "cluster_size=4096", 1 << 20);
     qemu_io_cmds(&base, "qcow2", &["write -P 7 0 768k".to_string()]);
     let base_bytes = std::fs::read(&base).unwrap();
-    let backing_view = guest_content(&s, &base);
+    let backing_view = guest_view(&base);
     let mut total = 0;
     for (opts, snapshot) in [
         ("cluster_size=4096", false),
@@ -1598,7 +1576,7 @@ fn crash_make_empty() {
             qemu_img_ok(["snapshot", "-c", "s", img.to_str().unwrap()]);
         }
         let initial = std::fs::read(&img).unwrap();
-        let before = guest_content(&s, &img);
+        let before = guest_view(&img);
         let mut allowed = exactly(&before);
         for (i, cell) in backing_view.chunks(CELL).enumerate() {
             allowed[i].add(cell[0]);

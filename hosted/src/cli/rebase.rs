@@ -204,41 +204,32 @@ fn copy_differences(
             new.read_at(start, &mut new_buf[..upto]).map_err(io)?;
         }
         let old_is_zero = old_buf.iter().all(|&b| b == 0);
+        // Runs of (sub)clusters where the two differ; a final `None` ends the last run.
         let blocks = old_buf
             .chunks(align as usize)
             .zip(new_buf.chunks(align as usize));
         let mut at = start;
         let mut run: Option<(u64, u64)> = None;
-        for (a, b) in blocks {
-            let block = a.len() as u64;
-            if a != b {
-                run = Some(match run {
-                    Some((s, l)) => (s, l + block),
-                    None => (at, block),
-                });
-            } else if let Some(r) = run.take() {
-                write_old(
-                    disk.as_mut(),
-                    r,
-                    start,
-                    &old_buf,
-                    old_is_zero,
-                    compress,
-                    cluster,
-                )?;
+        for pair in blocks.map(Some).chain([None]) {
+            let differs = pair.map(|(a, b)| (a != b, a.len() as u64));
+            match (differs, run) {
+                (Some((true, block)), Some((s, l))) => run = Some((s, l + block)),
+                (Some((true, block)), None) => run = Some((at, block)),
+                (_, Some(r)) => {
+                    write_old(
+                        disk.as_mut(),
+                        r,
+                        start,
+                        &old_buf,
+                        old_is_zero,
+                        compress,
+                        cluster,
+                    )?;
+                    run = None;
+                }
+                (_, None) => {}
             }
-            at += block;
-        }
-        if let Some(r) = run {
-            write_old(
-                disk.as_mut(),
-                r,
-                start,
-                &old_buf,
-                old_is_zero,
-                compress,
-                cluster,
-            )?;
+            at += differs.map_or(0, |(_, block)| block);
         }
         offset = end;
     }
