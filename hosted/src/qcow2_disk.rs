@@ -650,23 +650,30 @@ impl VirtualDiskWrite for Qcow2Disk {
                 "Failed to zero out new clusters: Operation not supported",
             ));
         }
-        if prealloc != Preallocation::Off {
-            let mode = match prealloc {
-                Preallocation::Metadata => "metadata",
-                Preallocation::Falloc => "falloc",
-                _ => "full",
+        if matches!(prealloc, Preallocation::Falloc | Preallocation::Full) {
+            let mode = if prealloc == Preallocation::Falloc {
+                "falloc"
+            } else {
+                "full"
             };
             return Err(unsupported(&format!(
                 "Preallocation mode '{mode}' is not supported when resizing qcow2 images"
             )));
         }
+        let old = self.image.virtual_size();
         self.image.resize(size).map_err(|e| match e {
             Error::NoSpace { .. } if size > self.image.virtual_size() => DiskError::with_kind(
                 ErrorKind::NoSpace,
                 "Failed to grow the L1 table: File too large",
             ),
             other => engine_error(other),
-        })
+        })?;
+        if prealloc == Preallocation::Metadata && size > old {
+            self.image
+                .preallocate_metadata(old, size - old)
+                .map_err(engine_error)?;
+        }
+        Ok(())
     }
 
     fn create_snapshot(&mut self, name: &str, date: (u32, u32)) -> Result<(), DiskError> {

@@ -101,13 +101,21 @@ impl BlockDeviceWrite for SimDevice {
         self.log.borrow_mut().push(Event::Flush { dev: self.id });
         Ok(())
     }
-    /// Length changes are not recorded: the engine only trims what holds nothing (free clusters past the
-    /// last used one, the zero tail of a write).
+    /// A file that grows is recorded as a write of zeros over the new part (durable at the next flush, like
+    /// any write); one that shrinks is not recorded: the engine only trims what holds nothing (free clusters
+    /// past the last used one).
     fn set_size(&mut self, len: u64) -> Result<bool, SimError> {
         if self.read_only {
             return Err(SimError);
         }
-        self.data.resize(len as usize, 0);
+        let (old, new) = (self.data.len(), len as usize);
+        if new > old {
+            let start = old / SECTOR * SECTOR;
+            let mut grown = self.data[start..].to_vec();
+            grown.resize(new.div_ceil(SECTOR) * SECTOR - start, 0);
+            self.write_blocks((start / SECTOR) as u64, &grown)?;
+        }
+        self.data.resize(new, 0);
         Ok(true)
     }
     /// Recorded as a write of zeros (a discarded range may read as zeros, or keep its bytes if lost).

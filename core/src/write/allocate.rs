@@ -63,6 +63,34 @@ where
         }
     }
 
+    /// Moves the search start past free holes shorter than `n` clusters, as QEMU's search for a new run of
+    /// `n` passes over them (and does not come back to them until a cluster below is freed): from then on
+    /// the first free cluster starts `n` free ones, or a run that ends where the refcount blocks do.
+    pub(super) fn skip_short_holes(&mut self, n: u64) -> Result<(), Error<D::Error>> {
+        let mut from = self.w.free_hint;
+        loop {
+            let c = self.find_free(from)?;
+            let mut run = 1u64;
+            let mut blocked = false;
+            while run < n {
+                let next = c.saturating_add(run);
+                if next > self.max_cluster() || self.refcount_loc(next)?.is_none() {
+                    break;
+                }
+                if self.refcount(next)? != 0 {
+                    blocked = true;
+                    break;
+                }
+                run = run.saturating_add(1);
+            }
+            if !blocked {
+                self.w.free_hint = c;
+                return Ok(());
+            }
+            from = c.saturating_add(run).saturating_add(1);
+        }
+    }
+
     /// Allocates up to `max` contiguous clusters (at least one) with refcount 1. Returns the host offset
     /// and the count.
     pub(super) fn alloc_clusters(&mut self, max: u64) -> Result<(u64, u64), Error<D::Error>> {

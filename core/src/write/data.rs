@@ -288,6 +288,17 @@ where
     /// most `len` bytes' worth) that lie in `gc`'s L2 table and whose entries hold nothing to keep or free
     /// (unallocated, or zero without a host cluster). `None` when the first one does not qualify.
     fn reserve_run(&mut self, gc: u64, len: u64) -> Result<Option<Reservation>, Error<D::Error>> {
+        self.reserve_run_placed(gc, len, false)
+    }
+
+    /// [`Self::reserve_run`], placed as QEMU places a new run of `whole_runs` (past free holes too short
+    /// for it) when asked.
+    fn reserve_run_placed(
+        &mut self,
+        gc: u64,
+        len: u64,
+        whole_runs: bool,
+    ) -> Result<Option<Reservation>, Error<D::Error>> {
         let g = self.geometry()?;
         let cs = g.tables.cluster_size;
         let whole = len.checked_div(cs).unwrap_or(0);
@@ -317,6 +328,9 @@ where
         if n == 0 {
             return Ok(None);
         }
+        if whole_runs {
+            m.skip_short_holes(n)?;
+        }
         let (host, got) = m.alloc_clusters(n)?;
         Ok(Some(Reservation {
             guest: gc,
@@ -329,10 +343,16 @@ where
     /// Points the reserved guest clusters at their host clusters (whose data has been stored). An entry
     /// that changed since the reservation keeps its new value, and its reserved cluster goes back.
     fn commit_run(&mut self, r: Reservation) -> Result<(), Error<D::Error>> {
+        self.commit_run_as(r, false)
+    }
+
+    /// [`Self::commit_run`]; with `preallocated`, the subclusters of extended L2 entries stay unallocated
+    /// (QEMU's preallocation reserves the clusters without writing them).
+    fn commit_run_as(&mut self, r: Reservation, preallocated: bool) -> Result<(), Error<D::Error>> {
         let g = self.geometry()?;
         let cs = g.tables.cluster_size;
         // Every piece of each cluster is written: all allocated, none reads as zeros.
-        let bitmap = if g.tables.l2_format.extended {
+        let bitmap = if g.tables.l2_format.extended && !preallocated {
             u64::from(u32::MAX)
         } else {
             0
@@ -400,6 +420,38 @@ where
     pub fn commit_reservation(&mut self, r: Reservation) -> Result<(), Error<D::Error>> {
         self.begin_write()?;
         self.commit_run(r)?;
+        self.end_write()
+    }
+
+    /// QEMU's `preallocation=metadata` for the guest range `[offset, offset + len)`: every cluster there
+    /// without a host cluster gets one, in contiguous runs after the L2 table that maps them (allocated
+    /// first where missing), mapped as data; the file grows to cover them before the entries point at them,
+    /// so they read as zeros. A cluster reused inside the file is zeroed first (QEMU leaves what it held).
+    pub fn preallocate_metadata(&mut self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
+        self.check_range(offset, len)?;
+        self.begin_write()?;
+        let cs = self.geometry()?.tables.cluster_size;
+        let end = offset.saturating_add(len).div_ceil(cs).saturating_mul(cs);
+        let mut gc = offset & !cs.wrapping_sub(1);
+        while gc < end {
+            let Some(r) = self.reserve_run_placed(gc, end.saturating_sub(gc), true)? else {
+                gc = gc.saturating_add(cs);
+                continue;
+            };
+            let mut m = self.meta()?;
+            let file_end = m.dev.size()?;
+            let run_end = r.host.saturating_add(r.len);
+            if r.host < file_end {
+                m.write_zeros(r.host, run_end.min(file_end).saturating_sub(r.host))?;
+            }
+            if run_end > file_end && !m.dev.set_size(run_end)? {
+                // A device that cannot grow: the clusters past its end are written as zeros.
+                m.write_zeros(file_end, run_end.saturating_sub(file_end))?;
+            }
+            m.w.needs_flush = true;
+            gc = gc.saturating_add(r.len);
+            self.commit_run_as(r, true)?;
+        }
         self.end_write()
     }
 
