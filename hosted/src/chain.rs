@@ -34,6 +34,8 @@ pub(crate) struct ChainResolver {
     pub(crate) writable_top: bool,
     /// Flushes of the top image's data file do nothing (`cache=unsafe`).
     pub(crate) no_flush: bool,
+    /// Open the top image alone, without its backing chain (`qemu-img info`).
+    pub(crate) skip_backing: bool,
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
@@ -144,6 +146,10 @@ impl Resolver<FileDevice> for ChainResolver {
         let (file, full) = self.open_named(request.depth, request.name, "backing file", false)?;
         self.names.push(full);
         Ok(FileDevice::new(file))
+    }
+
+    fn skip_backing(&self) -> bool {
+        self.skip_backing
     }
 
     fn data_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<io::Error>> {

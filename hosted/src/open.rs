@@ -99,9 +99,23 @@ fn raw_chain(path: &str) -> Result<Vec<ImageInfo>, DiskError> {
 /// 'x': No such file or directory" or "Image is not in qcow2 format": qemu-img prefixes it with
 /// "Could not open 'x': ", qemu-io with "can't open device x: ".
 pub fn open_disk(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskError> {
+    open_disk_as(path, format, false)
+}
+
+/// Like [`open_disk`], without the backing chain: what the image says about itself (`qemu-img info` opens
+/// an image so). Its unallocated clusters read as zeros.
+pub fn open_disk_alone(path: &str, format: Option<&str>) -> Result<OpenedImage, DiskError> {
+    open_disk_as(path, format, true)
+}
+
+fn open_disk_as(path: &str, format: Option<&str>, alone: bool) -> Result<OpenedImage, DiskError> {
     let (file, format) = open_probed(path, format, false)?;
     if format == "qcow2" {
-        let (disk, chain) = crate::qcow2_disk::Qcow2Disk::open(path, file)?;
+        let (disk, chain) = if alone {
+            crate::qcow2_disk::Qcow2Disk::open_alone(path, file)?
+        } else {
+            crate::qcow2_disk::Qcow2Disk::open(path, file)?
+        };
         return Ok(OpenedImage {
             disk: Box::new(disk),
             chain,

@@ -85,7 +85,22 @@ pub fn engine_error_kind<E>(e: &Error<E>) -> ErrorKind {
 impl Qcow2Disk {
     /// Opens `path` (already known to be qcow2) and its chain, read-only.
     pub fn open(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
+        Qcow2Disk::open_read_only(path, file, false)
+    }
+
+    /// Opens `path` read-only without its backing chain, for what the image says about itself (as
+    /// `qemu-img info` does): its unallocated clusters read as zeros, not as the backing file's data.
+    pub fn open_alone(path: &str, file: File) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
+        Qcow2Disk::open_read_only(path, file, true)
+    }
+
+    fn open_read_only(
+        path: &str,
+        file: File,
+        skip_backing: bool,
+    ) -> Result<(Qcow2Disk, Vec<ImageInfo>), DiskError> {
         let mut resolver = ChainResolver::for_top(path);
+        resolver.skip_backing = skip_backing;
         let image = qcow2_alloc::open(FileDevice::new(file), Format::Qcow2, &mut resolver)
             .map_err(engine_error)?;
         Qcow2Disk::finish(image, resolver, false)

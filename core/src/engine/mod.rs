@@ -95,6 +95,12 @@ pub trait Resolver<D: BlockDevice> {
     fn backing_file(&mut self, request: FileRequest<'_>) -> Result<D, Error<D::Error>>;
     /// The external data file of the image at `request.depth`.
     fn data_file(&mut self, request: FileRequest<'_>) -> Result<D, Error<D::Error>>;
+    /// Whether to open the top image without its backing chain, to read what it says about itself (as
+    /// `qemu-img info` opens an image). Its unallocated clusters then read as zeros, so such an image is
+    /// never opened for writing.
+    fn skip_backing(&self) -> bool {
+        false
+    }
 }
 
 /// A resolver that supplies nothing: images that need a backing or data file fail to open.

@@ -278,6 +278,9 @@ where
             let Some(stored) = meta.backing_name else {
                 break;
             };
+            if resolver.skip_backing() {
+                break;
+            }
             if last.probed {
                 return Err(Error::Unavailable {
                     what: "a backing file whose format was probed as qcow2 names a backing file of its own; \

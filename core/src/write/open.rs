@@ -100,6 +100,12 @@ where
         decompressor: C,
         resolver: &mut R,
     ) -> Result<Self, Error<D::Error>> {
+        if resolver.skip_backing() {
+            return Err(Error::Unsupported {
+                what: "writing an image opened without its backing file",
+                value: 0,
+            });
+        }
         if SLICES < MIN_WRITE_SLICES {
             return Err(Error::BufferTooSmall {
                 what: "metadata slice count for writing",

@@ -270,7 +270,13 @@ fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
         return Err(fail("Expecting one image file name"));
     };
     let (path, fmt) = resolve_image(file, image_opts, fmt.as_deref())?;
-    let img = open::open_disk(&path, fmt.as_deref()).map_err(|e| open_error(file, e))?;
+    // Like qemu-img, without --backing-chain the backing files are not opened (and need not exist).
+    let img = if chain {
+        open::open_disk(&path, fmt.as_deref())
+    } else {
+        open::open_disk_alone(&path, fmt.as_deref())
+    }
+    .map_err(|e| open_error(file, e))?;
     if img.chain.is_empty() {
         return Err(fail(format!(
             "Could not open '{file}': no image information"
