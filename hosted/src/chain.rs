@@ -39,7 +39,7 @@ pub(crate) struct ChainResolver {
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
-fn has_protocol(name: &str) -> bool {
+pub(crate) fn has_protocol(name: &str) -> bool {
     match name.find(':') {
         Some(colon) => !name[..colon].contains('/'),
         None => false,

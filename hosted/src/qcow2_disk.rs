@@ -237,7 +237,14 @@ impl Qcow2Disk {
             spec.bitmaps = self.bitmaps(depth)?;
             let snapshots = self.snapshots(depth, &h)?;
             let backing = self.stored_name(depth, meta.backing_name)?;
-            let full_backing = backing.as_ref().map(|b| combine(&name, b));
+            // A protocol name (`json:`, `nbd://`) stands as it is, as in QEMU.
+            let full_backing = backing.as_ref().map(|b| {
+                if crate::chain::has_protocol(b) {
+                    b.clone()
+                } else {
+                    combine(&name, b)
+                }
+            });
             let backing_format = meta
                 .backing_format()
                 .map(|f| String::from_utf8_lossy(f).into_owned());
