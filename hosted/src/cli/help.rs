@@ -166,7 +166,7 @@ pub fn command_help(cmd: &str) -> Option<String> {
         "convert" => command(
             description,
             "  qcow2 convert [-f SRC_FMT] [-l SNAPSHOT_PARAMS] [-T SRC_CACHE] [-O TGT_FMT] [-o TGT_OPTS]
-        [-t TGT_CACHE] [-n] [--target-is-zero] [-B BACKING_FILENAME [-F BACKING_FMT]] [-c]
+        [-t TGT_CACHE] [-n [--target-image-opts]] [--target-is-zero] [-B BACKING_FILENAME [-F BACKING_FMT]] [-c]
         [-S SPARSE_SIZE] [-m NUM] [-W] [-C] [-r RATE] [--salvage] [-p] [-q] [-U]
         SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME
 ",
@@ -197,6 +197,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
      the format of BACKING_FILENAME (required with -B)
   -n
      write into the existing TGT_FILENAME (at least as large as the sources) instead of creating it
+  --target-image-opts
+     TGT_FILENAME is an option string (with -n): [driver=qcow2|raw,]file.filename=PATH
   --target-is-zero
      with -n: the target reads as zeros already, so zeros are not written
   -S, --sparse-size SPARSE_SIZE

@@ -37,7 +37,7 @@ pub(in crate::cli) fn cmd_convert(
     let (mut options, mut backing, mut backing_fmt, mut snapshot) =
         (Vec::new(), None, None, None::<String>);
     let (mut no_create, mut target_is_zero, mut explicit_sparse) = (false, false, false);
-    let mut image_opts = false;
+    let (mut image_opts, mut target_image_opts) = (false, false);
     let mut copy = CopyOptions::default();
     // qemu-img convert's default for the target: `unsafe` (nothing is made durable; the image is consistent
     // once the tool has exited, unless the host goes down).
@@ -100,6 +100,7 @@ pub(in crate::cli) fn cmd_convert(
             Arg::Short('q') | Arg::Long("quiet") => quiet = true,
             Arg::Short('U') | Arg::Long("force-share") => {}
             Arg::Long("image-opts") => image_opts = true,
+            Arg::Long("target-image-opts") => target_image_opts = true,
             Arg::Value(v) => files.push(os_to_string(v)?),
             other => return Err(unknown_option("convert", other)),
         }
@@ -113,6 +114,9 @@ pub(in crate::cli) fn cmd_convert(
     }
     if copy.copy_range && copy.salvage {
         return Err(fail("Cannot use copy offloading in salvaging mode"));
+    }
+    if target_image_opts && !no_create {
+        return Err(fail("--target-image-opts requires use of -n flag"));
     }
     if no_create && !options.is_empty() {
         return Err(fail("-o has no effect when skipping image creation"));
@@ -128,7 +132,7 @@ pub(in crate::cli) fn cmd_convert(
     if let Some(v) = src_cache.filter(|v| cache::CacheMode::parse(v).is_none()) {
         return Err(fail(format!("Invalid source cache option: {v}")));
     }
-    let dst = files.pop().unwrap_or_default();
+    let mut dst = files.pop().unwrap_or_default();
     let mut opened = Vec::with_capacity(files.len());
     for src in &files {
         let (path, fmt) = resolve_image(src, image_opts, fmt.as_deref())?;
@@ -136,6 +140,27 @@ pub(in crate::cli) fn cmd_convert(
     }
     if let Some(spec) = &snapshot {
         load_snapshot(opened[0].disk.as_mut(), spec, files.len() > 1)?;
+    }
+    if target_image_opts {
+        // The target named by an option string (its format from `driver=`, else probed).
+        let (path, driver) = resolve_image(&dst, true, out_fmt.as_deref())?;
+        let probed = match driver {
+            Some(d) => Some(d),
+            None => {
+                let mut magic = [0u8; 4];
+                let qcow2 = std::fs::File::open(&path)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                    .is_ok()
+                    && magic == *b"QFI\xfb";
+                if !qcow2 && std::path::Path::new(&path).is_file() {
+                    eprintln!("{}", crate::cli::PROBED_RAW_WARNING.replace("{}", &path));
+                }
+                std::path::Path::new(&path)
+                    .is_file()
+                    .then(|| if qcow2 { "qcow2" } else { "raw" }.to_string())
+            }
+        };
+        (dst, out_fmt) = (path, probed);
     }
     let qcow2 = match out_fmt.as_deref() {
         None | Some("raw") => false,
