@@ -119,6 +119,13 @@ fn no_room<E>() -> Error<E> {
     }
 }
 
+fn interim_too_long<E>() -> Error<E> {
+    Error::Unsupported {
+        what: "rewriting a header whose extensions do not fit in its first 512 bytes",
+        value: SECTOR as u64,
+    }
+}
+
 fn too_long<E>() -> Error<E> {
     Error::Unsupported {
         what: "rewriting a header whose extensions and backing file name take more than 4 KiB",
@@ -386,7 +393,7 @@ where
                 || !self.copy_extensions(&mut out, Keep::AllButFeatureNames)?
                 || out.put(&[0u8; 8]).is_none()
             {
-                return Err(too_long());
+                return Err(interim_too_long());
             }
             let mut h = old;
             if old.backing_file_offset != 0 {
@@ -394,7 +401,7 @@ where
                 h.backing_file_offset = if (out.len as u64).saturating_add(len) <= sector {
                     let at = out.len as u64;
                     if !self.lay_out_old_name(&mut out)? {
-                        return Err(too_long());
+                        return Err(interim_too_long());
                     }
                     at
                 } else {
@@ -408,7 +415,7 @@ where
                         });
                     }
                     let mut name = [0u8; crate::format::MAX_BACKING_NAME_LEN];
-                    let name = name.get_mut(..len as usize).ok_or(too_long())?;
+                    let name = name.get_mut(..len as usize).ok_or(interim_too_long())?;
                     read_bytes(
                         self.dev,
                         bounce_of(self.bounce, 0),
@@ -422,10 +429,10 @@ where
                 };
             }
             let mut fixed = [0u8; V3_HEADER_LEN];
-            let n = h.emit(&mut fixed).ok_or(too_long())?;
+            let n = h.emit(&mut fixed).ok_or(interim_too_long())?;
             interim
                 .get_mut(header_len..header_len.saturating_add(n))
-                .ok_or(too_long())?
+                .ok_or(interim_too_long())?
                 .copy_from_slice(fixed.get(..n).unwrap_or(&[]));
             self.write_header(0, &interim)?;
         }
