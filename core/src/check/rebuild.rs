@@ -12,11 +12,12 @@ impl<A: Access> Checker<'_, A> {
             .saturating_mul(per_piece)
     }
 
-    /// Writes a new refcount table and blocks after the last used cluster, from counts taken without the old
-    /// refcount structure, makes them durable, then points the header at them.
+    /// Writes a new refcount table and blocks after the last used cluster (inside the file where it has room
+    /// there, else after its end), from counts taken without the old refcount structure, makes them durable,
+    /// then points the header at them.
     ///
-    /// `max_end` is one past the highest cluster any reference names: the new structure goes after it too,
-    /// so that a reference that points past the end of the file never lands on a new refcount block.
+    /// `max_end` is one past the highest cluster any reference names: the new structure goes after it, so
+    /// that it never lands on a cluster something references (one past the end of the file included).
     pub(super) fn rebuild(
         &mut self,
         scratch: &mut [u8],
@@ -24,22 +25,33 @@ impl<A: Access> Checker<'_, A> {
         max_end: u64,
     ) -> Result<(), Error<A::E>> {
         let g = self.image;
-        let start = g
-            .file_clusters
-            .saturating_add(u64::from(touched_end))
-            .max(max_end);
         let per_block = 1u64 << g.header.refcount_block_bits();
-        // Refcount blocks covering everything, themselves and the table included.
-        let (mut blocks, mut table) = (1u64, 1u64);
-        for _ in 0..64 {
-            let total = start.saturating_add(blocks).saturating_add(table);
-            let b = ceil_div(total, per_block);
-            let t = ceil_div(b.saturating_mul(8), g.header.cluster_size());
-            if (b, t) == (blocks, table) {
-                break;
+        // Refcount blocks covering everything up to `start` and the new structure itself.
+        let sizes = |start: u64| {
+            let (mut blocks, mut table) = (1u64, 1u64);
+            for _ in 0..64 {
+                let total = start.saturating_add(blocks).saturating_add(table);
+                let b = ceil_div(total, per_block);
+                let t = ceil_div(b.saturating_mul(8), g.header.cluster_size());
+                if (b, t) == (blocks, table) {
+                    break;
+                }
+                (blocks, table) = (b, t);
             }
-            (blocks, table) = (b, t);
-        }
+            (blocks, table)
+        };
+        // Where the file has room after its last used cluster (a firmware disk, which cannot grow, keeps
+        // some), the new structure goes there; else after the end of the file.
+        let (blocks, table) = sizes(max_end);
+        let fits = max_end.saturating_add(blocks).saturating_add(table) <= g.file_clusters;
+        let start = if fits {
+            max_end
+        } else {
+            g.file_clusters
+                .saturating_add(u64::from(touched_end))
+                .max(max_end)
+        };
+        let (blocks, table) = if fits { (blocks, table) } else { sizes(start) };
         if table.saturating_mul(g.header.cluster_size()) > crate::format::MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported {
                 what: "rebuilt refcount table would be larger than 8 MiB",
