@@ -12,10 +12,12 @@
 //! - `data`: guest writes (copy-on-write of partial clusters, allocation of writable L2 tables).
 //! - `zeroes`: zero clusters and subclusters, discard.
 //! - `compressed`: compressed cluster writes.
-//! - `bitmaps`: disowning persistent bitmaps before the first write.
+//! - `bitmaps`: persistent bitmaps kept up to date by writes (or disowned).
+//! - `bitmap_edit`: persistent bitmaps added, removed, cleared, enabled, disabled and merged.
 //! - `resize`: growing and shrinking the virtual disk.
 //! - `header`: the first cluster rewritten as QEMU lays it out (version, backing file, data file name).
 //! - `amend`: header options changed in place (lazy refcounts, version, backing and data file names).
+//! - `refcount_order`: another refcount width (the refcount structure rebuilt as QEMU rebuilds it).
 //! - `downgrade`: the downgrade to version 2 (zero clusters expanded).
 //! - `empty`: emptying an image after a commit.
 //! - `snapshots`: creating and deleting internal snapshots.
@@ -42,6 +44,8 @@ use crate::meta::{SliceCache, SliceKind, TableAccess, TableLayout};
 
 mod allocate;
 mod amend;
+#[cfg(feature = "bitmaps")]
+mod bitmap_edit;
 mod bitmaps;
 mod compressed;
 mod data;
@@ -51,18 +55,22 @@ mod guard;
 mod header;
 mod l2;
 mod open;
+mod refcount_order;
 mod refcounts;
 mod resize;
 mod snapshots;
 mod writeback;
 mod zeroes;
 
+#[cfg(feature = "bitmaps")]
+pub use bitmap_edit::*;
 pub use data::Reservation;
 pub use downgrade::{
     DOWNGRADE_DATA_FILE, DOWNGRADE_FEATURES, DOWNGRADE_REFCOUNT_BITS, DOWNGRADE_SNAPSHOTS,
     DOWNGRADE_ZSTD,
 };
 pub use header::{BackingFile, Cluster0Change};
+pub use refcount_order::{REFCOUNT_TOO_WIDE, REFCOUNT_WIDTH_NEEDS_V3};
 pub use snapshots::NewSnapshot;
 
 /// How many freed host clusters wait for their referencing entries to become durable before the engine
@@ -105,6 +113,13 @@ pub struct WriteState {
     filter: guard::MetadataFilter,
     /// Clusters whose refcount drops to 0 are discarded on the device (while a shrink frees them).
     discard_freed: bool,
+    /// Which of the first [`bitmaps::TRACKED_BITMAPS`] bitmap directory entries this writer marked in use
+    /// (bit `i` for entry `i`): their flag is cleared at a clean close.
+    #[cfg(feature = "bitmaps")]
+    bitmaps_held: u64,
+    /// Which of the held bitmaps guest writes mark (the enabled ones).
+    #[cfg(feature = "bitmaps")]
+    bitmaps_tracked: u64,
 }
 
 impl crate::engine::SnapshotView for WriteState {

@@ -1,7 +1,8 @@
 //! Arbitrary operation sequences on a small in-memory image (64 KiB virtual, 512-byte clusters, 16-bit
 //! refcounts): writes, zero writes (with and without unmap), discards, reads, flushes, reopens, resizes
 //! (512 bytes to 128 KiB), internal snapshots created, applied and deleted, the version changed both ways,
-//! backing file names written and removed, and the image emptied, with firmware-sized buffers
+//! backing file names written and removed, the image emptied, and persistent bitmaps added, removed,
+//! cleared, enabled, disabled and merged (and kept up to date by the writes), with firmware-sized buffers
 //! (a 512-byte bounce block, four 512-byte metadata slices). The image must read back exactly as a flat
 //! model of the disk (and each snapshot as the disk it was taken of), after every read and after a final
 //! close and reopen, and `check` must find no corruption and no leak.
@@ -66,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
         let len = (1 + usize::from(u16::from_le_bytes([op[3], op[4]])) % 8192)
             .min(size - off as usize) as u64;
         let (o, l) = (off as usize, len as usize);
-        match op[0] % 14 {
+        match op[0] % 16 {
             0 | 1 => {
                 img.write_at(off, &vec![op[5]; l]).expect("write");
                 model[o..o + l].fill(op[5]);
@@ -153,6 +154,35 @@ fuzz_target!(|data: &[u8]| {
             13 => {
                 img.make_empty().expect("make empty");
                 model.fill(0);
+            }
+            14 => {
+                let name = ["b0", "b1", "b2", "b3"][usize::from(op[1] % 4)];
+                let added = img.add_bitmap(&qcow2_core::write::NewBitmap {
+                    name,
+                    granularity_bits: 9 + op[2] % 8,
+                    enabled: op[5] & 1 != 0,
+                });
+                match added {
+                    // An existing name, a version 2 image.
+                    Ok(()) | Err(Error::Unsupported { .. }) => {}
+                    Err(e) => panic!("add a bitmap: {e}"),
+                }
+            }
+            15 => {
+                let name = ["b0", "b1", "b2", "b3"][usize::from(op[1] % 4)];
+                let other = ["b0", "b1", "b2", "b3"][usize::from(op[2] % 4)];
+                let done = match op[5] % 5 {
+                    0 => img.remove_bitmap(name),
+                    1 => img.clear_bitmap(name),
+                    2 => img.set_bitmap_enabled(name, true),
+                    3 => img.set_bitmap_enabled(name, false),
+                    _ => img.merge_bitmap(name, other),
+                };
+                match done {
+                    // No such bitmap (or one left in use by a change of disk size).
+                    Ok(()) | Err(Error::Unsupported { .. }) => {}
+                    Err(e) => panic!("change a bitmap: {e}"),
+                }
             }
             _ => {}
         }

@@ -182,6 +182,55 @@ pub trait VirtualDisk {
             "this format does not support temporarily loading internal snapshots",
         ))
     }
+
+    /// Calls `f` with each run of dirty guest bytes `(offset, length)` of the image's persistent bitmap
+    /// `name`, in order. Refused with QEMU's messages when there is no such bitmap ("Dirty bitmap 'NAME' not
+    /// found", also for formats without bitmaps) or it is inconsistent.
+    fn bitmap_dirty_runs(&mut self, name: &str, f: &mut DirtyRunSink<'_>) -> Result<(), DiskError> {
+        let _ = f;
+        Err(DiskError::new(format!("Dirty bitmap '{name}' not found")))
+    }
+}
+
+/// Receives the dirty runs of a persistent bitmap ([`VirtualDisk::bitmap_dirty_runs`]).
+pub type DirtyRunSink<'a> = dyn FnMut(u64, u64) -> Result<(), DiskError> + 'a;
+
+/// Feeds dirty runs to a sink (for [`BitmapChange::MergeRuns`]).
+pub type DirtyRunSource<'a> = dyn FnMut(&mut DirtyRunSink<'_>) -> Result<(), DiskError> + 'a;
+
+/// A change to a persistent bitmap, as `qemu-img bitmap` makes them.
+pub enum BitmapChange<'a> {
+    /// A new empty bitmap, enabled (`granularity`: bytes per bit, `None`: the default for the image).
+    Add {
+        /// Bytes per bit as given (QEMU keeps the low 32 bits), or `None` for the default.
+        granularity: Option<u64>,
+    },
+    /// The bitmap removed.
+    Remove,
+    /// Every bit cleared.
+    Clear,
+    /// Writes set its bits from now on.
+    Enable,
+    /// Writes no longer set its bits.
+    Disable,
+    /// The bits of another bitmap of the same image set in it.
+    Merge(&'a str),
+    /// The bits of the dirty runs that the source feeds set in it (a bitmap of another image).
+    MergeRuns(&'a mut DirtyRunSource<'a>),
+}
+
+impl fmt::Debug for BitmapChange<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BitmapChange::Add { granularity } => write!(f, "Add({granularity:?})"),
+            BitmapChange::Remove => f.write_str("Remove"),
+            BitmapChange::Clear => f.write_str("Clear"),
+            BitmapChange::Enable => f.write_str("Enable"),
+            BitmapChange::Disable => f.write_str("Disable"),
+            BitmapChange::Merge(source) => write!(f, "Merge({source})"),
+            BitmapChange::MergeRuns(_) => f.write_str("MergeRuns"),
+        }
+    }
 }
 
 /// One internal snapshot, as `qemu-img info` lists it.
@@ -447,6 +496,12 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// Changes the image's refcount width (qemu-img amend's `refcount_bits`: 1 to 64, a power of two).
+    fn set_refcount_bits(&mut self, bits: u64) -> Result<(), DiskError> {
+        let _ = bits;
+        Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
     /// Changes the image's format version (qemu-img amend's `compat`: 2 for 0.10, 3 for 1.1).
     fn set_compat(&mut self, version: u32) -> Result<(), DiskError> {
         let _ = version;
@@ -470,6 +525,23 @@ pub trait VirtualDiskWrite: VirtualDisk {
     /// Drops everything the image holds, so that it reads as its backing file (after a commit).
     fn make_empty(&mut self) -> Result<(), DiskError> {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
+    }
+
+    /// Changes the persistent bitmap `name` (errors in QEMU's words, without the "Operation ... failed: "
+    /// that `qemu-img bitmap` puts before them; `node` names the image in them).
+    fn bitmap_change(
+        &mut self,
+        name: &str,
+        node: &str,
+        change: BitmapChange<'_>,
+    ) -> Result<(), DiskError> {
+        match change {
+            BitmapChange::Add { .. } => Err(DiskError::with_kind(
+                ErrorKind::Unsupported,
+                format!("Can't store persistent bitmaps to {node}: Operation not supported"),
+            )),
+            _ => Err(DiskError::new(format!("Dirty bitmap '{name}' not found"))),
+        }
     }
 
     /// Makes every completed write durable.

@@ -25,6 +25,7 @@ use crate::disk::{
 };
 use crate::file::{FileDevice, OpenImageError, open_image_file};
 
+mod bitmaps;
 mod info;
 
 /// A qcow2 image with its chain, read through the engine.
@@ -249,6 +250,14 @@ impl Qcow2Disk {
 impl VirtualDisk for Qcow2Disk {
     fn virtual_size(&self) -> u64 {
         self.image.virtual_size()
+    }
+
+    fn bitmap_dirty_runs(
+        &mut self,
+        name: &str,
+        f: &mut crate::disk::DirtyRunSink<'_>,
+    ) -> Result<(), DiskError> {
+        self.dirty_runs(name, f)
     }
 
     fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<(), DiskError> {
@@ -529,11 +538,7 @@ impl VirtualDiskWrite for Qcow2Disk {
         if h.nb_snapshots != 0 && h.version < 3 {
             return Err(unsupported("Can't resize a v2 image which has snapshots"));
         }
-        if meta.bitmaps.is_some() {
-            return Err(unsupported(
-                "Resizing an image with persistent bitmaps is not supported",
-            ));
-        }
+        self.resizable_bitmaps()?;
         if h.external_data_file() {
             return Err(unsupported(
                 "Resizing an image with an external data file is not supported",
@@ -678,6 +683,35 @@ impl VirtualDiskWrite for Qcow2Disk {
     fn make_empty(&mut self) -> Result<(), DiskError> {
         self.check_writable()?;
         self.image.make_empty().map_err(engine_error)
+    }
+
+    fn set_refcount_bits(&mut self, bits: u64) -> Result<(), DiskError> {
+        self.check_writable()?;
+        // QEMU's largest refcount table (8 MiB) is the most the new one can need.
+        let mut table = vec![0u8; qcow2_core::format::MAX_REFTABLE_BYTES as usize];
+        let order = bits.trailing_zeros();
+        match self.image.change_refcount_order(order, &mut table) {
+            Err(Error::Unsupported { what, value })
+                if what == qcow2_core::write::REFCOUNT_TOO_WIDE =>
+            {
+                let cluster_bits = self.top_header().map_or(16, |h| h.cluster_bits);
+                let refcount = self.image.refcount(0, value >> cluster_bits).unwrap_or(0);
+                Err(DiskError::new(format!(
+                    "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {value:#x} \
+                     has a refcount of {refcount}"
+                )))
+            }
+            other => other.map_err(engine_error),
+        }
+    }
+
+    fn bitmap_change(
+        &mut self,
+        name: &str,
+        node: &str,
+        change: crate::disk::BitmapChange<'_>,
+    ) -> Result<(), DiskError> {
+        self.change_bitmap(name, node, change)
     }
 
     fn set_backing_file(&mut self, backing: Option<(&str, Option<&str>)>) -> Result<(), DiskError> {

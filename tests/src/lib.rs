@@ -21,7 +21,9 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod bitmaps;
 pub mod crash;
+pub mod crash_harness;
 pub mod damage;
 pub mod images;
 pub mod lying;

@@ -8,9 +8,9 @@ use std::ffi::OsString;
 use qcow2_tests::{Output, Scratch, assert_clean_error, qcow2, qemu_img, qemu_io};
 
 /// The commands the tool has that qemu-img has too (`io` is qemu-io's command line).
-const IMG_COMMANDS: [&str; 14] = [
-    "amend", "bench", "check", "commit", "compare", "convert", "create", "dd", "info", "map",
-    "measure", "rebase", "resize", "snapshot",
+const IMG_COMMANDS: [&str; 15] = [
+    "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info",
+    "map", "measure", "rebase", "resize", "snapshot",
 ];
 
 fn lines(text: &str) -> Vec<&str> {

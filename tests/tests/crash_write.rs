@@ -15,49 +15,17 @@ use std::rc::Rc;
 
 use qcow2_core::BlockDeviceWrite;
 use qcow2_core::create::{CreateOptions, Preallocation, create};
-use qcow2_core::engine::{FileRequest, Resolver};
 use qcow2_core::format::Header;
-use qcow2_core::{Buffers, Error, Image};
+use qcow2_core::{Error, Image};
 use qcow2_tests::crash::{
     Event, Log, SimDevice, SimError, Survivors, check_refcounts, crash_state,
 };
+use qcow2_tests::crash_harness::{
+    Backing, CELL, Img, Values, buffers, exactly, open_read_only, open_recorded, seeds, states_of,
+    verify, verify_sampled,
+};
 use qcow2_tests::ops::{Op, ops};
 use qcow2_tests::{Scratch, guest_view, qemu_img, qemu_img_ok, qemu_io_cmds};
-
-/// The model's unit: every operation the generator makes starts and ends on a multiple of it.
-const CELL: usize = 128;
-
-type Img = Image<SimDevice, Vec<u8>, qcow2_alloc::AllocDecompressor, 16, 8, qcow2_core::WriteState>;
-
-/// Supplies the (read-only) backing file.
-struct Backing(Option<Vec<u8>>, Log);
-
-impl Resolver<SimDevice> for Backing {
-    fn backing_file(&mut self, _r: FileRequest<'_>) -> Result<SimDevice, Error<SimError>> {
-        let data = self
-            .0
-            .clone()
-            .ok_or(Error::Unavailable { what: "no backing" })?;
-        Ok(SimDevice {
-            data,
-            id: 2,
-            log: self.1.clone(),
-            read_only: true,
-        })
-    }
-    fn data_file(&mut self, _r: FileRequest<'_>) -> Result<SimDevice, Error<SimError>> {
-        Err(Error::Unavailable {
-            what: "no data file",
-        })
-    }
-}
-
-fn buffers(small: bool) -> Buffers<Vec<u8>> {
-    Buffers {
-        bounce: vec![0u8; if small { 512 } else { 65536 }],
-        metadata: vec![0u8; if small { 8 * 512 } else { 8 * 4096 }],
-    }
-}
 
 struct Workload {
     name: &'static str,
@@ -78,19 +46,6 @@ struct Workload {
     /// Runs of whole clusters written as a parallel copy writes them ([`write_reserved`]), between plain
     /// writes, zeroing and discards ([`reserved_ops`]).
     reserved: bool,
-}
-
-/// A 256-bit set of byte values.
-#[derive(Clone, Copy, Default)]
-struct Values([u64; 4]);
-
-impl Values {
-    fn add(&mut self, v: u8) {
-        self.0[(v >> 6) as usize] |= 1 << (v & 63);
-    }
-    fn has(&self, v: u8) -> bool {
-        self.0[(v >> 6) as usize] & (1 << (v & 63)) != 0
-    }
 }
 
 /// Guest sectors after each operation, following QEMU's semantics.
@@ -346,63 +301,6 @@ fn run(w: &Workload, seeds: u64) -> usize {
 }
 
 /// Checks one crash state; returns the image as checked (repaired first when it was dirty).
-fn verify(state: &[u8], base: &Option<Vec<u8>>, allowed: &[Values], what: &str) -> Vec<u8> {
-    let log: Log = Rc::new(RefCell::new(Vec::new()));
-    let version = u32::from_be_bytes(state[4..8].try_into().unwrap());
-    let dirty = version >= 3 && u64::from_be_bytes(state[72..80].try_into().unwrap()) & 1 != 0;
-    let mut bytes = state.to_vec();
-    if dirty {
-        // Lazy refcounts: the writable open rebuilds the refcounts first.
-        let dev = SimDevice {
-            data: bytes.clone(),
-            id: 0,
-            log: log.clone(),
-            read_only: false,
-        };
-        let image: Img = Image::open_writable(
-            dev,
-            buffers(false),
-            qcow2_alloc::AllocDecompressor::default(),
-            &mut Backing(base.clone(), log.clone()),
-        )
-        .unwrap_or_else(|e| panic!("{what}: writable open of the dirty image: {e}"));
-        bytes = image.close().unwrap().data;
-    }
-    let report = check_refcounts(&bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        report.corruptions.is_empty(),
-        "{what}: {:?}",
-        report.corruptions
-    );
-    let mut image = open_read_only(&bytes, base).unwrap_or_else(|e| panic!("{what}: open: {e}"));
-    let mut sector = vec![0u8; 256 * CELL];
-    for chunk in 0..allowed.len().div_ceil(256) {
-        let n = (allowed.len() - chunk * 256).min(256);
-        let buf = &mut sector[..n * CELL];
-        image
-            .read_at((chunk * 256 * CELL) as u64, buf)
-            .unwrap_or_else(|e| panic!("{what}: read: {e}"));
-        for i in 0..n {
-            let s = &buf[i * CELL..(i + 1) * CELL];
-            let idx = chunk * 256 + i;
-            assert!(
-                s.iter().all(|&b| b == s[0]) && allowed[idx].has(s[0]),
-                "{what}: bytes at {:#x} read {:?}.. which is neither their old nor their new data",
-                idx * CELL,
-                &s[..8]
-            );
-        }
-    }
-    bytes
-}
-
-fn seeds() -> u64 {
-    std::env::var("QCOW2_CRASH_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4)
-}
-
 const fn wl(
     name: &'static str,
     opts: &'static str,
@@ -782,40 +680,6 @@ fn crash_lazy_refcounts() {
 
 /// Crash states of one recorded run of `f` on a device holding `initial`: every write and flush boundary,
 /// with none, all and `seeds` random subsets of the unflushed writes.
-fn states_of(initial: &[u8], f: impl FnOnce(SimDevice)) -> Vec<(Vec<u8>, String)> {
-    let log: Log = Rc::new(RefCell::new(Vec::new()));
-    f(SimDevice {
-        data: initial.to_vec(),
-        id: 0,
-        log: log.clone(),
-        read_only: false,
-    });
-    let events = log.borrow().clone();
-    let mut out = Vec::new();
-    for k in 0..=events.len() {
-        if k > 0
-            && !matches!(
-                events[k - 1],
-                Event::Write { dev: 0, .. } | Event::Flush { dev: 0 }
-            )
-        {
-            continue;
-        }
-        let mut kinds = vec![Survivors::None, Survivors::All];
-        for r in 0..seeds() {
-            kinds.push(Survivors::Random((k as u64) << 8 | r));
-        }
-        for s in kinds {
-            let (state, tail) = crash_state(initial, &events, 0, k, &s);
-            if tail == 0 && !matches!(s, Survivors::None) {
-                continue;
-            }
-            out.push((state, format!("crash after event {k} ({s:?})")));
-        }
-    }
-    out
-}
-
 /// Power loss while `create` formats a device: the device either does not open as qcow2 (a clean error) or
 /// opens as a consistent, all-zero image; once `create` has returned and flushed, it always opens.
 #[test]
@@ -951,54 +815,6 @@ fn crash_during_refcount_rebuild() {
 
 /// Opens the image on the recording device `dev` for writing (its backing file, if any, from `base`, on
 /// the same log).
-fn open_recorded(dev: SimDevice, base: Option<Vec<u8>>) -> Img {
-    let log = dev.log.clone();
-    Image::open_writable(
-        dev,
-        buffers(false),
-        qcow2_alloc::AllocDecompressor::default(),
-        &mut Backing(base, log),
-    )
-    .unwrap()
-}
-
-/// One allowed value per cell: the one `content` holds (each cell of it uniform).
-fn exactly(content: &[u8]) -> Vec<Values> {
-    content
-        .chunks(CELL)
-        .map(|cell| {
-            assert!(cell.iter().all(|&b| b == cell[0]), "cells must be uniform");
-            let mut v = Values::default();
-            v.add(cell[0]);
-            v
-        })
-        .collect()
-}
-
-/// Checks one crash state ([`verify`]) and, with `sample`, runs `qemu-img check` on what was checked too,
-/// which must find no corruption (leaks allowed).
-fn verify_sampled(
-    s: &Scratch,
-    state: &[u8],
-    base: &Option<Vec<u8>>,
-    allowed: &[Values],
-    what: &str,
-    sample: bool,
-) -> Vec<u8> {
-    let checked = verify(state, base, allowed, what);
-    if sample {
-        let path = s.path("state.qcow2");
-        std::fs::write(&path, &checked).unwrap();
-        let out = qemu_img(["check".as_ref(), path.as_os_str()]);
-        assert!(
-            matches!(out.code, Some(0) | Some(3)),
-            "{what}: qemu-img check reports corruption:\n{}",
-            out.describe()
-        );
-    }
-    checked
-}
-
 /// Power loss during resize: grow with L1 growth across clusters (plain, lazy refcounts, over a longer backing
 /// file whose data must not show through), shrink that drops data, L2 tables and refcount blocks (with
 /// compressed clusters, and with an internal snapshot that shares L2 tables). Every crash state opens, has
@@ -1441,22 +1257,6 @@ fn crash_header_rewrite() {
 }
 
 /// `bytes` opened read-only (with `base` as its backing file).
-fn open_read_only(bytes: &[u8], base: &Option<Vec<u8>>) -> Result<Img, Error<SimError>> {
-    let log: Log = Rc::new(RefCell::new(Vec::new()));
-    let dev = SimDevice {
-        data: bytes.to_vec(),
-        id: 0,
-        log: log.clone(),
-        read_only: true,
-    };
-    Image::open(
-        dev,
-        buffers(false),
-        qcow2_alloc::AllocDecompressor::default(),
-        &mut Backing(base.clone(), log),
-    )
-}
-
 /// What the first internal snapshot of `state` holds, read through the engine.
 fn first_snapshot(state: &[u8], base: &Option<Vec<u8>>, len: usize) -> Vec<u8> {
     let mut image = open_read_only(state, base).unwrap();

@@ -49,7 +49,11 @@ where
     /// Read its entries with [`Image::read_bitmap_entry`].
     pub fn bitmap_directory(&self, depth: usize) -> Option<DirectoryWalk> {
         let meta = self.layers.get(depth)?.meta?;
-        let ext = meta.bitmaps?;
+        let ext = meta.bitmaps.filter(|_| {
+            meta.header
+                .autoclear_features
+                .contains(AutoclearFeatures::BITMAPS)
+        })?;
         Some(DirectoryWalk::new(
             &ext,
             meta.header.cluster_size(),
@@ -191,7 +195,11 @@ where
     }
 
     /// Whether the string `name` of the opened image is `key` (compared a few bytes at a time).
-    fn stored_name_is(&mut self, name: StoredName, key: &[u8]) -> Result<bool, Error<D::Error>> {
+    pub(crate) fn stored_name_is(
+        &mut self,
+        name: StoredName,
+        key: &[u8],
+    ) -> Result<bool, Error<D::Error>> {
         if name.len as usize != key.len() {
             return Ok(false);
         }

@@ -5,6 +5,7 @@
 //! [`crate::meta::TableAccess`] and its [`crate::meta::SliceCache`]) -> one device read per run
 //! ([`crate::io::read_bytes`]) into the caller's buffer.
 
+mod bitmaps;
 mod introspect;
 mod map;
 mod open;
@@ -159,6 +160,7 @@ pub struct SnapshotEntry {
 }
 
 pub use crate::format::bitmap::BitmapsExtension;
+pub use bitmaps::BitmapRef;
 
 /// Everything the engine knows about one qcow2 image of the chain after opening it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,6 +34,8 @@ pub enum SliceKind {
     L2,
     /// A piece of a refcount block.
     Refcount,
+    /// A piece of a persistent bitmap's table or data (written back after the refcounts).
+    Bitmap,
 }
 
 const EMPTY: Tag = Tag {

@@ -106,7 +106,7 @@ where
             &mut new,
             &Cluster0Change {
                 backing: Some(backing),
-                data_file: None,
+                ..Cluster0Change::default()
             },
         )?;
         self.reload_meta()
@@ -157,8 +157,8 @@ where
         m.rewrite_cluster0(
             &mut new,
             &Cluster0Change {
-                backing: None,
                 data_file: name,
+                ..Cluster0Change::default()
             },
         )?;
         self.reload_meta()

@@ -42,6 +42,7 @@ where
             });
         }
         self.begin_write()?;
+        self.meta()?.mark_bitmaps(offset, g.tables.cluster_size)?;
         let l2 = self.writable_l2(offset)?;
         let mut m = self.meta()?;
         m.make_room(3)?;

@@ -430,6 +430,7 @@ where
     pub fn preallocate_metadata(&mut self, offset: u64, len: u64) -> Result<(), Error<D::Error>> {
         self.check_range(offset, len)?;
         self.begin_write()?;
+        self.meta()?.mark_bitmaps(offset, len)?;
         let cs = self.geometry()?.tables.cluster_size;
         let end = offset.saturating_add(len).div_ceil(cs).saturating_mul(cs);
         let mut gc = offset & !cs.wrapping_sub(1);

@@ -51,6 +51,8 @@ where
             });
         }
         self.begin_write()?;
+        // Version 2 has no autoclear bits to tell a stale bitmap by: the bitmaps go.
+        self.meta()?.disown_bitmaps()?;
         self.finish()?;
         let mut m = self.meta()?;
         m.w.lazy = false;

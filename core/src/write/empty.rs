@@ -27,6 +27,9 @@ where
         let h = *self.meta()?.header;
         let bitmaps = h.autoclear_features.contains(AutoclearFeatures::BITMAPS);
         self.begin_write()?;
+        // Every guest byte may change: every bit of the bitmaps is set first.
+        let size = self.virtual_size();
+        self.meta()?.mark_bitmaps(0, size)?;
         self.finish()?;
         let mut m = self.meta()?;
         let g = m.g;
@@ -44,7 +47,6 @@ where
         if !fresh {
             // Freed clusters are discarded on the device, as QEMU passes these discards down.
             m.w.discard_freed = true;
-            let size = self.virtual_size();
             let dropped = self.drop_clusters(0, ceil_div(size, cs).saturating_mul(cs));
             let mut m = self.meta()?;
             let freed = dropped.and_then(|()| m.commit_frees());

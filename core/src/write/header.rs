@@ -38,6 +38,8 @@ pub struct Cluster0Change<'a> {
     pub backing: Option<Option<BackingFile<'a>>>,
     /// The external data file name (`Some(None)`: no name stored).
     pub data_file: Option<Option<&'a str>>,
+    /// The bitmaps extension (`Some(None)`: none; the header's autoclear bit must agree).
+    pub bitmaps: Option<Option<BitmapsExtension>>,
 }
 
 /// Bytes of the first cluster being laid out in a buffer that starts zeroed.
@@ -306,10 +308,15 @@ where
                 at = end;
             }
         }
-        if new.autoclear_features.contains(AutoclearFeatures::BITMAPS)
-            && !self.copy_extensions(out, Keep::Magic(extension::BITMAPS))?
-        {
-            return Ok(false);
+        if new.autoclear_features.contains(AutoclearFeatures::BITMAPS) {
+            let fits = match change.bitmaps {
+                None => self.copy_extensions(out, Keep::Magic(extension::BITMAPS))?,
+                Some(Some(b)) => out.extension_with(extension::BITMAPS, &b.emit()).is_some(),
+                Some(None) => true,
+            };
+            if !fits {
+                return Ok(false);
+            }
         }
         if !self.copy_extensions(out, Keep::Unknown)? || out.put(&[0u8; 8]).is_none() {
             return Ok(false);

@@ -85,8 +85,8 @@ where
     /// A dirty image (lazy refcounts after a crash) has its refcounts rebuilt before this returns (feature
     /// `dirty-repair`, on by default); without that feature it is refused with [`Error::NeedsRepair`] and
     /// left as it is: [`crate::check::repair`] it (mode `All`), then open it again. Before the first write,
-    /// unknown autoclear bits are cleared, and so is the bitmaps bit: the engine does not update dirty
-    /// bitmaps, so it disowns them (frees their clusters) rather than leave them stale.
+    /// unknown autoclear bits are cleared and enabled persistent bitmaps are marked in use; writes set their
+    /// bits, and [`Image::close`] marks them consistent again (see `write::bitmaps`).
     ///
     /// Writes keep QEMU's crash-safety rules (see [`crate::write`]): after a power loss
     /// the image may leak clusters but never loses flushed data or references a cluster whose refcount is too
@@ -177,9 +177,15 @@ where
         if len != 0 {
             self.guard_guest_range(offset, len)?;
         }
-        if self.w.started {
-            return Ok(());
+        if !self.w.started {
+            self.start_writing()?;
         }
+        self.meta()?.mark_bitmaps(offset, len)
+    }
+
+    /// Prepares the header for the first write: unknown autoclear bits cleared, the bitmaps kept up to date
+    /// from now on (or disowned when their directory is not valid), the dirty bit set for lazy refcounts.
+    fn start_writing(&mut self) -> Result<(), Error<D::Error>> {
         let bitmaps = self.layers.first().and_then(|l| l.meta).and_then(|m| {
             m.header
                 .autoclear_features
@@ -189,14 +195,20 @@ where
         });
         let mut m = self.meta()?;
         if m.header.version >= 3 {
-            let keep = m.header.autoclear_features & AutoclearFeatures::DATA_FILE_RAW;
+            let mut known = AutoclearFeatures::DATA_FILE_RAW;
+            if bitmaps.is_some() {
+                known |= AutoclearFeatures::BITMAPS;
+            }
+            let keep = m.header.autoclear_features & known;
             let raw = m.header.autoclear_features.bits();
             if raw != keep.bits() {
                 m.write_header(field::AUTOCLEAR_FEATURES, &keep.bits().to_be_bytes())?;
                 m.header.autoclear_features = keep;
             }
-            if let Some(b) = bitmaps {
-                m.drop_bitmaps(b)?;
+            if let Some(b) = bitmaps
+                && !m.start_bitmaps(b)?
+            {
+                m.disown_bitmaps()?;
             }
             if m.w.lazy && !m.w.dirty_bit {
                 let bits = m.header.incompatible_features | IncompatibleFeatures::DIRTY;
@@ -244,6 +256,9 @@ where
         if self.w.writable {
             self.flush()?;
             let mut m = self.meta()?;
+            m.end_bitmaps()?;
+            // A later write prepares the header (and the bitmaps) again.
+            m.w.started = false;
             if m.w.dirty_bit {
                 let bits = m.header.incompatible_features & !IncompatibleFeatures::DIRTY;
                 m.write_header(field::INCOMPATIBLE_FEATURES, &bits.bits().to_be_bytes())?;

@@ -27,9 +27,12 @@ where
     /// Grows or shrinks the virtual disk to `new_size` bytes, a multiple of 512. Shrinking drops every byte
     /// past the new end (callers ask first, as qemu-img's `--shrink` does).
     ///
+    /// Persistent bitmaps are resized as QEMU resizes them (feature `bitmaps`; without it an image with
+    /// bitmaps is refused).
+    ///
     /// Refused (with nothing changed) where QEMU refuses, or where this engine does not yet resize:
-    /// version 2 images with internal snapshots, images with persistent bitmaps or an external data file,
-    /// and sizes whose L1 table would pass 32 MiB.
+    /// version 2 images with internal snapshots, images with an inconsistent bitmap or an external data
+    /// file, and sizes whose L1 table would pass 32 MiB.
     pub fn resize(&mut self, new_size: u64) -> Result<(), Error<D::Error>> {
         if !new_size.is_multiple_of(512) {
             return Err(Error::Unsupported {
@@ -47,7 +50,8 @@ where
                 value: header.nb_snapshots.into(),
             });
         }
-        if bitmaps.is_some()
+        if cfg!(not(feature = "bitmaps"))
+            && bitmaps.is_some()
             && header
                 .autoclear_features
                 .contains(AutoclearFeatures::BITMAPS)
@@ -73,14 +77,26 @@ where
             })?;
         self.begin_write()?;
         let old_size = self.virtual_size();
-        if new_size < old_size {
+        #[cfg(feature = "bitmaps")]
+        self.resize_bitmaps(old_size, new_size, false)?;
+        let resized = if new_size < old_size {
             self.w.discard_freed = true;
             let shrunk = self.shrink(old_size, new_size, l1_needed);
             self.w.discard_freed = false;
             shrunk
         } else {
             self.grow(old_size, new_size, l1_needed)
+        };
+        #[cfg(feature = "bitmaps")]
+        if resized.is_err() {
+            // The disk may have its new size already: the bitmaps stay in use (untrusted).
+            self.w.bitmaps_held = 0;
+            self.w.bitmaps_tracked = 0;
         }
+        resized?;
+        #[cfg(feature = "bitmaps")]
+        self.resize_bitmaps(old_size, new_size, true)?;
+        self.end_write()
     }
 
     pub(super) fn set_virtual_size(&mut self, size: u64) -> Result<(), Error<D::Error>> {

@@ -183,6 +183,13 @@ where
                 what: "the snapshot's disk size",
                 value: size,
             })?;
+        // The guest view changes wholesale: every bit of the bitmaps is set, or, when the disk size changes
+        // (which a bitmap's table cannot follow in place), the bitmaps are disowned.
+        if size == current {
+            m.mark_bitmaps(0, current)?;
+        } else {
+            m.disown_bitmaps()?;
+        }
         m.around_dirty_bit(|m| m.apply(&s, current, size, needed))?;
         self.set_virtual_size(size)?;
         self.end_write()
@@ -413,7 +420,7 @@ where
 
     /// Lowers the refcount of every cluster overlapping host bytes `[host, host + len)` (a table no longer
     /// named anywhere).
-    fn free_range(&mut self, host: u64, len: u64) -> Result<(), Error<D::Error>> {
+    pub(super) fn free_range(&mut self, host: u64, len: u64) -> Result<(), Error<D::Error>> {
         let bits = self.g.cluster_bits;
         let first = host >> bits;
         let last = host.saturating_add(len).saturating_sub(1) >> bits;

@@ -40,9 +40,11 @@ where
         Ok(())
     }
 
-    /// Writes every dirty slice back in crash-safe order (refcounts, flush, L2 tables).
+    /// Writes every dirty slice back in crash-safe order (refcounts, flush, L2 tables and bitmaps).
     pub(super) fn writeback_all(&mut self) -> Result<(), Error<D::Error>> {
-        if self.cache.dirty_slice(Some(SliceKind::L2)).is_some() {
+        if self.cache.dirty_slice(Some(SliceKind::L2)).is_some()
+            || self.cache.dirty_slice(Some(SliceKind::Bitmap)).is_some()
+        {
             if !self.w.lazy {
                 self.writeback(SliceKind::Refcount)?;
             }
@@ -50,6 +52,7 @@ where
                 self.flush_dev()?;
             }
             self.writeback(SliceKind::L2)?;
+            self.writeback(SliceKind::Bitmap)?;
         }
         self.writeback(SliceKind::Refcount)
     }

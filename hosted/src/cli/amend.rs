@@ -167,11 +167,18 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
             get("refcount_bits")
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|&b| b != refcount_bits)
-                .map(|b| {
+                .and_then(|b| {
                     if b == 0 || b > 64 || !b.is_power_of_two() {
-                        fail("Refcount width must be a power of two and may not exceed 64 bits")
+                        Some(fail(
+                            "Refcount width must be a power of two and may not exceed 64 bits",
+                        ))
+                    } else if new_version < 3 && b != 16 {
+                        Some(fail(
+                            "Refcount widths other than 16 bits require compatibility level 1.1 or \
+                             above (use compat=1.1 or greater)",
+                        ))
                     } else {
-                        refuse(&format!("refcount_bits (to {b})"))
+                        None
                     }
                 })
         })
@@ -207,10 +214,16 @@ pub(super) fn cmd_amend(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i
             return Err(fail("Parameter 'data_file_raw' expects 'on' or 'off'"));
         }
     };
-    // QEMU's order: the upgrade, the data file, lazy refcounts, the size, the downgrade.
+    // QEMU's order: the upgrade, the refcount width, the data file, lazy refcounts, the size, the downgrade.
     let mut done = Ok(());
     if new_version > version {
         done = opened.disk.set_compat(new_version);
+    }
+    let new_refcount_bits = get("refcount_bits")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&b| b != refcount_bits);
+    if let (Ok(()), Some(bits)) = (&done, new_refcount_bits) {
+        done = opened.disk.set_refcount_bits(bits);
     }
     if done.is_ok() && (get("data_file").is_some() || data_file_raw.is_some()) {
         let name = get("data_file").map(|n| (!n.is_empty()).then_some(n));

@@ -15,9 +15,13 @@ pub fn version() -> String {
 }
 
 /// The commands `qcow2 --help` lists, with their one-line descriptions (qemu-img's where it has the command).
-pub const COMMANDS: [(&str, &str); 15] = [
+pub const COMMANDS: [(&str, &str); 16] = [
     ("amend", "Update format-specific options of the image"),
     ("bench", "Run simple image benchmark"),
+    (
+        "bitmap",
+        "Perform modifications of the persistent bitmap in the image",
+    ),
     ("check", "Check basic image integrity"),
     ("commit", "Commit image to its backing file"),
     ("compare", "Check if two images have the same contents"),
@@ -350,6 +354,39 @@ pub fn command_help(cmd: &str) -> Option<String> {
      refcount_bits as the image has it
   FILENAME
      image file name
+",
+        ),
+        "bitmap" => command(
+            description,
+            "  qcow2 bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...
+        [-f FMT | --image-opts] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g SIZE] [--object OBJDEF]
+        FILENAME BITMAP
+",
+            "  -f FMT
+     the format of FILENAME (qcow2; probed when not given)
+  --image-opts
+     FILENAME is an option string: [driver=qcow2|raw,]file.filename=PATH[,file.driver=file]
+  --add
+     adds BITMAP, empty and enabled (writes set its bits)
+   -g, --granularity SIZE
+     guest bytes one bit of the new bitmap covers: a power of 2 from 512 bytes (default: the
+     cluster size, from 4 KiB to 64 KiB)
+  --remove
+     removes BITMAP
+  --clear
+     clears every bit of BITMAP
+  --enable, --disable
+     starts or stops setting BITMAP's bits on writes
+  --merge SOURCE
+     sets in BITMAP every bit that is set in bitmap SOURCE
+   -b, --source-file SOURCE_FILE
+     takes SOURCE from this image instead of FILENAME
+   -F, --source-format SOURCE_FMT
+     the format of SOURCE_FILE (probed when not given)
+  FILENAME
+     image file name
+  BITMAP
+     bitmap name
 ",
         ),
         "snapshot" => command(

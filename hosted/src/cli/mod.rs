@@ -1,11 +1,12 @@
 //! The `qcow2` command-line tool: argument parsing, and qemu-img's and qemu-io's text, JSON and exit codes,
-//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`, `snapshot`, `amend`, `bench`,
-//! `io`) plus their shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only
+//! one module a command (`info`, `map`, `check`, `convert`, `compare`, `create`, `dd`, `measure`, `resize`,
+//! `snapshot`, `amend`, `bitmap`, `rebase`, `commit`, `bench`, `io`) plus their shared output helpers (`json`, `size`, `progress`, `help`). It uses the library only
 //! through its public API: [`crate::open`], [`crate::disk`], [`crate::cache`], [`crate::qcow2_disk`],
 //! [`crate::shared`].
 
 mod amend;
 pub mod bench;
+mod bitmap;
 pub mod check;
 mod commit;
 pub mod compare;
@@ -140,6 +141,21 @@ fn os_to_string(v: OsString) -> Result<String, Fail> {
 
 fn value(cmd: &str, p: &mut lexopt::Parser) -> Result<String, Fail> {
     os_to_string(p.value().map_err(|e| opt_error(cmd, e))?)
+}
+
+/// A qemu-img `cvtnum` argument of `what` ("buffer size for sparse output", "granularity"): a size with an
+/// optional suffix, 0 to `i64::MAX`.
+fn cvtnum(what: &str, v: &str) -> Result<u64, Fail> {
+    match size::parse_size(v) {
+        Ok(n) => Ok(n),
+        Err(size::SizeError::Invalid) if !v.trim_start().starts_with('-') => {
+            Err(fail(format!("Invalid {what} specified: '{v}'.")))
+        }
+        Err(_) => Err(fail(format!(
+            "Invalid {what} specified. Must be between 0 and {}.",
+            i64::MAX
+        ))),
+    }
 }
 
 fn parse_output(v: &str) -> Result<OutputFormat, Fail> {
@@ -703,6 +719,7 @@ pub fn run(args: Vec<OsString>, out: &mut dyn Write, err: &mut dyn Write) -> i32
             Some("commit") => commit::cmd_commit(&mut p, out),
             Some("resize") => resize::cmd_resize(&mut p, out, err),
             Some("amend") => amend::cmd_amend(&mut p, out),
+            Some("bitmap") => bitmap::cmd_bitmap(&mut p, err, out),
             Some("snapshot") => snapshot::cmd_snapshot(&mut p, out, err),
             Some("bench") => cmd_bench(&mut p, out),
             Some(other) => Err(fail(format!("Command not found: {other}"))),

@@ -51,7 +51,7 @@ pub const VERIFY_EXACT_SCANS: u32 = 64;
 /// Bytes of a table read at once when scanning into a stack buffer (the part of the bounce buffer past its
 /// first block is used instead when it is at least [`BIG_CHUNK`] bytes: heap-backed images scan in large
 /// reads, firmware keeps its stack small).
-const SCAN_CHUNK: usize = 128;
+pub(in crate::write) const SCAN_CHUNK: usize = 128;
 /// Smallest spare bounce buffer worth scanning with.
 const BIG_CHUNK: usize = 512;
 
@@ -304,11 +304,20 @@ where
         Ok(())
     }
 
-    /// Whether host cluster `host` may be freed: it lies in no metadata structure (exact check).
-    pub(super) fn is_metadata(&mut self, host: u64) -> Result<bool, Error<D::Error>> {
-        Ok(self
-            .structure_at(host & !self.g.tables.cluster_size.wrapping_sub(1), true)?
-            .is_some())
+    /// Whether host cluster `host` lies in a structure the image's tables place or name (exact), without
+    /// counting the cache: a cluster whose slices the engine has cached as bitmap data is not metadata.
+    pub(in crate::write) fn holds_named_metadata(
+        &mut self,
+        host: u64,
+    ) -> Result<bool, Error<D::Error>> {
+        let c = host & !self.g.tables.cluster_size.wrapping_sub(1);
+        if self.fixed_structure_at(c).is_some() {
+            return Ok(true);
+        }
+        if !self.w.filter.may_contain(c >> self.g.cluster_bits) {
+            return Ok(false);
+        }
+        Ok(self.names_of(c)?.first().is_some())
     }
 
     /// Records host cluster `host` as a table the engine has just allocated.
@@ -318,7 +327,7 @@ where
 
     /// Reads the next chunk of the 8-byte table at `table` from entry `from` (at most `chunk.len() / 8`
     /// entries, fewer at the end); returns how many entries were read.
-    fn read_table_chunk(
+    pub(in crate::write) fn read_table_chunk(
         &mut self,
         table: u64,
         from: u64,

@@ -6,27 +6,11 @@ use std::io::Write;
 use lexopt::Arg;
 
 use super::*;
-use crate::cli::size;
 use crate::cli::{
-    Fail, PROG, bench_int, fail, no_value, open_error, opt_error, os_to_string, print_help,
+    Fail, PROG, bench_int, cvtnum, fail, no_value, open_error, opt_error, os_to_string, print_help,
     resolve_image, unknown_option, value,
 };
 use crate::{cache, disk, open};
-
-/// A qemu-img `cvtnum` argument of `what` ("buffer size for sparse output", "rate limit"): a size with an
-/// optional suffix, 0 to `i64::MAX`.
-fn cvtnum(what: &str, v: &str) -> Result<u64, Fail> {
-    match size::parse_size(v) {
-        Ok(n) => Ok(n),
-        Err(size::SizeError::Invalid) if !v.trim_start().starts_with('-') => {
-            Err(fail(format!("Invalid {what} specified: '{v}'.")))
-        }
-        Err(_) => Err(fail(format!(
-            "Invalid {what} specified. Must be between 0 and {}.",
-            i64::MAX
-        ))),
-    }
-}
 
 pub(in crate::cli) fn cmd_convert(
     p: &mut lexopt::Parser,
