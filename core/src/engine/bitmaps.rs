@@ -137,7 +137,7 @@ where
                 .and_then(|s| s.get(..RUN_CHUNK.min(s.len())))
                 .unwrap_or(&[]);
             if let Some(dst) = chunk.get_mut(..part.len()) {
-                dst.copy_from_slice(part);
+                let _ = crate::io::copy_exact(dst, part);
             }
             while bit < chunk_end {
                 let k = bit.saturating_sub(chunk_base);

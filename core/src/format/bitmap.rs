@@ -112,12 +112,12 @@ impl BitmapsExtension {
     /// The extension's data as stored.
     pub fn emit(&self) -> [u8; 24] {
         let mut out = [0u8; 24];
-        let (count, rest) = out.split_at_mut(4);
-        let (_reserved, rest) = rest.split_at_mut(4);
-        let (size, offset) = rest.split_at_mut(8);
-        count.copy_from_slice(&self.nb_bitmaps.to_be_bytes());
-        size.copy_from_slice(&self.directory_size.to_be_bytes());
-        offset.copy_from_slice(&self.directory_offset.to_be_bytes());
+        let (count, rest) = out.split_at_mut_checked(4).unwrap_or_default();
+        let (_reserved, rest) = rest.split_at_mut_checked(4).unwrap_or_default();
+        let (size, offset) = rest.split_at_mut_checked(8).unwrap_or_default();
+        let _ = super::copy_exact(count, &self.nb_bitmaps.to_be_bytes());
+        let _ = super::copy_exact(size, &self.directory_size.to_be_bytes());
+        let _ = super::copy_exact(offset, &self.directory_offset.to_be_bytes());
         out
     }
 }

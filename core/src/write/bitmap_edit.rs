@@ -160,16 +160,16 @@ where
         }
         let mut fixed = [0u8; DIR_ENTRY_LEN];
         {
-            let (offset, rest) = fixed.split_at_mut(8);
-            offset.copy_from_slice(&table.to_be_bytes());
-            let (size, rest) = rest.split_at_mut(4);
-            size.copy_from_slice(&(table_size as u32).to_be_bytes());
-            let (f, rest) = rest.split_at_mut(4);
-            f.copy_from_slice(&flags.to_be_bytes());
-            let (kind, rest) = rest.split_at_mut(2);
-            kind.copy_from_slice(&[TYPE_DIRTY_TRACKING, b.granularity_bits]);
-            let (n, _extra) = rest.split_at_mut(2);
-            n.copy_from_slice(&(b.name.len() as u16).to_be_bytes());
+            let (offset, rest) = fixed.split_at_mut_checked(8).unwrap_or_default();
+            let _ = copy_exact(offset, &table.to_be_bytes());
+            let (size, rest) = rest.split_at_mut_checked(4).unwrap_or_default();
+            let _ = copy_exact(size, &(table_size as u32).to_be_bytes());
+            let (f, rest) = rest.split_at_mut_checked(4).unwrap_or_default();
+            let _ = copy_exact(f, &flags.to_be_bytes());
+            let (kind, rest) = rest.split_at_mut_checked(2).unwrap_or_default();
+            let _ = copy_exact(kind, &[TYPE_DIRTY_TRACKING, b.granularity_bits]);
+            let (n, _extra) = rest.split_at_mut_checked(2).unwrap_or_default();
+            let _ = copy_exact(n, &(b.name.len() as u16).to_be_bytes());
         }
         let at = dir.saturating_add(old_size);
         m.write_dev(at, &fixed)?;

@@ -166,7 +166,7 @@ where
                     let host = m.alloc_table_clusters(1)?;
                     m.note_table(host);
                     if let Some(slot) = table.get_mut(at..at.saturating_add(8)) {
-                        slot.copy_from_slice(&host.to_be_bytes());
+                        let _ = copy_exact(slot, &host.to_be_bytes());
                     }
                     allocated = true;
                 }
