@@ -527,6 +527,12 @@ pub trait VirtualDiskWrite: VirtualDisk {
         Err(DiskError::with_kind(ErrorKind::Unsupported, ENOTSUP))
     }
 
+    /// The image's format as QEMU names it ("qcow2", "raw") and whether it can hold persistent bitmaps
+    /// (qcow2 version 3).
+    fn bitmap_support(&self) -> (&'static str, bool) {
+        ("raw", false)
+    }
+
     /// Changes the persistent bitmap `name` (errors in QEMU's words, without the "Operation ... failed: "
     /// that `qemu-img bitmap` puts before them; `node` names the image in them).
     fn bitmap_change(

@@ -705,6 +705,10 @@ impl VirtualDiskWrite for Qcow2Disk {
         }
     }
 
+    fn bitmap_support(&self) -> (&'static str, bool) {
+        ("qcow2", self.top_header().is_some_and(|h| h.version >= 3))
+    }
+
     fn bitmap_change(
         &mut self,
         name: &str,

@@ -171,8 +171,8 @@ pub fn command_help(cmd: &str) -> Option<String> {
             description,
             "  qcow2 convert [-f SRC_FMT] [-l SNAPSHOT_PARAMS] [-T SRC_CACHE] [-O TGT_FMT] [-o TGT_OPTS]
         [-t TGT_CACHE] [-n [--target-image-opts]] [--target-is-zero] [-B BACKING_FILENAME [-F BACKING_FMT]] [-c]
-        [-S SPARSE_SIZE] [-m NUM] [-W] [-C] [-r RATE] [--salvage] [-p] [-q] [-U]
-        SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME
+        [-S SPARSE_SIZE] [-m NUM] [-W] [-C] [-r RATE] [--salvage] [--bitmaps [--skip-broken-bitmaps]]
+        [-p] [-q] [-U] SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME
 ",
             "  -q, --quiet
      print nothing but errors
@@ -218,6 +218,10 @@ pub fn command_help(cmd: &str) -> Option<String> {
      copy data as it is, without looking for zeros in it
   --salvage
      go on past unreadable sectors, which are written as zeros, with a warning for each
+  --bitmaps
+     copy the source's persistent bitmaps into the target (qcow2 version 3) after the data
+  --skip-broken-bitmaps
+     with --bitmaps, leave out inconsistent bitmaps (with a warning) instead of refusing
   -W, --oob-writes
      accepted (writes stay in guest order)
   SRC_FILENAME

@@ -22,6 +22,7 @@ pub(in crate::cli) fn cmd_convert(
         (Vec::new(), None, None, None::<String>);
     let (mut no_create, mut target_is_zero, mut explicit_sparse) = (false, false, false);
     let (mut image_opts, mut target_image_opts) = (false, false);
+    let (mut bitmaps, mut skip_broken) = (false, false);
     let mut copy = CopyOptions::default();
     // qemu-img convert's default for the target: `unsafe` (nothing is made durable; the image is consistent
     // once the tool has exited, unless the host goes down).
@@ -47,6 +48,8 @@ pub(in crate::cli) fn cmd_convert(
             Arg::Short('n') => no_create = true,
             Arg::Long("target-is-zero") => target_is_zero = true,
             Arg::Long("salvage") => copy.salvage = true,
+            Arg::Long("bitmaps") => bitmaps = true,
+            Arg::Long("skip-broken-bitmaps") => skip_broken = true,
             Arg::Short('W') | Arg::Long("oob-writes") => {}
             Arg::Short('S') | Arg::Long("sparse-size") => {
                 let v = value("convert", p)?;
@@ -108,6 +111,9 @@ pub(in crate::cli) fn cmd_convert(
     if target_is_zero && !no_create {
         return Err(fail("--target-is-zero requires use of -n flag"));
     }
+    if skip_broken && !bitmaps {
+        return Err(fail("Use of --skip-broken-bitmaps requires --bitmaps"));
+    }
     if files.len() < 2 {
         return Err(fail("Must specify image file name"));
     }
@@ -125,6 +131,14 @@ pub(in crate::cli) fn cmd_convert(
     if let Some(spec) = &snapshot {
         load_snapshot(opened[0].disk.as_mut(), spec, files.len() > 1)?;
     }
+    let copied_bitmaps = if bitmaps {
+        if files.len() > 1 {
+            return Err(fail("Copying bitmaps only possible with single source"));
+        }
+        Some(source_bitmaps(&opened[0].chain, skip_broken)?)
+    } else {
+        None
+    };
     if target_image_opts {
         // The target named by an option string (its format from `driver=`, else probed).
         let (path, driver) = resolve_image(&dst, true, out_fmt.as_deref())?;
@@ -242,8 +256,43 @@ pub(in crate::cli) fn cmd_convert(
     // sparse detection on), or what the user asserts with --target-is-zero.
     copy.target_zeroed =
         target_is_zero || (!no_create && copy.min_sparse != 0 && !copy.target_has_backing);
-    convert(&mut src, &dst, &target, copy, out).map_err(|e| fail(e.0))?;
+    convert_with_bitmaps(&mut src, &dst, &target, copy, copied_bitmaps, out)
+        .map_err(|e| fail(e.0))?;
     Ok(0)
+}
+
+/// `--bitmaps`: the persistent bitmaps of the source's top image to copy, checked as qemu-img checks them
+/// (in its order, the directory's last first): an inconsistent one refuses the conversion, or with
+/// `--skip-broken-bitmaps` is left out with a warning.
+fn source_bitmaps(chain: &[disk::ImageInfo], skip_broken: bool) -> Result<CopiedBitmaps, Fail> {
+    let spec = chain
+        .first()
+        .and_then(|i| i.qcow2.as_ref())
+        .filter(|q| q.compat != "0.10")
+        .ok_or_else(|| fail("Source lacks bitmap support"))?;
+    let all = spec.bitmaps.clone().unwrap_or_default();
+    let in_use = |b: &disk::BitmapInfo| b.flags.iter().any(|f| f == "in-use");
+    for b in all.iter().rev().filter(|b| in_use(b)) {
+        if !skip_broken {
+            return Err(fail(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use '{PROG} bitmap \
+                 --remove' to delete it",
+                b.name
+            )));
+        }
+        eprintln!("{PROG}: warning: Skipping inconsistent bitmap '{}'", b.name);
+    }
+    Ok(all
+        .iter()
+        .filter(|b| !in_use(b))
+        .map(|b| {
+            (
+                b.name.clone(),
+                b.granularity,
+                b.flags.iter().any(|f| f == "auto"),
+            )
+        })
+        .collect())
 }
 
 /// A `-l` argument as qemu-img parses it: `snapshot.id=ID,snapshot.name=NAME` (either or both) gives

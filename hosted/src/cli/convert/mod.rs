@@ -17,8 +17,8 @@ use crate::aligned::AlignedBuf;
 use crate::cache::CacheMode;
 use crate::cli::progress::Progress;
 use crate::disk::{
-    DiskError, MapExtent, ParallelWriter, Reservation, Reserve, VirtualDisk, VirtualDiskWrite,
-    write_compressed_range,
+    BitmapChange, DirtyRunSink, DiskError, MapExtent, ParallelWriter, Reservation, Reserve,
+    VirtualDisk, VirtualDiskWrite, write_compressed_range,
 };
 use crate::raw_disk::RawDisk;
 
@@ -87,6 +87,9 @@ pub struct CopyOptions {
     pub rate: Option<u64>,
 }
 
+/// `--bitmaps`: the source's persistent bitmaps to copy after the data (name, granularity, enabled).
+pub type CopiedBitmaps = Vec<(String, u64, bool)>;
+
 impl Default for CopyOptions {
     /// qemu-img convert's defaults.
     fn default() -> CopyOptions {
@@ -139,7 +142,20 @@ pub fn convert(
     src: &mut (dyn VirtualDisk + Send),
     dst: &str,
     target: &Target,
+    opts: CopyOptions,
+    out: &mut dyn Write,
+) -> Result<(), ConvertError> {
+    convert_with_bitmaps(src, dst, target, opts, None, out)
+}
+
+/// [`convert`], then (`--bitmaps`) the source's persistent bitmaps `bitmaps` added to the target with the
+/// source's bits; a target that cannot hold bitmaps is refused before anything is copied.
+pub fn convert_with_bitmaps(
+    src: &mut (dyn VirtualDisk + Send),
+    dst: &str,
+    target: &Target,
     mut opts: CopyOptions,
+    bitmaps: Option<CopiedBitmaps>,
     out: &mut dyn Write,
 ) -> Result<(), ConvertError> {
     let size = src.virtual_size().div_ceil(SECTOR) * SECTOR;
@@ -147,7 +163,36 @@ pub fn convert(
     let io = |e: std::io::Error| ConvertError(format!("{dst}: {}", DiskError::os_text(&e)));
     prog.print(0.0, 100, out).map_err(io)?;
     let mut disk = open_target(dst, target, size, &mut opts)?;
+    if bitmaps.is_some() {
+        let (format, supported) = disk.bitmap_support();
+        if !supported {
+            let _ = disk.close();
+            return Err(ConvertError(format!(
+                "Format driver '{format}' does not support bitmaps"
+            )));
+        }
+    }
     copy_guest_data(src, disk.as_mut(), opts, &mut prog, out)?;
+    // `--bitmaps`: each bitmap added to the target as the source has it, then given the source's bits.
+    for (name, granularity, enabled) in bitmaps.unwrap_or_default() {
+        let node = dst.to_string();
+        let change = |e: DiskError| ConvertError(e.0);
+        disk.bitmap_change(
+            &name,
+            &node,
+            BitmapChange::Add {
+                granularity: Some(granularity),
+            },
+        )
+        .map_err(change)?;
+        if !enabled {
+            disk.bitmap_change(&name, &node, BitmapChange::Disable)
+                .map_err(change)?;
+        }
+        let mut feed = |sink: &mut DirtyRunSink<'_>| src.bitmap_dirty_runs(&name, sink);
+        disk.bitmap_change(&name, &node, BitmapChange::MergeRuns(&mut feed))
+            .map_err(change)?;
+    }
     prog.print(100.0, 0, out).map_err(io)?;
     prog.end(out).map_err(io)?;
     disk.close()

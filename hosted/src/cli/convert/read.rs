@@ -58,6 +58,17 @@ impl VirtualDisk for Sources<'_> {
         self.size
     }
 
+    fn bitmap_dirty_runs(
+        &mut self,
+        name: &str,
+        f: &mut crate::disk::DirtyRunSink<'_>,
+    ) -> Result<(), DiskError> {
+        match self.parts.as_mut_slice() {
+            [one] => one.bitmap_dirty_runs(name, f),
+            _ => Err(DiskError::new(format!("Dirty bitmap '{name}' not found"))),
+        }
+    }
+
     fn read_at(&mut self, mut offset: u64, mut buf: &mut [u8]) -> Result<(), DiskError> {
         while !buf.is_empty() {
             let (i, inner) = self.part(offset);
