@@ -64,25 +64,13 @@ impl Values {
 }
 
 pub fn verify(state: &[u8], base: &Option<Vec<u8>>, allowed: &[Values], what: &str) -> Vec<u8> {
-    let log: Log = Rc::new(RefCell::new(Vec::new()));
     let version = u32::from_be_bytes(state[4..8].try_into().unwrap());
     let dirty = version >= 3 && u64::from_be_bytes(state[72..80].try_into().unwrap()) & 1 != 0;
     let mut bytes = state.to_vec();
     if dirty {
         // Lazy refcounts: the writable open rebuilds the refcounts first.
-        let dev = SimDevice {
-            data: bytes.clone(),
-            id: 0,
-            log: log.clone(),
-            read_only: false,
-        };
-        let image: Img = Image::open_writable(
-            dev,
-            buffers(false),
-            qcow2_alloc::AllocDecompressor::default(),
-            &mut Backing(base.clone(), log.clone()),
-        )
-        .unwrap_or_else(|e| panic!("{what}: writable open of the dirty image: {e}"));
+        let image = open_writable_bytes(&bytes, base)
+            .unwrap_or_else(|e| panic!("{what}: writable open of the dirty image: {e}"));
         bytes = image.close().unwrap().data;
     }
     let report = check_refcounts(&bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -211,6 +199,24 @@ pub fn open_read_only(bytes: &[u8], base: &Option<Vec<u8>>) -> Result<Img, Error
         read_only: true,
     };
     Image::open(
+        dev,
+        buffers(false),
+        qcow2_alloc::AllocDecompressor::default(),
+        &mut Backing(base.clone(), log),
+    )
+}
+
+/// Opens a copy of `bytes` for writing (with `base` as its backing file), unrecorded: what a writer that
+/// finds the image after a power loss does (a dirty image's refcounts are rebuilt).
+pub fn open_writable_bytes(bytes: &[u8], base: &Option<Vec<u8>>) -> Result<Img, Error<SimError>> {
+    let log: Log = Rc::new(RefCell::new(Vec::new()));
+    let dev = SimDevice {
+        data: bytes.to_vec(),
+        id: 0,
+        log: log.clone(),
+        read_only: false,
+    };
+    Image::open_writable(
         dev,
         buffers(false),
         qcow2_alloc::AllocDecompressor::default(),

@@ -21,8 +21,8 @@ use qcow2_tests::crash::{
     Event, Log, SimDevice, SimError, Survivors, check_refcounts, crash_state,
 };
 use qcow2_tests::crash_harness::{
-    Backing, CELL, Img, Values, buffers, exactly, open_read_only, open_recorded, seeds, states_of,
-    verify, verify_sampled,
+    Backing, CELL, Img, Values, buffers, exactly, open_read_only, open_recorded,
+    open_writable_bytes, seeds, states_of, verify, verify_sampled,
 };
 use qcow2_tests::ops::{Op, ops};
 use qcow2_tests::{Scratch, guest_view, qemu_img, qemu_img_ok, qemu_io_cmds};
@@ -1513,20 +1513,8 @@ fn crash_writes_after_apply() {
         for (state, what) in &states {
             let what = format!("writes after apply ({opts}): {what}");
             total += 1;
-            let log: Log = Rc::new(RefCell::new(Vec::new()));
-            let dev = SimDevice {
-                data: state.clone(),
-                id: 0,
-                log: log.clone(),
-                read_only: false,
-            };
-            let image: Img = Image::open_writable(
-                dev,
-                buffers(false),
-                qcow2_alloc::AllocDecompressor::default(),
-                &mut Backing(base.clone(), log),
-            )
-            .unwrap_or_else(|e| panic!("{what}: writable open: {e}"));
+            let image = open_writable_bytes(state, &base)
+                .unwrap_or_else(|e| panic!("{what}: writable open: {e}"));
             let repaired = image.close().unwrap().data;
             assert!(
                 repaired.len() <= disk_len,
