@@ -1,7 +1,7 @@
 //! Persistent dirty bitmaps on disk: the bitmaps header extension, the bitmap directory and its entries, and
 //! bitmap table entries, with QEMU's limits (`block/qcow2-bitmap.c`, `block/qcow2.h`). Pure functions over
 //! byte slices; [`DirectoryWalk`] is the walk over the directory that every reader uses (the engine's open,
-//! the writer that disowns bitmaps, the check), as a state machine that does no I/O.
+//! the writer that keeps bitmaps up to date or disowns them, the check), as a state machine that does no I/O.
 //!
 //! The limits bound the work any reader does on a hostile image: at most [`MAX_BITMAPS`] entries in a
 //! directory of at most [`MAX_DIRECTORY_SIZE`] bytes, and a bitmap table of at most
