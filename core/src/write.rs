@@ -122,6 +122,20 @@ pub struct WriteState {
     bitmaps_tracked: u64,
 }
 
+impl WriteState {
+    /// Whether guest writes set bits in some bitmap (a cheap test before each request's marking).
+    fn tracks_bitmaps(&self) -> bool {
+        #[cfg(feature = "bitmaps")]
+        {
+            self.bitmaps_tracked != 0
+        }
+        #[cfg(not(feature = "bitmaps"))]
+        {
+            false
+        }
+    }
+}
+
 impl crate::engine::SnapshotView for WriteState {
     fn read_only(&self) -> bool {
         !self.writable

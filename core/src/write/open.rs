@@ -180,7 +180,10 @@ where
         if !self.w.started {
             self.start_writing()?;
         }
-        self.meta()?.mark_bitmaps(offset, len)
+        if len != 0 && self.w.tracks_bitmaps() {
+            self.meta()?.mark_bitmaps(offset, len)?;
+        }
+        Ok(())
     }
 
     /// Prepares the header for the first write: unknown autoclear bits cleared, the bitmaps kept up to date
