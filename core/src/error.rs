@@ -2,6 +2,7 @@
 
 use core::fmt;
 
+use crate::format::luks::LuksError;
 use crate::format::{FeatureName, FormatError};
 
 /// Everything that can go wrong, generic over the device's own error `E`.
@@ -98,6 +99,9 @@ pub enum Error<E> {
         /// What ran out.
         what: &'static str,
     },
+    /// An encrypted image: its LUKS header is invalid or unsupported, no passphrase unlocks it, or it is
+    /// locked (opened without a passphrase) and a request needs its data.
+    Encryption(LuksError),
 }
 
 /// [`Error::Corrupt`]: metadata met while working is inconsistent.
@@ -163,6 +167,7 @@ impl<E> Error<E> {
             Error::ReadOnly => Error::ReadOnly,
             Error::NeedsRepair { what } => Error::NeedsRepair { what },
             Error::NoSpace { what } => Error::NoSpace { what },
+            Error::Encryption(e) => Error::Encryption(e),
         }
     }
 }
@@ -226,6 +231,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::ReadOnly => write!(f, "Image is read-only"),
             Error::NeedsRepair { what } => write!(f, "{what}"),
             Error::NoSpace { what } => write!(f, "No space left in the image: {what}"),
+            Error::Encryption(e) => write!(f, "{e}"),
         }
     }
 }
@@ -285,6 +291,7 @@ impl<E> defmt::Format for Error<E> {
             Error::ReadOnly => defmt::write!(f, "read-only"),
             Error::NeedsRepair { what } => defmt::write!(f, "needs repair: {=str}", what),
             Error::NoSpace { what } => defmt::write!(f, "no space: {=str}", what),
+            Error::Encryption(e) => defmt::write!(f, "encryption: {}", e),
         }
     }
 }

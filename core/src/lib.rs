@@ -90,6 +90,8 @@
 pub mod check;
 pub mod compress;
 pub mod create;
+#[cfg(any(feature = "luks", feature = "aes-legacy"))]
+pub mod crypto;
 pub mod device;
 pub mod engine;
 mod error;

@@ -21,6 +21,8 @@
 //! - `downgrade`: the downgrade to version 2 (zero clusters expanded).
 //! - `empty`: emptying an image after a commit.
 //! - `snapshots`: creating and deleting internal snapshots.
+//! - `encrypted`: writes to encrypted images (data encrypted per sector, partial sectors patched whole), and
+//!   the encryption of a new image.
 //!
 //! Memory stays bounded: nothing here holds more than the caller's buffers, the `WriteState` and a few
 //! hundred bytes of stack.
@@ -51,6 +53,8 @@ mod compressed;
 mod data;
 mod downgrade;
 mod empty;
+#[cfg(any(feature = "luks", feature = "aes-legacy"))]
+mod encrypted;
 mod guard;
 mod header;
 mod l2;

@@ -36,6 +36,33 @@ pub(crate) struct ChainResolver {
     pub(crate) no_flush: bool,
     /// Open the top image alone, without its backing chain (`qemu-img info`).
     pub(crate) skip_backing: bool,
+    /// The passphrase last handed to the engine (kept for the borrow the engine holds while it unlocks).
+    passphrase: Option<Vec<u8>>,
+}
+
+/// Passphrases of encrypted images, by file: a command line's `--object secret` values, given to the
+/// image files that name them (`encrypt.key-secret`), reach the engine through the resolver when it opens
+/// those files (the top image or any backing file).
+static KEYRING: std::sync::Mutex<Vec<(PathBuf, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+
+/// Gives the encrypted image `path` the passphrase it is opened with from now on (in this process).
+pub fn add_passphrase(path: &str, passphrase: &[u8]) {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+    if let Ok(mut ring) = KEYRING.lock() {
+        ring.retain(|(p, _)| *p != key);
+        ring.push((key, passphrase.to_vec()));
+    }
+}
+
+/// The passphrase [`add_passphrase`] gave `path`, if any.
+pub fn passphrase_of(path: &str) -> Option<Vec<u8>> {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+    KEYRING
+        .lock()
+        .ok()?
+        .iter()
+        .find(|(p, _)| *p == key)
+        .map(|(_, v)| v.clone())
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
@@ -150,6 +177,11 @@ impl Resolver<FileDevice> for ChainResolver {
 
     fn skip_backing(&self) -> bool {
         self.skip_backing
+    }
+
+    fn passphrase(&mut self, depth: usize) -> Option<&[u8]> {
+        self.passphrase = self.names.get(depth).and_then(|n| passphrase_of(n));
+        self.passphrase.as_deref()
     }
 
     fn data_file(&mut self, request: FileRequest<'_>) -> Result<FileDevice, Error<io::Error>> {

@@ -82,7 +82,25 @@ pub fn engine_error_kind<E>(e: &Error<E>) -> ErrorKind {
         Error::ReadOnly => ErrorKind::ReadOnly,
         Error::NoSpace { .. } => ErrorKind::NoSpace,
         Error::Io(_) | Error::Unavailable { .. } => ErrorKind::Other,
+        Error::Encryption(e) => {
+            use qcow2_core::format::luks::LuksError;
+            match e {
+                LuksError::Unsupported(_) | LuksError::TooManyIterations { .. } => {
+                    ErrorKind::Unsupported
+                }
+                LuksError::WrongPassphrase | LuksError::Locked => ErrorKind::InvalidArgument,
+                _ => ErrorKind::InvalidImage,
+            }
+        }
     }
+}
+
+/// QEMU's refusal to open an encrypted image without its secret.
+fn secret_required() -> DiskError {
+    DiskError::with_kind(
+        ErrorKind::InvalidArgument,
+        "Parameter 'encrypt.key-secret' is required for cipher",
+    )
 }
 
 impl Qcow2Disk {
@@ -106,6 +124,10 @@ impl Qcow2Disk {
         resolver.skip_backing = skip_backing;
         let image = qcow2_alloc::open(FileDevice::new(file), Format::Qcow2, &mut resolver)
             .map_err(engine_error)?;
+        // QEMU opens an encrypted image without its secret only to show what it says about itself.
+        if !skip_backing && image.layers().iter().any(|l| l.locked()) {
+            return Err(secret_required());
+        }
         Qcow2Disk::finish(image, resolver, false)
     }
 
@@ -130,7 +152,11 @@ impl Qcow2Disk {
         resolver.no_flush = cache.no_flush;
         let dev = FileDevice::new(file).with_no_flush(cache.no_flush);
         match qcow2_alloc::open_writable(dev, &mut resolver) {
+            Ok(image) if image.layers().iter().any(|l| l.locked()) => Err(secret_required()),
             Ok(image) => Qcow2Disk::finish(image, resolver, true),
+            Err(Error::Encryption(qcow2_core::format::luks::LuksError::Locked)) => {
+                Err(secret_required())
+            }
             Err(Error::ReadOnly) => {
                 let file = open_image_file(path, false).map_err(|e| match &e {
                     OpenImageError::NotRegular => {

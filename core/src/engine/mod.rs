@@ -102,6 +102,13 @@ pub trait Resolver<D: BlockDevice> {
     fn skip_backing(&self) -> bool {
         false
     }
+    /// The passphrase of the encrypted image at `depth` of the chain, if the caller has one. An encrypted
+    /// image opened without one is locked: it opens (for what it says about itself), and reading its data
+    /// fails with [`crate::format::luks::LuksError::Locked`].
+    fn passphrase(&mut self, depth: usize) -> Option<&[u8]> {
+        let _ = depth;
+        None
+    }
 }
 
 /// A resolver that supplies nothing: images that need a backing or data file fail to open.
@@ -180,6 +187,8 @@ pub struct Qcow2Meta {
     pub feature_table: Option<StoredName>,
     /// The bitmaps extension, when the autoclear bit says it is valid.
     pub bitmaps: Option<BitmapsExtension>,
+    /// The full-disk-encryption header extension: host offset and length of the LUKS area.
+    pub encryption: Option<(u64, u64)>,
 }
 
 impl Qcow2Meta {
@@ -205,6 +214,9 @@ pub struct Layer<D> {
     pub(crate) file_size: u64,
     /// The format was probed, not declared.
     probed: bool,
+    /// The data key of an encrypted image that a passphrase unlocked (`None`: not encrypted, or locked).
+    #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+    pub(crate) key: Option<crate::crypto::DiskKey>,
 }
 
 impl<D> Layer<D> {
@@ -231,6 +243,30 @@ impl<D> Layer<D> {
     /// The device the image is read from (and written to).
     pub fn device(&self) -> &D {
         &self.dev
+    }
+    /// Whether the image is encrypted (`crypt_method` not 0).
+    pub fn encrypted(&self) -> bool {
+        self.meta.is_some_and(|m| m.header.crypt_method != 0)
+    }
+    /// Whether the image is encrypted and no passphrase unlocked it: its data cannot be read.
+    pub fn locked(&self) -> bool {
+        #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+        return self.encrypted() && self.key.is_none();
+        #[cfg(not(any(feature = "luks", feature = "aes-legacy")))]
+        return self.encrypted();
+    }
+}
+
+/// The data key of a layer whose key field is `key`: the error for an encrypted layer without one.
+#[cfg(any(feature = "luks", feature = "aes-legacy"))]
+pub(crate) fn key_of<E>(
+    key: &Option<crate::crypto::DiskKey>,
+    encrypted: bool,
+) -> Result<Option<&crate::crypto::DiskKey>, Error<E>> {
+    match (key, encrypted) {
+        (Some(k), _) => Ok(Some(k)),
+        (None, true) => Err(Error::Encryption(crate::format::luks::LuksError::Locked)),
+        (None, false) => Ok(None),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::format::bitmap::{DIR_ENTRY_LEN, DirectoryWalk};
+use crate::format::luks::LuksError;
 
 /// Reads the qcow2 header and extensions of `dev` and validates them.
 pub(crate) fn open_qcow2<D: BlockDevice>(
@@ -27,6 +28,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         data_file_name: None,
         feature_table: None,
         bitmaps: None,
+        encryption: None,
     };
     // Header extensions: the one walk of the extension area (format::ExtensionWalk), as check sees them.
     {
@@ -83,6 +85,29 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
                         meta.bitmaps = Some(ext);
                     }
                 }
+                extension::ENCRYPTION => {
+                    if header.crypt_method != 2 {
+                        return Err(Error::Encryption(LuksError::BadExtension(
+                            "CRYPTO header extension only expected with LUKS encryption method",
+                        )));
+                    }
+                    if ext.len != 16 {
+                        return Err(Error::Encryption(LuksError::BadExtension(
+                            "CRYPTO header extension size is not 16 bytes",
+                        )));
+                    }
+                    let mut b = [0u8; 16];
+                    read_bytes(dev, bounce, data, &mut b)?;
+                    let (offset, len) = crate::format::luks::parse_encryption_extension(&b);
+                    if offset & header.cluster_size().wrapping_sub(1) != 0 {
+                        return Err(Error::InvalidHeader {
+                            field: "encryption header offset",
+                            value: offset,
+                            problem: "not a multiple of the cluster size",
+                        });
+                    }
+                    meta.encryption = Some((offset, len));
+                }
                 extension::DATA_FILE => {
                     if ext.len as usize > MAX_DATA_FILE_NAME_LEN {
                         return Err(Error::InvalidHeader {
@@ -114,6 +139,81 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         });
     }
     Ok(meta)
+}
+
+/// An encrypted layer: its LUKS header read and checked (an invalid one refuses the image, as QEMU refuses
+/// it), then unlocked with the passphrase the resolver has for it, if any.
+#[cfg(any(feature = "luks", feature = "aes-legacy"))]
+fn open_encryption<D: BlockDevice, R: Resolver<D>>(
+    layer: &mut Layer<D>,
+    bounce: &mut [u8],
+    depth: usize,
+    resolver: &mut R,
+) -> Result<(), Error<D::Error>> {
+    let Some(meta) = layer.meta.as_ref() else {
+        return Ok(());
+    };
+    let _ = (&bounce, depth);
+    match meta.header.crypt_method {
+        #[cfg(feature = "luks")]
+        2 => {
+            let (area, len) = meta
+                .encryption
+                .ok_or(Error::Encryption(LuksError::BadExtension(
+                    "LUKS encryption without its CRYPTO header extension",
+                )))?;
+            let mut raw = [0u8; crate::format::luks::LUKS_HEADER_LEN];
+            if len < raw.len() as u64 {
+                return Err(Error::Encryption(LuksError::OutsideArea));
+            }
+            read_bytes(&mut layer.dev, bounce, area, &mut raw)?;
+            let h = crate::format::luks::LuksHeader::parse(&raw).map_err(Error::Encryption)?;
+            if let Some(p) = resolver.passphrase(depth) {
+                let key = crate::crypto::unlock(&mut layer.dev, bounce, area, len, &h, p)?;
+                layer.key = Some(key);
+            }
+            Ok(())
+        }
+        #[cfg(feature = "aes-legacy")]
+        1 => {
+            if let Some(p) = resolver.passphrase(depth) {
+                layer.key = Some(crate::crypto::DiskKey::legacy_aes(p));
+            }
+            Ok(())
+        }
+        m => Err(unsupported_encryption(m)),
+    }
+}
+
+#[cfg(not(any(feature = "luks", feature = "aes-legacy")))]
+fn open_encryption<D: BlockDevice, R: Resolver<D>>(
+    layer: &mut Layer<D>,
+    _bounce: &mut [u8],
+    _depth: usize,
+    _resolver: &mut R,
+) -> Result<(), Error<D::Error>> {
+    Err(unsupported_encryption(
+        layer.meta.as_ref().map_or(0, |m| m.header.crypt_method),
+    ))
+}
+
+/// An encryption method this build does not have (or no valid image has).
+fn unsupported_encryption<E>(method: u32) -> Error<E> {
+    match method {
+        1 => Error::Unsupported {
+            what: "AES-CBC encryption (crypt_method; the engine's aes-legacy feature)",
+            value: 1,
+        },
+        2 => Error::Unsupported {
+            what: "LUKS encryption (crypt_method; the engine's luks feature)",
+            value: 2,
+        },
+        m => Error::InvalidHeader {
+            field: "crypt_method",
+            value: m.into(),
+            problem: "unknown encryption method",
+        },
+    }
 }
 
 /// Reads the bitmap directory `ext` names and validates every entry as QEMU does when it opens the image
@@ -338,6 +438,8 @@ where
                 size: file_size.checked_next_multiple_of(512).unwrap_or(file_size),
                 file_size,
                 probed,
+                #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+                key: None,
             })
             .map_err(|_| Error::ChainTooDeep { limit: DEPTH })?;
         if format == Format::Raw {
@@ -350,6 +452,12 @@ where
             .meta
             .insert(open_qcow2(&mut layer.dev, bounce, file_size)?);
         layer.size = meta.header.size;
+        if meta.header.crypt_method != 0 {
+            open_encryption(layer, bounce, depth, resolver)?;
+        }
+        let Some(meta) = layer.meta.as_ref() else {
+            return Ok(());
+        };
         match meta.data_file_name {
             // The rule for a probed backing file's own backing name holds for every name it stores.
             Some(_) if meta.l2.external_data && probed => {

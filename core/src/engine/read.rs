@@ -44,6 +44,50 @@ impl<D: BlockDevice> CompressedSource for DeviceSource<'_, D> {
     }
 }
 
+/// Reads the encrypted bytes at host offset `host` into `out` and decrypts them, the IV of each 512-byte
+/// sector made from `iv_at` (the host or guest offset of `out`'s first byte, which has the same place in
+/// its sector). A run that starts or ends inside a sector decrypts that whole sector on the stack.
+#[cfg(any(feature = "luks", feature = "aes-legacy"))]
+pub(crate) fn read_decrypted<D: BlockDevice>(
+    dev: &mut D,
+    bounce: &mut [u8],
+    key: &crate::crypto::DiskKey,
+    host: u64,
+    iv_at: u64,
+    out: &mut [u8],
+) -> Result<(), Error<D::Error>> {
+    use crate::crypto::{Direction, SECTOR};
+    let mut done = 0usize;
+    while done < out.len() {
+        let h = host.saturating_add(done as u64);
+        let at = iv_at.saturating_add(done as u64);
+        let skip = (h & crate::crypto::SECTOR_MASK) as usize;
+        let rest = out.len().saturating_sub(done);
+        if skip == 0 && rest >= SECTOR {
+            let n = rest & !(SECTOR.wrapping_sub(1));
+            let part = out.get_mut(done..done.saturating_add(n)).unwrap_or(&mut []);
+            read_bytes(dev, bounce, h, part)?;
+            key.apply_at(at, part, Direction::Decrypt);
+            done = done.saturating_add(n);
+        } else {
+            let mut whole = [0u8; SECTOR];
+            read_bytes(dev, bounce, h.saturating_sub(skip as u64), &mut whole)?;
+            key.apply_at(
+                at.saturating_sub(skip as u64),
+                &mut whole,
+                Direction::Decrypt,
+            );
+            let n = SECTOR.saturating_sub(skip).min(rest);
+            let src = whole.get(skip..skip.saturating_add(n)).unwrap_or(&[]);
+            if let Some(d) = out.get_mut(done..done.saturating_add(n)) {
+                d.copy_from_slice(src);
+            }
+            done = done.saturating_add(n.max(1));
+        }
+    }
+    Ok(())
+}
+
 impl<D, B, C, const DEPTH: usize, const SLICES: usize, W> Image<D, B, C, DEPTH, SLICES, W>
 where
     D: BlockDevice,
@@ -95,14 +139,20 @@ where
             let m = self.map_from(0, pos, rest.len() as u64)?;
             let n = usize::try_from(m.len).unwrap_or(usize::MAX).min(rest.len());
             let (head, tail) = rest.split_at_mut(n);
-            self.read_run(m, head)?;
+            self.read_run(m, pos, head)?;
             pos = pos.saturating_add(n as u64);
             rest = tail;
         }
         Ok(())
     }
 
-    pub(super) fn read_run(&mut self, m: Mapping, out: &mut [u8]) -> Result<(), Error<D::Error>> {
+    /// Reads the run `m` of guest bytes starting at guest offset `guest` into `out`.
+    pub(super) fn read_run(
+        &mut self,
+        m: Mapping,
+        guest: u64,
+        out: &mut [u8],
+    ) -> Result<(), Error<D::Error>> {
         let Reader {
             layers,
             bounce,
@@ -116,6 +166,21 @@ where
             }
             Source::Data { host, external } => {
                 let layer = layers.get_mut(m.depth).ok_or(corrupt("chain", 0))?;
+                #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+                {
+                    let encrypted = layer.encrypted();
+                    let Layer { dev, data, key, .. } = layer;
+                    if let Some(key) = key_of(key, encrypted)? {
+                        let at = if key.physical() { host } else { guest };
+                        let dev = match data.as_mut() {
+                            Some(d) if external => d,
+                            _ => dev,
+                        };
+                        return read_decrypted(dev, bounce, key, host, at, out);
+                    }
+                }
+                #[cfg(not(any(feature = "luks", feature = "aes-legacy")))]
+                let _ = guest;
                 let dev = if external {
                     layer.data.as_mut().ok_or(corrupt("data file", host))?
                 } else {

@@ -9,6 +9,7 @@ mod entry;
 mod error;
 mod extensions;
 mod header;
+pub mod luks;
 mod snapshot;
 
 pub use entry::*;

@@ -35,6 +35,12 @@ where
                 have: n,
             });
         }
+        if self.layers.first().is_some_and(|l| l.encrypted()) {
+            return Err(Error::Unsupported {
+                what: "compressed clusters in an encrypted image",
+                value: 0,
+            });
+        }
         if g.tables.l2_format.external_data {
             return Err(Error::Unsupported {
                 what: "compressed clusters in an image with an external data file",

@@ -83,6 +83,11 @@ where
             }
             .read(at, readable)?;
             let top = layers.first_mut().ok_or(Error::ReadOnly)?;
+            #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+            if let Some(key) = crate::engine::key_of(&top.key, top.encrypted())? {
+                // Re-encrypted for its new place (the IV follows the host sector).
+                super::encrypted::encrypt_for(key, host.saturating_add(done), at, part);
+            }
             let dev = match top.data.as_mut() {
                 Some(data) => data,
                 None => &mut top.dev,
@@ -94,13 +99,21 @@ where
         Ok(())
     }
 
-    /// Stores `src` at host offset `host` of the top image (in its external data file, if it has one).
+    /// Stores `src` at host offset `host` (guest offset `guest`) of the top image (in its external data
+    /// file, if it has one).
     pub(super) fn store(
         &mut self,
         host: u64,
+        guest: u64,
         src: WriteSource<'_>,
         len: u64,
     ) -> Result<(), Error<D::Error>> {
+        #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+        if self.top_key()?.is_some() {
+            return self.store_encrypted(host, guest, src, len);
+        }
+        #[cfg(not(any(feature = "luks", feature = "aes-legacy")))]
+        let _ = guest;
         let Image {
             layers, bounce, w, ..
         } = self;
@@ -258,7 +271,12 @@ where
                 rhi.saturating_sub(rlo),
             )?;
         }
-        self.store(target.saturating_add(a), src, b.saturating_sub(a))
+        self.store(
+            target.saturating_add(a),
+            gc.saturating_add(a),
+            src,
+            b.saturating_sub(a),
+        )
     }
 
     /// Writes whole guest clusters from guest offset `gc` (cluster-aligned) with `bytes` (whole clusters)
@@ -275,7 +293,7 @@ where
             return Ok(0);
         };
         let data = bytes.get(..r.len as usize).unwrap_or(&[]);
-        if let Err(e) = self.store(r.host, WriteSource::Bytes(data), r.len) {
+        if let Err(e) = self.store(r.host, gc, WriteSource::Bytes(data), r.len) {
             self.cancel_run(&r);
             return Err(e);
         }
@@ -397,6 +415,10 @@ where
         len: u64,
     ) -> Result<Option<Reservation>, Error<D::Error>> {
         self.check_range(offset, len)?;
+        if self.layers.first().is_some_and(|l| l.encrypted()) {
+            // The caller would store plaintext: encrypted images take their data through write_at.
+            return Ok(None);
+        }
         self.begin_write_over(offset, len)?;
         let r = self.reserve_run(offset, len)?;
         self.end_write()?;
@@ -413,7 +435,7 @@ where
                 have: data.len() as u64,
             });
         }
-        self.store(r.host, WriteSource::Bytes(data), r.len)
+        self.store(r.host, r.guest, WriteSource::Bytes(data), r.len)
     }
 
     /// Makes the guest see a reservation whose data has been stored.
@@ -474,7 +496,22 @@ where
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Error<D::Error>> {
         self.check_range(offset, buf.len() as u64)?;
         self.begin_write_over(offset, buf.len() as u64)?;
-        self.write_range(offset, buf.len() as u64, WriteSource::Bytes(buf))?;
+        // An encrypted image writes whole sectors: the partial ones first, then the rest.
+        #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+        let (start, buf) = {
+            let edges = super::encrypted::Edge::Bytes(buf);
+            match self.write_sector_edges(offset, buf.len() as u64, edges)? {
+                None => return self.end_write(),
+                Some((start, len)) => {
+                    let from = usize::try_from(start.saturating_sub(offset)).unwrap_or(0);
+                    let end = from.saturating_add(usize::try_from(len).unwrap_or(0));
+                    (start, buf.get(from..end).unwrap_or(&[]))
+                }
+            }
+        };
+        #[cfg(not(any(feature = "luks", feature = "aes-legacy")))]
+        let start = offset;
+        self.write_range(start, buf.len() as u64, WriteSource::Bytes(buf))?;
         self.end_write()
     }
 

@@ -40,6 +40,8 @@ pub struct Cluster0Change<'a> {
     pub data_file: Option<Option<&'a str>>,
     /// The bitmaps extension (`Some(None)`: none; the header's autoclear bit must agree).
     pub bitmaps: Option<Option<BitmapsExtension>>,
+    /// The full-disk-encryption extension: host offset and length of the LUKS area (`Some(None)`: none).
+    pub encryption: Option<Option<(u64, u64)>>,
 }
 
 /// Bytes of the first cluster being laid out in a buffer that starts zeroed.
@@ -290,7 +292,18 @@ where
                 return Ok(false);
             }
         }
-        if !self.copy_extensions(out, Keep::Magic(extension::ENCRYPTION))? {
+        let fits = match change.encryption {
+            None => self.copy_extensions(out, Keep::Magic(extension::ENCRYPTION))?,
+            Some(Some((offset, len))) => {
+                let mut data = [0u8; 16];
+                let (a, b) = data.split_at_mut(8);
+                a.copy_from_slice(&offset.to_be_bytes());
+                b.copy_from_slice(&len.to_be_bytes());
+                out.extension_with(extension::ENCRYPTION, &data).is_some()
+            }
+            Some(None) => true,
+        };
+        if !fits {
             return Ok(false);
         }
         if new.version >= 3 && self.g.tables.cluster_size > 4096 {

@@ -122,6 +122,11 @@ where
         let mut cache = SliceCache::new(metadata)?;
         let mut layers = Vec::new();
         Self::open_chain(&mut layers, dev, Format::Qcow2, bounce.as_mut(), resolver)?;
+        // An encrypted image is written only with its key (its data could not be read or written).
+        #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+        if let Some(top) = layers.first() {
+            crate::engine::key_of::<D::Error>(&top.key, top.encrypted())?;
+        }
         let lazy = make_writable(&mut layers, bounce.as_mut(), &mut cache)?;
         Ok(Image {
             layers,

@@ -20,6 +20,12 @@ where
     ) -> Result<(), Error<D::Error>> {
         self.check_range(offset, len)?;
         self.begin_write_over(offset, len)?;
+        #[cfg(any(feature = "luks", feature = "aes-legacy"))]
+        let Some((offset, len)) =
+            self.write_sector_edges(offset, len, super::encrypted::Edge::Zeros)?
+        else {
+            return self.end_write();
+        };
         self.zero_range(offset, len, unmap)?;
         self.end_write()
     }
@@ -33,7 +39,7 @@ where
         let g = self.geometry()?;
         if g.tables.l2_format.external_data && self.data_raw() {
             // A raw data file must read as the guest disk: zero it too.
-            self.store(offset, WriteSource::Zeros, len)?;
+            self.store(offset, offset, WriteSource::Zeros, len)?;
         }
         let size = self.virtual_size();
         let end = offset.saturating_add(len);

@@ -45,6 +45,15 @@ struct Opt {
 /// The options qemu-img knows for each format, in the order it prints them, with their defaults
 /// (printed even when not given).
 const QCOW2_OPTS: &[(&str, Kind, Option<&str>)] = &[
+    ("encryption", Kind::Bool, None),
+    ("encrypt.format", Kind::Str, None),
+    ("encrypt.key-secret", Kind::Str, None),
+    ("encrypt.cipher-alg", Kind::Str, None),
+    ("encrypt.cipher-mode", Kind::Str, None),
+    ("encrypt.ivgen-alg", Kind::Str, None),
+    ("encrypt.ivgen-hash-alg", Kind::Str, None),
+    ("encrypt.hash-alg", Kind::Str, None),
+    ("encrypt.iter-time", Kind::Number, None),
     ("cluster_size", Kind::Size, Some("65536")),
     ("extended_l2", Kind::Bool, Some("off")),
     ("preallocation", Kind::Str, None),
@@ -134,11 +143,6 @@ fn parse_options(
                 None => (item.as_str(), "on"),
             };
             let Some(i) = list.iter().position(|(n, _, _)| *n == name) else {
-                if name == "encryption" || name.starts_with("encrypt.") {
-                    return Err(err(format!(
-                        "{file}: Encrypted images are not supported by this tool"
-                    )));
-                }
                 return Err(err(format!("{file}: Invalid parameter '{name}'")));
             };
             let kind = list[i].1;
@@ -407,6 +411,7 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
     copts
         .validate()
         .map_err(|e| err(format!("{file}: {}", e.message())))?;
+    let encryption = crate::cli::encrypt::parse_create(&|n| text(n).map(str::to_string), file)?;
     let f = open_for_create(Path::new(file), file)?;
     let mut dev = FileDevice::new(f);
     let mut bounce = [0u8; 512];
@@ -424,6 +429,10 @@ pub fn run_create(args: &CreateArgs, out: &mut dyn Write) -> Result<(), CreateEr
         let _ = rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len);
     }
     f.sync_all().map_err(io)?;
+    drop(f);
+    if let Some(e) = encryption {
+        crate::cli::encrypt::encrypt_new_image(file, &e)?;
+    }
     Ok(())
 }
 

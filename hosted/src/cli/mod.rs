@@ -13,6 +13,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 mod dd;
+pub(crate) mod encrypt;
 pub mod help;
 pub mod info;
 pub mod io;
@@ -205,6 +206,7 @@ fn resolve_image(
         )));
     }
     let (mut driver, mut path, mut file_keys, mut others) = (None, None, false, Vec::new());
+    let mut key_secret = None;
     for item in &items {
         let (k, v) = item.split_once('=').unwrap_or((item.as_str(), "on"));
         match k {
@@ -220,6 +222,11 @@ fn resolve_image(
                 file_keys = true;
             }
             "filename" => {}
+            "encrypt.key-secret" if driver.as_deref() != Some("raw") => {
+                key_secret = Some(v.to_string())
+            }
+            "encrypt.format" if driver.as_deref() != Some("raw") && matches!(v, "luks" | "aes") => {
+            }
             _ => others.push(k.to_string()),
         }
     }
@@ -253,6 +260,13 @@ fn resolve_image(
         return Err(refuse(format!(
             "Block format '{format}' does not support the option '{k}'"
         )));
+    }
+    if let Some(id) = key_secret {
+        // The image (and only it) opens with the secret's value as its passphrase.
+        let Some(value) = object::secret(&id) else {
+            return Err(refuse(format!("No secret with id '{id}'")));
+        };
+        crate::chain::add_passphrase(&path, &value);
     }
     Ok((path, driver))
 }

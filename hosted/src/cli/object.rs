@@ -1,6 +1,6 @@
 //! qemu-img's `--object TYPE,id=ID,...`: the objects a command defines before it opens anything. Secrets
 //! (`secret`, with `data` or `file` and `format=raw|base64`) are checked and their files read as QEMU reads
-//! them (nothing here uses a secret yet: this tool opens no encrypted image); `throttle-group` is
+//! them (their values kept for the images that name them: [`secret`]); `throttle-group` is
 //! accepted; object types qemu-img cannot create, unknown types and every mistake get QEMU's message.
 
 use crate::cli::{Fail, fail};
@@ -26,6 +26,19 @@ fn is_identifier(s: &str) -> bool {
     s.starts_with(|c: char| c.is_ascii_alphabetic())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// The secrets defined by this process's command line: id and value.
+static SECRETS: std::sync::Mutex<Vec<(String, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+
+/// The value of the secret `id`, if one was defined.
+pub(crate) fn secret(id: &str) -> Option<Vec<u8>> {
+    SECRETS
+        .lock()
+        .ok()?
+        .iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, v)| v.clone())
 }
 
 impl Objects {
@@ -70,6 +83,7 @@ impl Objects {
                  '.', '_', starting with a letter.",
             ));
         }
+        let mut value = Vec::new();
         if secret {
             if let Some((k, _)) = pairs
                 .iter()
@@ -90,15 +104,21 @@ impl Objects {
                     return Err(fail("'file' and 'data' are mutually exclusive"));
                 }
                 (None, None) => return Err(fail("Either 'file' or 'data' must be provided")),
-                (Some(_), None) => {}
+                (Some(d), None) => value = d.as_bytes().to_vec(),
                 (None, Some(f)) => {
-                    std::fs::read(f).map_err(|e| {
+                    value = std::fs::read(f).map_err(|e| {
                         let why = crate::disk::DiskError::from(e);
                         fail(format!(
                             "Unable to read {f}: Failed to open file “{f}”: {why}"
                         ))
                     })?;
                 }
+            }
+            if get("format") == Some("base64") {
+                use base64::Engine;
+                value = base64::engine::general_purpose::STANDARD
+                    .decode(&value)
+                    .map_err(|_| fail("Invalid base64 data"))?;
             }
             if let Some(k) = get("keyid") {
                 return Err(fail(
@@ -117,6 +137,10 @@ impl Objects {
             )));
         }
         self.ids.push((id.to_string(), secret));
+        if secret && let Ok(mut s) = SECRETS.lock() {
+            s.retain(|(i, _)| i != id);
+            s.push((id.to_string(), value));
+        }
         Ok(())
     }
 }
