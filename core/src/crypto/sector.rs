@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn every_mode_round_trips_and_depends_on_the_sector() {
-        let key: [u8; 64] = core::array::from_fn(|i| i as u8 * 7 + 1);
+        let key: [u8; 64] = core::array::from_fn(|i| (i * 7 + 1) as u8);
         for alg in [
             CipherAlgorithm::Aes128,
             CipherAlgorithm::Aes192,
