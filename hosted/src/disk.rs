@@ -280,6 +280,8 @@ pub struct Qcow2Specific {
     pub corrupt: Option<bool>,
     /// Refcount width in bits.
     pub refcount_bits: u64,
+    /// The encryption of an encrypted image.
+    pub encrypt: Option<EncryptInfo>,
     /// Persistent bitmaps; `None` (not printed) when the image has none.
     pub bitmaps: Option<Vec<BitmapInfo>>,
     /// "zlib" or "zstd".
@@ -298,10 +300,20 @@ impl Qcow2Specific {
             lazy_refcounts: v3.then_some(false),
             corrupt: v3.then_some(false),
             refcount_bits,
+            encrypt: None,
             bitmaps: None,
             compression_type: compression_type.to_string(),
         }
     }
+}
+
+/// How an image is encrypted, as `qemu-img info` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptInfo {
+    /// Legacy AES (`encrypt.format=aes`).
+    Aes,
+    /// LUKS, with its header.
+    Luks(qcow2_core::format::luks::LuksHeader),
 }
 
 /// The protocol ("file") node under a format node.

@@ -19,9 +19,9 @@ use crate::cache::CacheMode;
 use crate::chain::ChainResolver;
 pub use crate::chain::combine;
 use crate::disk::{
-    BitmapInfo, DiskError, ENOTSUP, ErrorKind, FileChildInfo, ImageInfo, MapExtent, ParallelWriter,
-    Qcow2Specific, Reservation, Reserve, SnapshotInfo, ThreadCompressor, VirtualDisk,
-    VirtualDiskWrite,
+    BitmapInfo, DiskError, ENOTSUP, EncryptInfo, ErrorKind, FileChildInfo, ImageInfo, MapExtent,
+    ParallelWriter, Qcow2Specific, Reservation, Reserve, SnapshotInfo, ThreadCompressor,
+    VirtualDisk, VirtualDiskWrite,
 };
 use crate::file::{FileDevice, OpenImageError, open_image_file};
 
@@ -341,6 +341,16 @@ impl VirtualDisk for Qcow2Disk {
                 e.data = true;
                 e.offset = Some(host);
                 e.file = self.file_name(m.depth, external);
+                // QEMU does not show where encrypted data lives.
+                if self
+                    .image
+                    .layers()
+                    .get(m.depth)
+                    .is_some_and(|l| l.encrypted())
+                {
+                    e.offset = None;
+                    e.file = None;
+                }
                 if raw {
                     // A raw image's holes read as zeros; QEMU asks the file.
                     let st = self

@@ -219,5 +219,8 @@ pub(crate) fn encrypt_new_image(file: &str, e: &NewEncryption) -> Result<(), Cre
         }
     }
     image.close().map_err(|e| fail(e.to_string()))?;
+    // The rest of the command (convert's copy into it) opens it with the same secret.
+    let (NewEncryption::Aes { passphrase } | NewEncryption::Luks { passphrase, .. }) = e;
+    crate::chain::add_passphrase(file, passphrase);
     Ok(())
 }

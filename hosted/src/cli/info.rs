@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::cli::json::{Value, human_dump_object};
 use crate::cli::size::size_to_str;
-use crate::disk::{FileChildInfo, ImageInfo, Qcow2Specific, SnapshotInfo};
+use crate::disk::{EncryptInfo, FileChildInfo, ImageInfo, Qcow2Specific, SnapshotInfo};
 
 fn kv(k: &str, v: Value) -> (String, Value) {
     (k.to_string(), v)
@@ -34,6 +34,9 @@ fn qcow2_specific_json(q: &Qcow2Specific) -> Value {
         data.push(kv("corrupt", Value::Bool(b)));
     }
     data.push(kv("refcount-bits", uint(q.refcount_bits)));
+    if let Some(e) = &q.encrypt {
+        data.push(kv("encrypt", encrypt_json(e)));
+    }
     if let Some(bitmaps) = &q.bitmaps {
         let list = bitmaps
             .iter()
@@ -55,6 +58,58 @@ fn qcow2_specific_json(q: &Qcow2Specific) -> Value {
         kv("type", Value::str("qcow2")),
         kv("data", Value::Object(data)),
     ])
+}
+
+/// The `encrypt` member: QEMU's `ImageInfoSpecificQCow2Encryption` (the format, and for LUKS its
+/// header: algorithms, UUID, key slots, payload offset, master key iterations).
+fn encrypt_json(e: &EncryptInfo) -> Value {
+    use qcow2_core::format::luks::{LUKS_SECTOR, STRIPES};
+    let h = match e {
+        EncryptInfo::Aes => return Value::Object(vec![kv("format", Value::str("aes"))]),
+        EncryptInfo::Luks(h) => h,
+    };
+    let mut m = vec![
+        kv("format", Value::str("luks")),
+        kv("cipher-alg", Value::str(h.cipher.algorithm.name())),
+        kv("cipher-mode", Value::str(h.cipher.mode.name())),
+        kv("ivgen-alg", Value::str(h.cipher.ivgen.name())),
+    ];
+    if let Some(ih) = h.cipher.ivgen_hash {
+        m.push(kv("ivgen-hash-alg", Value::str(ih.name())));
+    }
+    m.push(kv("hash-alg", Value::str(h.hash.name())));
+    m.push(kv("detached-header", Value::Bool(false)));
+    m.push(kv(
+        "payload-offset",
+        uint(u64::from(h.payload_offset_sector) * LUKS_SECTOR),
+    ));
+    m.push(kv(
+        "master-key-iters",
+        uint(u64::from(h.master_key_iterations)),
+    ));
+    let uuid_len = h.uuid.iter().position(|&b| b == 0).unwrap_or(h.uuid.len());
+    m.push(kv(
+        "uuid",
+        Value::str(String::from_utf8_lossy(&h.uuid[..uuid_len]).into_owned()),
+    ));
+    let slots = h
+        .slots
+        .iter()
+        .map(|s| {
+            let mut o = vec![kv("active", Value::Bool(s.active))];
+            if s.active {
+                o.push(kv("iters", uint(u64::from(s.iterations))));
+                o.push(kv("stripes", uint(u64::from(STRIPES))));
+            }
+            o.push(kv(
+                "key-offset",
+                uint(u64::from(s.key_offset_sector) * LUKS_SECTOR),
+            ));
+            Value::Object(o)
+        })
+        .collect();
+    m.push(kv("slots", Value::Array(slots)));
+    Value::Object(m)
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {

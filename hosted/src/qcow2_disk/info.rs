@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// The LUKS header of the image file `name`, whose area the encryption extension places (the engine
+/// checked it when it opened the image).
+fn luks_header(
+    name: &str,
+    area: Option<(u64, u64)>,
+) -> Option<qcow2_core::format::luks::LuksHeader> {
+    use std::os::unix::fs::FileExt;
+    let (offset, _) = area?;
+    let mut raw = [0u8; qcow2_core::format::luks::LUKS_HEADER_LEN];
+    File::open(name)
+        .ok()?
+        .read_exact_at(&mut raw, offset)
+        .ok()?;
+    qcow2_core::format::luks::LuksHeader::parse(&raw).ok()
+}
+
 impl Qcow2Disk {
     /// `qemu-img info`'s view of every image of the chain.
     pub(super) fn chain_info(&mut self) -> Result<Vec<ImageInfo>, DiskError> {
@@ -44,6 +60,11 @@ impl Qcow2Disk {
                 );
             }
             spec.bitmaps = self.bitmaps(depth)?;
+            spec.encrypt = match h.crypt_method {
+                1 => Some(EncryptInfo::Aes),
+                2 => luks_header(&name, meta.encryption).map(EncryptInfo::Luks),
+                _ => None,
+            };
             let snapshots = self.snapshots(depth, &h)?;
             let backing = self.stored_name(depth, meta.backing_name)?;
             // A protocol name (`json:`, `nbd://`) stands as it is, as in QEMU.
@@ -66,7 +87,7 @@ impl Qcow2Disk {
                     .incompatible_features
                     .contains(IncompatibleFeatures::DIRTY),
                 cluster_size: Some(h.cluster_size()),
-                encrypted: false,
+                encrypted: h.crypt_method != 0,
                 backing_filename: backing,
                 full_backing_filename: full_backing,
                 backing_filename_format: backing_format,

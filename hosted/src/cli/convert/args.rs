@@ -205,6 +205,20 @@ pub(in crate::cli) fn cmd_convert(
                 "Compression and preallocation not supported at the same time",
             ));
         }
+        if copy.compress
+            && options.iter().any(|o| {
+                o.split(',').any(|kv| {
+                    kv.starts_with("encrypt.format=")
+                        || kv
+                            .strip_prefix("encryption=")
+                            .is_some_and(|v| matches!(v, "on" | "yes" | "true" | "y"))
+                })
+            })
+        {
+            return Err(fail(
+                "Compression and encryption not supported at the same time",
+            ));
+        }
         Target::NewQcow2 {
             options,
             backing,
