@@ -308,12 +308,12 @@ impl Qcow2Specific {
 }
 
 /// How an image is encrypted, as `qemu-img info` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EncryptInfo {
     /// Legacy AES (`encrypt.format=aes`).
     Aes,
     /// LUKS, with its header.
-    Luks(qcow2_core::format::luks::LuksHeader),
+    Luks(Box<qcow2_core::format::luks::LuksHeader>),
 }
 
 /// The protocol ("file") node under a format node.

@@ -62,7 +62,7 @@ impl Qcow2Disk {
             spec.bitmaps = self.bitmaps(depth)?;
             spec.encrypt = match h.crypt_method {
                 1 => Some(EncryptInfo::Aes),
-                2 => luks_header(&name, meta.encryption).map(EncryptInfo::Luks),
+                2 => luks_header(&name, meta.encryption).map(|h| EncryptInfo::Luks(Box::new(h))),
                 _ => None,
             };
             let snapshots = self.snapshots(depth, &h)?;
