@@ -188,6 +188,7 @@ pub struct Qcow2Meta {
     /// The bitmaps extension, when the autoclear bit says it is valid.
     pub bitmaps: Option<BitmapsExtension>,
     /// The full-disk-encryption header extension: host offset and length of the LUKS area.
+    #[cfg(feature = "luks")]
     pub encryption: Option<(u64, u64)>,
 }
 

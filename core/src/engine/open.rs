@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::format::bitmap::{DIR_ENTRY_LEN, DirectoryWalk};
+#[cfg(feature = "luks")]
 use crate::format::luks::LuksError;
 
 /// Reads the qcow2 header and extensions of `dev` and validates them.
@@ -28,6 +29,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
         data_file_name: None,
         feature_table: None,
         bitmaps: None,
+        #[cfg(feature = "luks")]
         encryption: None,
     };
     // Header extensions: the one walk of the extension area (format::ExtensionWalk), as check sees them.
@@ -85,6 +87,7 @@ pub(crate) fn open_qcow2<D: BlockDevice>(
                         meta.bitmaps = Some(ext);
                     }
                 }
+                #[cfg(feature = "luks")]
                 extension::ENCRYPTION => {
                     if header.crypt_method != 2 {
                         return Err(Error::Encryption(LuksError::BadExtension(
@@ -185,27 +188,16 @@ fn open_encryption<D: BlockDevice, R: Resolver<D>>(
     }
 }
 
-#[cfg(not(any(feature = "luks", feature = "aes-legacy")))]
-fn open_encryption<D: BlockDevice, R: Resolver<D>>(
-    layer: &mut Layer<D>,
-    _bounce: &mut [u8],
-    _depth: usize,
-    _resolver: &mut R,
-) -> Result<(), Error<D::Error>> {
-    Err(unsupported_encryption(
-        layer.meta.as_ref().map_or(0, |m| m.header.crypt_method),
-    ))
-}
-
 /// An encryption method this build does not have (or no valid image has).
+#[cfg(any(feature = "luks", feature = "aes-legacy"))]
 fn unsupported_encryption<E>(method: u32) -> Error<E> {
     match method {
         1 => Error::Unsupported {
-            what: "AES-CBC encryption (crypt_method; the engine's aes-legacy feature)",
+            what: "AES-CBC encryption (crypt_method)",
             value: 1,
         },
         2 => Error::Unsupported {
-            what: "LUKS encryption (crypt_method; the engine's luks feature)",
+            what: "LUKS encryption (crypt_method)",
             value: 2,
         },
         m => Error::InvalidHeader {
@@ -452,6 +444,7 @@ where
             .meta
             .insert(open_qcow2(&mut layer.dev, bounce, file_size)?);
         layer.size = meta.header.size;
+        #[cfg(any(feature = "luks", feature = "aes-legacy"))]
         if meta.header.crypt_method != 0 {
             open_encryption(layer, bounce, depth, resolver)?;
         }

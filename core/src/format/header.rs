@@ -303,9 +303,23 @@ impl Header {
                 "must be 0..=6",
             ));
         }
-        // Encrypted images (1: AES-CBC, 2: LUKS) parse; opening one needs the engine's encryption features.
+        // Encrypted images (1: AES-CBC, 2: LUKS) parse when the engine has the feature that opens them.
         match self.crypt_method {
-            0..=2 => {}
+            0 => {}
+            1 if cfg!(feature = "aes-legacy") => {}
+            2 if cfg!(feature = "luks") => {}
+            1 => {
+                return Err(FormatError::Unsupported {
+                    what: "AES-CBC encryption (crypt_method)",
+                    value: 1,
+                });
+            }
+            2 => {
+                return Err(FormatError::Unsupported {
+                    what: "LUKS encryption (crypt_method)",
+                    value: 2,
+                });
+            }
             m => {
                 return Err(invalid(
                     "crypt_method",

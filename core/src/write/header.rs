@@ -41,6 +41,7 @@ pub struct Cluster0Change<'a> {
     /// The bitmaps extension (`Some(None)`: none; the header's autoclear bit must agree).
     pub bitmaps: Option<Option<BitmapsExtension>>,
     /// The full-disk-encryption extension: host offset and length of the LUKS area (`Some(None)`: none).
+    #[cfg(feature = "luks")]
     pub encryption: Option<Option<(u64, u64)>>,
 }
 
@@ -292,6 +293,7 @@ where
                 return Ok(false);
             }
         }
+        #[cfg(feature = "luks")]
         let fits = match change.encryption {
             None => self.copy_extensions(out, Keep::Magic(extension::ENCRYPTION))?,
             Some(Some((offset, len))) => {
@@ -303,6 +305,8 @@ where
             }
             Some(None) => true,
         };
+        #[cfg(not(feature = "luks"))]
+        let fits = self.copy_extensions(out, Keep::Magic(extension::ENCRYPTION))?;
         if !fits {
             return Ok(false);
         }
