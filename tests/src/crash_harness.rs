@@ -41,7 +41,14 @@ impl Resolver<SimDevice> for Backing {
             what: "no data file",
         })
     }
+    /// Encrypted images of the power-loss tests are made with [`PASSPHRASE`].
+    fn passphrase(&mut self, _depth: usize) -> Option<&[u8]> {
+        Some(PASSPHRASE)
+    }
 }
+
+/// The passphrase of every encrypted image the power-loss tests make.
+pub const PASSPHRASE: &[u8] = b"crash-test";
 
 pub fn buffers(small: bool) -> Buffers<Vec<u8>> {
     Buffers {
