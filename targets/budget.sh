@@ -14,7 +14,10 @@
 # device); ro-plain (no decompressor) and rw-repair (the read-write engine with qcow2-core's `dirty-repair`,
 # which links check's walk and repair so that a writable open can rebuild a dirty image's refcounts) are
 # printed for comparison, and so is rw-snapshots (the read-write engine that also resizes and creates,
-# applies and deletes snapshots); both get the panic-path check too. RAM figures are size_of values for the
+# applies and deletes snapshots); both get the panic-path check too. ro-luks (the read-only engine with
+# deflate and qcow2-core's `luks`: LUKS unlock and decryption) is printed with its flash and RAM; its
+# panic-path report is printed for information (the crypto crates' bounds checks, and hmac's key setup
+# inlined into the engine's PBKDF2, are not on the allowlist). RAM figures are size_of values for the
 # target, stored by the binaries in a `.budget` section. The peak stack comes from targets/cortex-m/test.sh
 # (which this script runs unless QCOW2_STACK_FILE names a file it already wrote).
 #
@@ -28,7 +31,8 @@ for tool in llvm-size llvm-objcopy llvm-objdump llvm-addr2line llvm-cxxfilt pyth
     command -v "$tool" >/dev/null || { echo "budget: $tool is missing" >&2; exit 1; }
 done
 
-(cd budget && cargo build --release && cargo build --release --features dirty-repair --bin rw-repair)
+(cd budget && cargo build --release && cargo build --release --features dirty-repair --bin rw-repair &&
+    cargo build --release --features luks --bin ro-luks)
 bin_dir=$(cd budget && cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' |
     cut -d'"' -f4)/thumbv7em-none-eabihf/release
 
@@ -57,6 +61,8 @@ ro_deflate=$(flash "$bin_dir/ro-deflate")
 rw=$(flash "$bin_dir/rw")
 rw_repair=$(flash "$bin_dir/rw-repair")
 rw_snapshots=$(flash "$bin_dir/rw-snapshots")
+ro_luks=$(flash "$bin_dir/ro-luks")
+read -r img_luks _ _ _ _ <<<"$(ram_words "$bin_dir/ro-luks")"
 ram_plain=$((img_plain + bounce))
 ram_deflate=$((img_deflate + bounce + metadata + window + input))
 
@@ -87,6 +93,8 @@ check flash-ro "flash: read-only engine with deflate (ro-deflate)" "$ro_deflate"
 check flash-rw "flash: read-write engine with deflate (rw)" "$rw" $((64 * 1024))
 printf '%-13s %-58s %7d B\n' info "  (with dirty-repair, which links check::repair: rw-repair)" "$rw_repair"
 printf '%-13s %-58s %7d B\n' info "  (with resize and snapshots create/apply/delete: rw-snapshots)" "$rw_snapshots"
+printf '%-13s %-58s %7d B\n' info "flash: read-only engine with deflate and LUKS (ro-luks)" "$ro_luks"
+printf '%-13s %-58s %7d B\n' info "  (its Image with the data keys; ro-deflate's: $img_deflate B)" "$img_luks"
 check ram-plain "RAM, uncompressed read: Image $img_plain + bounce $bounce" "$ram_plain" $((8 * 1024))
 printf '%-13s %-58s %7d B\n' info "  (plus the caller's metadata cache: 4 slices)" "$metadata"
 check ram-deflate "RAM, compressed read: Image+inflate $img_deflate + buffers" "$ram_deflate" $((48 * 1024))
@@ -109,5 +117,7 @@ for b in ro-deflate rw rw-repair rw-snapshots; do
         status=1
     fi
 done
+echo "Panic paths in ro-luks (for information):"
+python3 budget/panic_paths.py "$bin_dir/ro-luks" budget/panic-allowlist.txt | grep -v "^  allowlisted" || true
 cd "$root"
 exit $status

@@ -7,6 +7,8 @@
 
 use zeroize::Zeroize;
 
+use crate::format::copy_prefix;
+
 use super::unlock::{diffuse, pbkdf2, xor_into};
 use super::{Direction, DiskKey, SECTOR};
 use crate::format::luks::{
@@ -14,7 +16,7 @@ use crate::format::luks::{
     LuksHeader, MAX_KEY_BYTES, SALT_LEN, STRIPES, UUID_LEN,
 };
 
-pub use super::unlock::pbkdf2 as pbkdf2_hmac;
+pub use super::unlock::{hash_supported, pbkdf2 as pbkdf2_hmac};
 
 /// What a new LUKS area uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +38,8 @@ pub type AreaStore<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
 
 /// Builds the LUKS area for `passphrase`: `random` fills buffers with random bytes, `store(offset, bytes)`
 /// writes bytes at `offset` from the start of the area (whole sectors, in increasing order, the header
-/// last). Returns the header and the data key. The area's length is [`LuksHeader::area_len`].
+/// last). Returns the header and the data key. The area's length is [`LuksHeader::area_len`]. The hash must
+/// be one this build has ([`hash_supported`]).
 pub fn build_area<E>(
     params: &LuksParams,
     passphrase: &[u8],
@@ -92,7 +95,7 @@ pub fn build_area<E>(
             xor_into(run, st);
             diffuse(params.hash, run);
         } else {
-            st.copy_from_slice(master.get(..kb).unwrap_or(&[]));
+            copy_prefix(st, master.get(..kb).unwrap_or(&[]));
             xor_into(st, run);
         }
         for &b in stripe.get(..kb).unwrap_or(&[]) {
@@ -152,7 +155,7 @@ pub fn build_area<E>(
     let mut raw = [0u8; LUKS_HEADER_LEN];
     header.emit(&mut raw);
     if let Some(d) = first.get_mut(..LUKS_HEADER_LEN) {
-        d.copy_from_slice(&raw);
+        copy_prefix(d, &raw);
     }
     store(0, &first)?;
     let key = DiskKey::new(params.cipher, master.get(..kb).unwrap_or(&[]), true);

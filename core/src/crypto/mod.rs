@@ -54,7 +54,7 @@ impl DiskKey {
         let mut k = [0u8; MAX_KEY_BYTES];
         let n = key.len().min(MAX_KEY_BYTES);
         if let (Some(d), Some(s)) = (k.get_mut(..n), key.get(..n)) {
-            d.copy_from_slice(s);
+            crate::format::copy_prefix(d, s);
         }
         DiskKey {
             key: k,
@@ -71,7 +71,7 @@ impl DiskKey {
         let mut k = [0u8; 16];
         let n = passphrase.len().min(16);
         if let (Some(d), Some(s)) = (k.get_mut(..n), passphrase.get(..n)) {
-            d.copy_from_slice(s);
+            crate::format::copy_prefix(d, s);
         }
         let spec = CipherSpec {
             algorithm: CipherAlgorithm::Aes128,

@@ -27,8 +27,9 @@ impl<T: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + BlockSizeUser<BlockS
 {
 }
 
-/// Encrypts or decrypts `buf` (whole sectors; a partial tail is left alone) with `key`, the first sector
-/// numbered `sector`.
+/// Encrypts or decrypts `buf` with `key`, sector by sector, the first numbered `sector`; a last partial
+/// sector is treated as a shorter unit of its whole 16-byte blocks (as QEMU treats the tail of a key
+/// slot's material).
 pub(super) fn apply(spec: &CipherSpec, key: &[u8], sector: u64, buf: &mut [u8], dir: Direction) {
     match spec.algorithm {
         CipherAlgorithm::Aes128 => run::<Aes128>(spec, key, sector, buf, dir),
@@ -49,6 +50,49 @@ fn essiv_cipher(key: &[u8]) -> Option<Aes256> {
 #[cfg(not(feature = "luks"))]
 fn essiv_cipher(_key: &[u8]) -> Option<Aes256> {
     None
+}
+
+/// XTS (IEEE 1619) over one sector's whole 16-byte blocks: the IV encrypted with the second key is the
+/// tweak; each block is XORed with it, goes through the first key, and is XORed again; the tweak is
+/// multiplied by x in GF(2^128) between blocks. (Sectors are whole blocks: no ciphertext stealing.)
+#[cfg(feature = "luks")]
+fn xts_sector<C: Aes>(c1: &C, c2: &C, iv: Block, sector: &mut [u8], dir: Direction) {
+    let mut tweak = iv;
+    c2.encrypt_block(&mut tweak);
+    let (blocks, _) = Block::slice_as_chunks_mut(sector);
+    for b in blocks {
+        xor_block(b, &tweak);
+        match dir {
+            Direction::Encrypt => c1.encrypt_block(b),
+            Direction::Decrypt => c1.decrypt_block(b),
+        }
+        xor_block(b, &tweak);
+        tweak = times_x(&tweak);
+    }
+}
+
+/// `t * x` in GF(2^128) with XTS's little-endian byte order and the polynomial x^128 + x^7 + x^2 + x + 1.
+#[cfg(feature = "luks")]
+fn times_x(t: &Block) -> Block {
+    let mut out = Block::default();
+    let mut carry = 0u8;
+    for (o, &b) in out.iter_mut().zip(t.iter()) {
+        *o = (b << 1) | carry;
+        carry = b >> 7;
+    }
+    if carry != 0
+        && let Some(first) = out.first_mut()
+    {
+        *first ^= 0x87;
+    }
+    out
+}
+
+#[cfg(feature = "luks")]
+fn xor_block(b: &mut Block, t: &Block) {
+    for (x, y) in b.iter_mut().zip(t.iter()) {
+        *x ^= *y;
+    }
 }
 
 /// Copies `bytes` to the start of `block`.
@@ -89,20 +133,15 @@ fn run<C: Aes>(spec: &CipherSpec, key: &[u8], sector: u64, buf: &mut [u8], dir: 
             ) else {
                 return;
             };
-            let xts = xts_mode::Xts128::new(c1, c2);
-            for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                let tweak = iv(sector.wrapping_add(i as u64));
-                match dir {
-                    Direction::Encrypt => xts.encrypt_sector(s, tweak),
-                    Direction::Decrypt => xts.decrypt_sector(s, tweak),
-                }
+            for (i, s) in buf.chunks_mut(SECTOR).enumerate() {
+                xts_sector(&c1, &c2, iv(sector.wrapping_add(i as u64)), s, dir);
             }
         }
         CipherMode::Cbc => {
             let Ok(c) = C::new_from_slice(key) else {
                 return;
             };
-            for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
+            for (i, s) in buf.chunks_mut(SECTOR).enumerate() {
                 let v = iv(sector.wrapping_add(i as u64));
                 let (blocks, _) = Block::slice_as_chunks_mut(s);
                 match dir {
@@ -119,8 +158,7 @@ fn run<C: Aes>(spec: &CipherSpec, key: &[u8], sector: u64, buf: &mut [u8], dir: 
             let Ok(c) = C::new_from_slice(key) else {
                 return;
             };
-            let whole = buf.len().saturating_sub(buf.len() % SECTOR);
-            let (blocks, _) = Block::slice_as_chunks_mut(buf.get_mut(..whole).unwrap_or(&mut []));
+            let (blocks, _) = Block::slice_as_chunks_mut(buf);
             match dir {
                 Direction::Encrypt => c.encrypt_blocks(blocks),
                 Direction::Decrypt => c.decrypt_blocks(blocks),
@@ -129,7 +167,7 @@ fn run<C: Aes>(spec: &CipherSpec, key: &[u8], sector: u64, buf: &mut [u8], dir: 
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "luks"))]
 mod tests {
     use super::*;
     use crate::format::luks::HashAlgorithm;

@@ -26,12 +26,17 @@ pub fn pbkdf2(hash: HashAlgorithm, password: &[u8], salt: &[u8], iterations: u32
         HashAlgorithm::Sha256 => {
             pbkdf2::pbkdf2_hmac::<sha2::Sha256>(password, salt, iterations, out)
         }
+        #[cfg(feature = "luks-sha512")]
         HashAlgorithm::Sha384 => {
             pbkdf2::pbkdf2_hmac::<sha2::Sha384>(password, salt, iterations, out)
         }
+        #[cfg(feature = "luks-sha512")]
         HashAlgorithm::Sha512 => {
             pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, salt, iterations, out)
         }
+        // Refused before any use (`hash_supported`).
+        #[cfg(not(feature = "luks-sha512"))]
+        HashAlgorithm::Sha384 | HashAlgorithm::Sha512 => out.fill(0),
     }
 }
 
@@ -42,9 +47,18 @@ pub(crate) fn diffuse(hash: HashAlgorithm, block: &mut [u8]) {
         HashAlgorithm::Sha1 => diffuse_with::<sha1::Sha1>(block),
         HashAlgorithm::Sha224 => diffuse_with::<sha2::Sha224>(block),
         HashAlgorithm::Sha256 => diffuse_with::<sha2::Sha256>(block),
+        #[cfg(feature = "luks-sha512")]
         HashAlgorithm::Sha384 => diffuse_with::<sha2::Sha384>(block),
+        #[cfg(feature = "luks-sha512")]
         HashAlgorithm::Sha512 => diffuse_with::<sha2::Sha512>(block),
+        #[cfg(not(feature = "luks-sha512"))]
+        HashAlgorithm::Sha384 | HashAlgorithm::Sha512 => {}
     }
+}
+
+/// Whether this build has `hash` (SHA-384 and SHA-512 need the `luks-sha512` feature).
+pub fn hash_supported(hash: HashAlgorithm) -> bool {
+    cfg!(feature = "luks-sha512") || !matches!(hash, HashAlgorithm::Sha384 | HashAlgorithm::Sha512)
 }
 
 fn diffuse_with<H: sha2::Digest>(block: &mut [u8]) {
@@ -55,7 +69,7 @@ fn diffuse_with<H: sha2::Digest>(block: &mut [u8]) {
         h.update(&*piece);
         let out = h.finalize();
         if let Some(d) = out.get(..piece.len()) {
-            piece.copy_from_slice(d);
+            crate::format::copy_prefix(piece, d);
         }
     }
 }
@@ -98,6 +112,11 @@ pub(crate) fn unlock<D: BlockDevice>(
     passphrase: &[u8],
 ) -> Result<DiskKey, Error<D::Error>> {
     check_iterations(h).map_err(Error::Encryption)?;
+    if !hash_supported(h.hash) {
+        return Err(Error::Encryption(LuksError::Unsupported(
+            "a LUKS hash of SHA-384 or SHA-512 (the engine's luks-sha512 feature)",
+        )));
+    }
     let kb = usize::try_from(h.key_bytes).unwrap_or(usize::MAX);
     if kb > MAX_KEY_BYTES || kb != h.cipher.key_bytes() {
         return Err(Error::Encryption(LuksError::UnknownCipher {

@@ -79,9 +79,7 @@ pub(crate) fn read_decrypted<D: BlockDevice>(
             );
             let n = SECTOR.saturating_sub(skip).min(rest);
             let src = whole.get(skip..skip.saturating_add(n)).unwrap_or(&[]);
-            if let Some(d) = out.get_mut(done..done.saturating_add(n)) {
-                d.copy_from_slice(src);
-            }
+            crate::format::copy_prefix(out.get_mut(done..).unwrap_or(&mut []), src);
             done = done.saturating_add(n.max(1));
         }
     }

@@ -47,9 +47,8 @@ impl LuksName {
     pub(crate) fn new(s: &[u8]) -> Self {
         let mut bytes = [0u8; NAME_LEN];
         let n = s.len().min(NAME_LEN);
-        if let (Some(d), Some(s)) = (bytes.get_mut(..n), s.get(..n)) {
-            d.copy_from_slice(s);
-        }
+        super::copy_prefix(&mut bytes, s);
+        let _ = n;
         LuksName {
             bytes,
             len: n as u8,
@@ -430,9 +429,7 @@ fn be32_at(b: &[u8], at: usize) -> u32 {
 
 fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     let mut out = [0u8; N];
-    if let Some(s) = b.get(at..at.saturating_add(N)) {
-        out.copy_from_slice(s);
-    }
+    super::copy_prefix(&mut out, b.get(at..).unwrap_or(&[]));
     out
 }
 
@@ -557,9 +554,7 @@ impl LuksHeader {
     pub fn emit(&self, out: &mut [u8; LUKS_HEADER_LEN]) {
         out.fill(0);
         let mut put = |at: usize, bytes: &[u8]| {
-            if let Some(d) = out.get_mut(at..at.saturating_add(bytes.len())) {
-                d.copy_from_slice(bytes);
-            }
+            super::copy_prefix(out.get_mut(at..).unwrap_or(&mut []), bytes);
         };
         put(0, &MAGIC);
         put(6, &1u16.to_be_bytes());

@@ -224,6 +224,13 @@ impl core::fmt::Debug for FeatureName {
 /// `copy_from_slice`, which at opt-level "z" stays an outlined call with a panic in it, this leaves no panic
 /// path (the zip becomes a `memcpy`).
 #[inline]
+/// Copies as many bytes as both slices have (no length check that could panic).
+pub(crate) fn copy_prefix(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = *s;
+    }
+}
+
 pub(crate) fn copy_exact(dst: &mut [u8], src: &[u8]) -> Option<()> {
     if dst.len() != src.len() {
         return None;

@@ -63,7 +63,7 @@ where
             match src {
                 WriteSource::Bytes(bytes) => {
                     let from = done as usize;
-                    part.copy_from_slice(bytes.get(from..from.saturating_add(n)).unwrap_or(&[]));
+                    crate::format::copy_prefix(part, bytes.get(from..).unwrap_or(&[]));
                 }
                 WriteSource::Zeros => part.fill(0),
             }
@@ -135,11 +135,7 @@ where
         match edge {
             Edge::Bytes(bytes) => {
                 let from = a.saturating_sub(origin) as usize;
-                dst.copy_from_slice(
-                    bytes
-                        .get(from..from.saturating_add(hi.saturating_sub(lo)))
-                        .unwrap_or(&[]),
-                );
+                crate::format::copy_prefix(dst, bytes.get(from..).unwrap_or(&[]));
             }
             Edge::Zeros => dst.fill(0),
         }

@@ -12,6 +12,8 @@
 //!    With `snapshot=` the snapshot's L1 table stands in for the active one (`Image::view_snapshot`); with
 //!    `rollback=` the snapshot is applied (`Image::apply_snapshot`: one header write switches the disk, so
 //!    a power cut leaves the old disk or the rolled-back one) and the image flushed before anything else.
+//!    An encrypted image (LUKS, or legacy AES) is unlocked with the settings' `passphrase=`; without one, or
+//!    when it is wrong, the passphrase is asked for at the console (not echoed), three times at most.
 //! 4. Installs a Block I/O protocol (512-byte blocks; read-only unless `mode=rw`) for the virtual disk on a
 //!    new handle with a vendor-defined hardware device path, and connects controllers recursively, so that
 //!    the firmware's own partition and FAT drivers bind to it.
@@ -32,6 +34,7 @@ use core::fmt::Write as _;
 use core::ptr::{NonNull, addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use qcow2_core::format::luks::LuksError;
 use qcow2_core::{
     BlockDevice, BlockDeviceWrite, Buffers, Error, FileRequest, Image, Inflate, Resolver,
     WriteState,
@@ -39,6 +42,7 @@ use qcow2_core::{
 use uefi::boot::{self, LoadImageSource, MemoryType, OpenProtocolAttributes};
 use uefi::boot::{OpenProtocolParams, ScopedProtocol, SearchType, Tpl};
 use uefi::prelude::*;
+use uefi::proto::console::text::Key;
 use uefi::proto::device_path::{DevicePath, DeviceSubType, DeviceType};
 use uefi::proto::loaded_image::LoadedImage;
 use uefi::proto::media::block::BlockIO;
@@ -130,6 +134,10 @@ enum Mode {
 
 /// Longest snapshot name (or id) a setting names.
 const MAX_SNAPSHOT_NAME: usize = 64;
+/// Longest passphrase (from the settings or typed at the console).
+const MAX_PASSPHRASE: usize = 128;
+/// Passphrases typed at the console before giving up.
+const PASSPHRASE_TRIES: usize = 3;
 
 /// What to do with an internal snapshot before booting.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -147,12 +155,16 @@ enum SnapshotUse {
 /// (a UCS-2 string, as the UEFI shell or a `Boot####` entry's optional data gives it), which override the
 /// file. Keys: `mode` = `ro` / `read-only` (the default) or `rw` / `read-write`; `snapshot` = the id or
 /// name of an internal snapshot to boot (read-only); `rollback` = the id or name of one to apply first
-/// (needs `mode=rw`). An id is matched first, then a name, as `qemu-img snapshot -a` does.
+/// (needs `mode=rw`). An id is matched first, then a name, as `qemu-img snapshot -a` does; `passphrase` =
+/// the passphrase of an encrypted disk (one word; without it an encrypted disk's passphrase is asked for at
+/// the console).
 struct Settings {
     mode: Mode,
     snapshot: SnapshotUse,
     name: [u8; MAX_SNAPSHOT_NAME],
     name_len: usize,
+    passphrase: [u8; MAX_PASSPHRASE],
+    passphrase_len: usize,
 }
 
 impl Settings {
@@ -177,6 +189,16 @@ impl Settings {
                     (b"mode", b"ro" | b"read-only") => self.mode = Mode::ReadOnly,
                     (b"mode", b"rw" | b"read-write") => self.mode = Mode::ReadWrite,
                     (b"mode", _) => return Err("mode must be ro or rw"),
+                    (b"passphrase", p) => {
+                        if p.is_empty() || p.len() > MAX_PASSPHRASE {
+                            return Err("a passphrase must have 1 to 128 characters");
+                        }
+                        self.passphrase
+                            .get_mut(..p.len())
+                            .ok_or("passphrase")?
+                            .copy_from_slice(p);
+                        self.passphrase_len = p.len();
+                    }
                     (b"snapshot" | b"rollback", name) => {
                         if name.is_empty() || name.len() > MAX_SNAPSHOT_NAME {
                             return Err("a snapshot name must have 1 to 64 characters");
@@ -192,7 +214,11 @@ impl Settings {
                             SnapshotUse::Rollback
                         };
                     }
-                    _ => return Err("unknown setting (the keys are mode, snapshot and rollback)"),
+                    _ => {
+                        return Err(
+                            "unknown setting (the keys are mode, snapshot, rollback and passphrase)",
+                        );
+                    }
                 }
             }
         }
@@ -224,6 +250,8 @@ impl Settings {
             snapshot: SnapshotUse::None,
             name: [0; MAX_SNAPSHOT_NAME],
             name_len: 0,
+            passphrase: [0; MAX_PASSPHRASE],
+            passphrase_len: 0,
         };
         let image = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
             .map_err(|e| e.status())?;
@@ -425,12 +453,13 @@ impl BlockDeviceWrite for FwDisk {
     }
 }
 
-/// Backing files: the other qcow2 disks, in order.
-struct OtherDisks {
+/// Backing files: the other qcow2 disks, in order; and the passphrase of every encrypted one.
+struct OtherDisks<'a> {
     handles: [Option<Handle>; MAX_DISKS],
+    passphrase: Option<&'a [u8]>,
 }
 
-impl Resolver<FwDisk> for OtherDisks {
+impl Resolver<FwDisk> for OtherDisks<'_> {
     fn backing_file(&mut self, _request: FileRequest<'_>) -> Result<FwDisk, Error<Status>> {
         let next = self
             .handles
@@ -445,6 +474,9 @@ impl Resolver<FwDisk> for OtherDisks {
         Err(Error::Unavailable {
             what: "external data files are not supported",
         })
+    }
+    fn passphrase(&mut self, _depth: usize) -> Option<&[u8]> {
+        self.passphrase
     }
 }
 
@@ -845,13 +877,24 @@ fn read_loader(handle: Handle) -> uefi::Result<&'static [u8]> {
     Ok(buf)
 }
 
-/// Opens the qcow2 chain: the top image on `top`, backing files from `others`.
+/// Why the chain did not open.
+enum OpenFailure {
+    /// An encrypted image needs a (another) passphrase.
+    Passphrase(LuksError),
+    /// Anything else (reported).
+    Other(Status),
+}
+
+/// Opens the qcow2 chain: the top image on `top`, backing files from `others`, every encrypted image
+/// unlocked with `passphrase`.
 fn open_image(
     top: Handle,
     others: [Option<Handle>; MAX_DISKS],
     mode: Mode,
-) -> Result<Disk, Status> {
-    // SAFETY: the statics are borrowed once, here (`run` calls this once), and live in the image from now on.
+    passphrase: Option<&[u8]>,
+) -> Result<Disk, OpenFailure> {
+    // SAFETY: the statics are borrowed here and live in the image returned; `open_chain` calls this again
+    // only after the image of the previous call failed to open or was dropped, which ended those borrows.
     let (bounce, metadata, window, input) = unsafe {
         (
             &mut *addr_of_mut!(BOUNCE) as &mut [u8],
@@ -860,18 +903,104 @@ fn open_image(
             &mut *addr_of_mut!(INPUT) as &mut [u8],
         )
     };
-    let dev = FwDisk::open(top, mode == Mode::ReadWrite).map_err(|e| e.status())?;
-    let mut resolver = OtherDisks { handles: others };
+    let dev =
+        FwDisk::open(top, mode == Mode::ReadWrite).map_err(|e| OpenFailure::Other(e.status()))?;
+    let mut resolver = OtherDisks {
+        handles: others,
+        passphrase,
+    };
     let buffers = Buffers { bounce, metadata };
     let inflate = Inflate::new(window, input);
     let opened = match mode {
         Mode::ReadOnly => Image::open(dev, buffers, inflate, &mut resolver),
         Mode::ReadWrite => Image::open_writable(dev, buffers, inflate, &mut resolver),
     };
-    opened.map_err(|e| {
-        say!("cannot open the image: {e:?}");
-        Status::LOAD_ERROR
-    })
+    match opened {
+        // A read-only open without a passphrase leaves encrypted images locked.
+        Ok(image) if image.layers().iter().any(|l| l.locked()) => {
+            drop(image);
+            Err(OpenFailure::Passphrase(LuksError::Locked))
+        }
+        Ok(image) => Ok(image),
+        Err(Error::Encryption(e @ (LuksError::Locked | LuksError::WrongPassphrase))) => {
+            Err(OpenFailure::Passphrase(e))
+        }
+        Err(e) => {
+            say!("cannot open the image: {e:?}");
+            Err(OpenFailure::Other(Status::LOAD_ERROR))
+        }
+    }
+}
+
+/// Opens the chain ([`open_image`]) with the settings' passphrase, if any; when an encrypted image needs
+/// one (none given, or a wrong one), asks for it at the console, up to [`PASSPHRASE_TRIES`] times.
+fn open_chain(
+    top: Handle,
+    others: [Option<Handle>; MAX_DISKS],
+    settings: &Settings,
+) -> Result<Disk, Status> {
+    let given = settings
+        .passphrase
+        .get(..settings.passphrase_len)
+        .unwrap_or(&[]);
+    let mut why = match open_image(
+        top,
+        others,
+        settings.mode,
+        (!given.is_empty()).then_some(given),
+    ) {
+        Ok(image) => return Ok(image),
+        Err(OpenFailure::Other(s)) => return Err(s),
+        Err(OpenFailure::Passphrase(e)) => e,
+    };
+    let mut typed = [0u8; MAX_PASSPHRASE];
+    for _ in 0..PASSPHRASE_TRIES {
+        match why {
+            LuksError::WrongPassphrase => say!("the passphrase does not unlock the disk"),
+            _ => say!("the disk is encrypted"),
+        }
+        let n = ask_passphrase(&mut typed).ok_or(Status::ABORTED)?;
+        let attempt = open_image(top, others, settings.mode, typed.get(..n));
+        typed.fill(0);
+        match attempt {
+            Ok(image) => {
+                say!("the disk is unlocked");
+                return Ok(image);
+            }
+            Err(OpenFailure::Other(s)) => return Err(s),
+            Err(OpenFailure::Passphrase(e)) => why = e,
+        }
+    }
+    say!("no passphrase unlocked the disk");
+    Err(Status::ACCESS_DENIED)
+}
+
+/// Reads a passphrase typed at the console (not echoed) into `buf`, up to Enter; Backspace takes back a
+/// character. `None`: the console cannot be read.
+fn ask_passphrase(buf: &mut [u8; MAX_PASSPHRASE]) -> Option<usize> {
+    say!("passphrase:");
+    let mut n = 0usize;
+    loop {
+        let key = uefi::system::with_stdin(|input| {
+            let event = input.wait_for_key_event().ok()?;
+            boot::wait_for_event(&[event]).ok()?;
+            input.read_key().ok()
+        })?;
+        let Some(Key::Printable(c)) = key else {
+            continue;
+        };
+        match u16::from(c) {
+            0x0d | 0x0a => return Some(n),
+            0x08 => n = n.saturating_sub(1),
+            c @ 0x20..=0x7e if n < MAX_PASSPHRASE => {
+                if let Some(slot) = buf.get_mut(n) {
+                    *slot = c as u8;
+                    n += 1;
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Boots snapshot `name` read-only, or applies it (rollback), as the settings say.
@@ -1034,7 +1163,7 @@ fn run() -> Result<(), Status> {
     say!("found a qcow2 disk; opening it");
 
     // 3. The image (and the snapshot the settings name).
-    let mut image = open_image(top, disks, mode)?;
+    let mut image = open_chain(top, disks, &settings)?;
     if settings.snapshot != SnapshotUse::None
         && let Err(e) = use_snapshot(&mut image, &settings)
     {
