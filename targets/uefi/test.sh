@@ -35,8 +35,13 @@
 # convert -O raw` of the overlay the disk outside the ESP is byte for byte as made, the ESP passes
 # `fsck.fat -n` and holds the payload and \qcow2-rw.txt with exactly the payload's content, and the ESP's
 # last 8 blocks hold the 4 KiB written through Block I/O.
-# Then a read-write run with no room after the overlay (see "full" below) and a settings file with a
-# mistake.
+# Then a read-write run with no room after the overlay (see "full" below), the encrypted disks and a
+# settings file with a mistake. Encrypted (LUKS, made by qemu-img): enc-ro boots an encrypted overlay of the
+# unencrypted compressed base read-only, the passphrase from the settings; enc-ask boots a standalone
+# encrypted image, the passphrase typed on the serial console (a wrong one first: asked again; nothing
+# echoed); enc-refused types three wrong ones (qcow2-boot fails cleanly, the image unchanged); enc-rw is a
+# read-write run on an encrypted overlay with every check of one, qemu-img and qemu-io opening the overlay
+# with the passphrase.
 # Fails (never skips) when a tool is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -197,11 +202,26 @@ cp base.qcow2 base.orig
 seq -f 'qcow2-payload wrote line %06g of a file on the qcow2 overlay.' 0 4999 >expected.txt
 [[ $(stat -c %s expected.txt) == 320000 ]] || { echo "expected.txt is not 320000 bytes" >&2; exit 1; }
 
+# The passphrase of the encrypted disks. With ENC set, new_overlay makes LUKS-encrypted overlays and the
+# checks open them with it (img).
+PASS=correct-horse
+SECRET="secret,id=s0,data=$PASS"
+LUKS="encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
+# img FILE: how qemu-img and qemu-io name FILE (with the secret when ENC is set).
+img() {
+    if [[ -n ${ENC:-} ]]; then
+        echo "--object $SECRET --image-opts driver=qcow2,file.filename=$1,encrypt.key-secret=s0"
+    else
+        echo "$1"
+    fi
+}
+
 # new_overlay NAME ESP [LAZY]: NAME.qcow2, an overlay of base.qcow2 for a GPT disk around the FAT image
-# ESP (lazy_refcounts=LAZY, off by default), with 8 MiB of room after it.
+# ESP (lazy_refcounts=LAZY, off by default; LUKS-encrypted when ENC is set), with 8 MiB of room after it.
 new_overlay() {
     make_disk "$1" "$2"
-    qemu-img convert -O qcow2 -o lazy_refcounts="${3:-off}" -B base.qcow2 -F qcow2 "disk-$1.raw" "$1.qcow2"
+    qemu-img convert -O qcow2 ${ENC:+--object "$SECRET"} -o lazy_refcounts="${3:-off}"${ENC:+,$LUKS} \
+        -B base.qcow2 -F qcow2 "disk-$1.raw" "$1.qcow2"
     truncate -s %512 "$1.qcow2"
     truncate -s +8M "$1.qcow2"
     rm "disk-$1.raw"
@@ -211,7 +231,8 @@ new_overlay() {
 # dirty; the base is byte for byte what it was.
 clean() {
     local check st=0
-    check=$(qemu-img check "$1.qcow2" 2>&1) || st=$?
+    # shellcheck disable=SC2046 # img's words
+    check=$(qemu-img check $(img "$1.qcow2") 2>&1) || st=$?
     echo "$check" | sed 's/^/  qemu-img check: /'
     ((st == 0)) || fail "$1" "qemu-img check exit status $st"
     grep -q "^No errors were found on the image.$" <<<"$check" || fail "$1" "qemu-img check found errors"
@@ -250,7 +271,7 @@ rw() {
         boot "$name" "$dir" "$name.qcow2" off "" KILL
         ((rc == 0)) || fail "$name" "QEMU did not power off within ${limit}s (exit status $rc)"
     fi
-    [[ $dir == boot-rw || $dir == boot-rollback ]] &&
+    [[ $dir == boot-rw || $dir == boot-rollback || $dir == boot-enc-rw ]] &&
         settings="qcow2-boot: settings read from \\EFI\\BOOT\\qcow2-boot.cfg"
     for l in ${settings:+"$settings"} "qcow2-boot: read-write" \
         "qcow2-payload: wrote \\qcow2-rw.txt (320000 bytes), flushed and closed it" \
@@ -265,7 +286,8 @@ rw() {
     clean "$name"
     # The guest disk: outside the ESP (where the refused writes aimed) as made; the file system is sound and
     # holds the payload and the file written.
-    qemu-img convert -O raw "$name.qcow2" "$name.raw"
+    # shellcheck disable=SC2046 # img's words
+    qemu-img convert -O raw $(img "$name.qcow2") "$name.raw"
     outside_esp_unchanged "$name.raw" || fail "$name" "the disk outside the ESP changed"
     dd if="$name.raw" of="esp-$name.out" bs=512 skip=$esp_start count=$esp_sectors status=none
     fsck.fat -n "esp-$name.out" >"fsck-$name.txt" 2>&1 || { cat "fsck-$name.txt" >&2; fail "$name" "fsck.fat -n failed"; }
@@ -381,6 +403,99 @@ echo "uefi: full: the write that needed a new cluster failed with DEVICE_ERROR, 
     "not dirty (also grown by 256 KiB: the cluster went back), the base and the virtual disk unchanged" \
     "(qemu exit status $rc)"
 rm -f full.raw disk-full.raw esp-full.img
+
+# Encrypted disks (LUKS, made by qemu-img with passphrase $PASS).
+# enc-ro: an encrypted overlay of the unencrypted compressed base, the passphrase in qcow2-boot.cfg:
+# read-only boot.
+echo
+echo "=== encrypted, enc-ro: a LUKS overlay of the compressed base, passphrase from the settings"
+mkdir -p boot-enc-ro/EFI/BOOT boot-enc-rw/EFI/BOOT boot-enc-ask/EFI/BOOT
+cp "$out/qcow2-boot.efi" boot-enc-ro/EFI/BOOT/BOOTX64.EFI
+cp "$out/qcow2-boot.efi" boot-enc-rw/EFI/BOOT/BOOTX64.EFI
+cp "$out/qcow2-boot.efi" boot-enc-ask/EFI/BOOT/BOOTX64.EFI
+printf 'passphrase=%s\n' "$PASS" >boot-enc-ro/EFI/BOOT/qcow2-boot.cfg
+printf 'mode=rw\npassphrase=%s\n' "$PASS" >boot-enc-rw/EFI/BOOT/qcow2-boot.cfg
+make_disk enc esp-top.img
+qemu-img convert -O qcow2 --object "$SECRET" -o "$LUKS" -B base.qcow2 -F qcow2 disk-enc.raw enc-ro.qcow2
+qemu-img convert -O qcow2 --object "$SECRET" -o "$LUKS" disk-enc.raw enc-alone.qcow2
+truncate -s %512 enc-ro.qcow2 enc-alone.qcow2
+qemu-img info enc-ro.qcow2 | grep -qx "encrypted: yes" || fail enc-ro "qemu-img did not encrypt the overlay"
+boot enc-ro boot-enc-ro enc-ro.qcow2 on "$LINE" TERM
+printed enc-ro "$LINE" || fail enc-ro "no line '$LINE'"
+echo "uefi: enc-ro: the payload ran from inside the encrypted overlay (qemu exit status $rc)"
+
+# boot_typing NAME BOOT_DIR IMAGE ANSWER...: boots IMAGE alone (read-only), typing the next ANSWER (and
+# Enter) on the serial console each time qcow2-boot asks for the passphrase, until the payload's line,
+# a failure, or the time limit.
+boot_typing() {
+    local name=$1 dir=$2 image=$3 serial=serial-$1.txt asked=0
+    shift 3
+    cp "$vars" vars.fd
+    rm -f "in-$name"
+    mkfifo "in-$name"
+    qemu-system-x86_64 -machine q35 -m 256 -nographic -no-reboot -net none \
+        -drive if=pflash,format=raw,readonly=on,file="$code" -drive if=pflash,format=raw,file=vars.fd \
+        -drive if=virtio,format=raw,readonly=on,file=fat:"$dir" \
+        -drive if=virtio,format=raw,readonly=on,file="$image" \
+        -serial mon:stdio <"in-$name" >"$serial" 2>&1 &
+    local qemu=$! start=$SECONDS
+    exec 7>"in-$name"
+    while kill -0 "$qemu" 2>/dev/null && ((SECONDS - start < limit)); do
+        grep -aqF -e "$LINE" "$serial" 2>/dev/null && break
+        grep -aq "qcow2-boot: failed" "$serial" 2>/dev/null && break
+        local n
+        n=$(grep -ac "qcow2-boot: passphrase:" "$serial" 2>/dev/null || true)
+        if ((n > asked)) && (($# > 0)); then
+            sleep 1
+            printf '%s\r' "$1" >&7
+            shift
+            asked=$n
+        fi
+        sleep 0.2
+    done
+    sleep 1
+    kill "$qemu" 2>/dev/null || true
+    rc=0
+    wait "$qemu" 2>/dev/null || rc=$?
+    exec 7>&-
+    echo "(qemu-system-x86_64 ran $((SECONDS - start))s); what it printed about booting:"
+    tr -d '\r' <"$serial" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -a -E 'qcow2|BdsDxe' | head -40 || true
+}
+
+# enc-ask: the standalone encrypted image, no passphrase in the settings: qcow2-boot asks at the console;
+# a wrong one is asked again, the right one unlocks the disk and the payload runs.
+echo
+echo "=== encrypted, enc-ask: a standalone LUKS image, the passphrase typed (a wrong one first)"
+cp enc-alone.qcow2 enc-alone.orig
+boot_typing enc-ask boot-enc-ask enc-alone.qcow2 battery-staple "$PASS"
+for l in "qcow2-boot: the disk is encrypted" "qcow2-boot: the passphrase does not unlock the disk" \
+    "qcow2-boot: the disk is unlocked" "$LINE"; do
+    printed enc-ask "$l" || fail enc-ask "no line '$l'"
+done
+! grep -aq -e battery-staple -e "$PASS" serial-enc-ask.txt || fail enc-ask "a typed passphrase was echoed"
+cmp enc-alone.qcow2 enc-alone.orig || fail enc-ask "the image changed"
+echo "uefi: enc-ask: asked twice (the wrong passphrase refused, not echoed), the payload ran (qemu exit status $rc)"
+
+# enc-refused: three wrong passphrases: qcow2-boot gives up cleanly and leaves the image alone.
+echo
+echo "=== encrypted, enc-refused: three wrong passphrases"
+boot_typing enc-refused boot-enc-ask enc-alone.qcow2 one two three
+for l in "qcow2-boot: no passphrase unlocked the disk" "qcow2-boot: failed: ACCESS_DENIED"; do
+    printed enc-refused "$l" || fail enc-refused "no line '$l'"
+done
+! grep -aq "qcow2-payload" serial-enc-refused.txt || fail enc-refused "the payload ran"
+cmp enc-alone.qcow2 enc-alone.orig || fail enc-refused "the image changed"
+echo "uefi: enc-refused: three wrong passphrases, qcow2-boot failed cleanly, the image unchanged"
+
+# enc-rw: a read-write run on a LUKS overlay (passphrase from the settings): every check of a read-write
+# run, with qemu-img opening the overlay with the passphrase (check, and the raw copy the file is read
+# from); and qemu-io reads the payload's file where it lies on the guest disk.
+ENC=1 rw enc-rw boot-enc-rw reset on "" "qcow2-boot: ResetSystem: the image is flushed and closed"
+# shellcheck disable=SC2046 # img's words
+qemu-io $(ENC=1 img enc-rw.qcow2) -r -c "read 0 40M" | grep -q "^read 41943040/41943040 bytes" ||
+    fail enc-rw "qemu-io could not read the encrypted overlay with the passphrase"
+echo "uefi: enc-rw: qemu-io reads the whole encrypted overlay with the passphrase"
+rm -f disk-enc.raw
 
 # A settings file with a mistake: qcow2-boot refuses to start (it does not fall back to read-only), and
 # the writable overlay is left as it was.
