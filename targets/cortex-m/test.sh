@@ -11,6 +11,10 @@
 #   the disk and makes the writes; `qemu-img check` must find it clean, qemu-img must list the snapshot and
 #   read it as the original disk, and the active disk must equal a raw copy resized and written by qemu-io.
 #   On a second copy it then applies the snapshot: clean, the snapshot still listed, the disk the original.
+# - the `unlock` job, by the program built again with the `luks` feature: a LUKS-encrypted copy of plain.qcow2
+#   (qemu-img, encrypt.iter-time=10: PBKDF2 iterations calibrated on this host, printed) must hash as
+#   qemu-img reads it with the passphrase; the time the emulated Cortex-M took to unlock it is printed (a
+#   figure of the host's emulation speed, not a test).
 # Prints the program's RAM figures and its peak stack per job; writes "read BYTES write BYTES" (the largest
 # peak of each kind of job) to $1 when given, for targets/budget.sh.
 # Fails (never skips) when qemu-system-arm, qemu-img or qemu-io is missing.
@@ -24,8 +28,10 @@ for tool in qemu-system-arm qemu-img qemu-io sha256sum; do
 done
 
 cargo build --release
-elf=$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
-elf=$elf/thumbv7em-none-eabihf/release/qcow2-cortex-m
+target_dir=$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | cut -d'"' -f4)
+elf=$target_dir/thumbv7em-none-eabihf/release/qcow2-cortex-m
+cargo build --release --features luks --target-dir "$target_dir/luks"
+elf_luks=$target_dir/luks/thumbv7em-none-eabihf/release/qcow2-cortex-m
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -131,6 +137,36 @@ qemu-img convert -O raw rollback.qcow2 rollback.raw
 cmp -s rollback.raw original.raw || { echo "FAIL: rollback.qcow2 is not the original disk" >&2; fail=1; }
 echo "ok: snapshot, resize and rollback jobs: qemu-img check clean, the snapshot reads as the original disk," \
     "the resized disk as expected, the rolled-back disk the original; peak stack $(sed -n 's/^stack-peak-snapshots //p' out.txt) bytes"
+
+# The unlock job.
+secret="secret,id=s0,data=cortex-m-passphrase"
+qemu-img convert -O qcow2 --object "$secret" -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 \
+    plain.qcow2 luks.qcow2
+echo "unlock luks.qcow2" >jobs.txt
+set +e
+timeout 300 qemu-system-arm -M mps2-an386 -nographic -monitor none -serial none \
+    -semihosting-config enable=on,target=native -kernel "$elf_luks" >out-luks.txt 2>&1
+rc=$?
+set -e
+cat out-luks.txt
+[[ $rc -eq 0 ]] || { echo "FAIL: the luks program exited with status $rc" >&2; fail=1; }
+want=$(qemu-img convert -O raw --object "$secret" --image-opts \
+    driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s0 luks.raw && sha256sum luks.raw | cut -d' ' -f1)
+got=$(sed -n "s/^sha256 luks.qcow2 //p" out-luks.txt)
+iters=$(qemu-img info --output=json luks.qcow2 | python3 -c 'import json,sys
+e = json.load(sys.stdin)["format-specific"]["data"]["encrypt"]
+print(e["slots"][0]["iters"], e["master-key-iters"], e["cipher-alg"], e["cipher-mode"], e["hash-alg"])')
+read -r slot_iters master_iters alg mode hash <<<"$iters"
+took=$(sed -n "s/^unlock luks.qcow2 //p" out-luks.txt)
+stack_unlock=$(sed -n "s/^stack unlock luks.qcow2 //p" out-luks.txt)
+if [[ -n $got && $got == "$want" ]]; then
+    echo "ok: luks.qcow2 ($alg-$mode, $hash; PBKDF2 $slot_iters iterations for the key slot, $master_iters for" \
+        "the digest) unlocked in $((${took:-0} * 10)) ms of host time under emulation (peak stack" \
+        "$stack_unlock bytes: unlock and read); sha256 $got"
+else
+    echo "FAIL: luks.qcow2: program printed '${got}', qemu-img convert gives $want" >&2
+    fail=1
+fi
 
 peak=$(sed -n 's/^stack-peak //p' out.txt)
 [[ -n $peak ]] || { echo "FAIL: no stack-peak line" >&2; fail=1; }

@@ -12,6 +12,10 @@
 //!   size, makes the writes of [`WRITES`] (the last at the new end), closes it, prints `snapshot NAME`.
 //! - `rollback NAME`: opens `NAME` for writing, applies its first internal snapshot, closes it, prints
 //!   `rolled back NAME`.
+//! - `unlock NAME` (built with the `luks` feature): opens the LUKS-encrypted `NAME` with the passphrase
+//!   [`PASSPHRASE`], prints `unlock NAME CENTISECONDS` (the open's host time under emulation, from
+//!   semihosting's clock), its peak stack as `stack unlock NAME BYTES`, and the virtual disk's `sha256`
+//!   line as a `read` job does.
 //!
 //! Every buffer the engine uses is a static. The stack is painted before each job and its peak use during
 //! the job (open, reads or writes, close, hashing; measured from the top of the stack, so `main`'s frame is
@@ -45,6 +49,10 @@ pub const WRITES: [(u64, usize, u8); 3] = [
     (3 * 1024 * 1024 + 7, 70000, 0x3c),
     (u64::MAX, 4096, 0x5a),
 ];
+
+/// The passphrase of the encrypted images `unlock` jobs open.
+#[cfg(feature = "luks")]
+pub const PASSPHRASE: &[u8] = b"cortex-m-passphrase";
 
 /// Block size of the semihosting devices.
 const BLOCK: usize = 512;
@@ -187,6 +195,45 @@ impl Resolver<SemiFile> for SemiFiles {
             what: "external data files are not supported by this program",
         })
     }
+
+    #[cfg(feature = "luks")]
+    fn passphrase(&mut self, _depth: usize) -> Option<&[u8]> {
+        Some(PASSPHRASE)
+    }
+}
+
+/// Semihosting's clock: centiseconds since the program started.
+#[cfg(feature = "luks")]
+fn clock() -> usize {
+    // SAFETY: SYS_CLOCK takes no argument.
+    unsafe { syscall!(CLOCK) }
+}
+
+/// Opens the encrypted `name` (timed), then reads it as [`hash_image`] does; returns the open's time in
+/// centiseconds and the disk's SHA-256.
+#[cfg(feature = "luks")]
+#[inline(never)]
+fn unlock_image(
+    ctx: &mut Ctx,
+    chunk: &mut [u8],
+    name: &[u8],
+) -> Result<(usize, [u8; 32]), Error<SemiError>> {
+    let dev = SemiFile::open(name, false).map_err(Error::Io)?;
+    let (buffers, inflate) = ctx.lend();
+    let start = clock();
+    let mut opened: Result<Qcow2Reader<'_>, _> = Image::open(dev, buffers, inflate, &mut SemiFiles);
+    let took = clock().saturating_sub(start);
+    let image = opened.as_mut().map_err(|e| e.clone())?;
+    let size = image.virtual_size();
+    let mut sha = Sha256::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let n = (size - pos).min(chunk.len() as u64) as usize;
+        image.read_at(pos, &mut chunk[..n])?;
+        sha.update(&chunk[..n]);
+        pos += n as u64;
+    }
+    Ok((took, sha.finish()))
 }
 
 /// The static inflate state, lent to one image at a time (the engine holds its decompressor by value; lending
@@ -481,6 +528,30 @@ fn main() -> ! {
                     hprintln!("error: rollback {}: {:?}", text(name), e);
                     failed = true;
                 }
+            }
+        } else if let Some(name) = line.strip_prefix(b"unlock ") {
+            #[cfg(feature = "luks")]
+            let result = unlock_image(&mut ctx, chunk, name);
+            #[cfg(feature = "luks")]
+            hprintln!("stack unlock {} {}", text(name), stack_peak());
+            #[cfg(feature = "luks")]
+            match result {
+                Ok((took, d)) => {
+                    hprintln!("unlock {} {}", text(name), took);
+                    hprintln!("sha256 {} {}", text(name), text(&hex(&d)));
+                }
+                Err(e) => {
+                    hprintln!("error: unlock {}: {:?}", text(name), e);
+                    failed = true;
+                }
+            }
+            #[cfg(not(feature = "luks"))]
+            {
+                hprintln!(
+                    "error: unlock {}: built without the luks feature",
+                    text(name)
+                );
+                failed = true;
             }
         } else {
             hprintln!("error: bad job line: {}", text(line));
