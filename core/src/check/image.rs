@@ -16,6 +16,8 @@ pub(super) struct ImageFacts {
     pub(super) snapshot_table_len: u64,
     /// The bitmaps extension, when the image has bitmaps.
     pub(super) bitmaps: Option<BitmapsExtension>,
+    /// The LUKS area of an encrypted image (host offset, length), from its encryption extension.
+    pub(super) encryption: Option<(u64, u64)>,
 }
 
 pub(super) fn load_image<A: Access>(
@@ -43,6 +45,7 @@ pub(super) fn load_image<A: Access>(
         file_clusters: ceil_div(file_len, h.cluster_size()),
         snapshot_table_len: 0,
         bitmaps: None,
+        encryption: None,
     };
     // Snapshot table: its size is the sum of its entries.
     let mut at = h.snapshots_offset;
@@ -60,6 +63,13 @@ pub(super) fn load_image<A: Access>(
         let Some(ext) = walk.advance(raw).map_err(Error::from_format)? else {
             break;
         };
+        if ext.magic == extension::ENCRYPTION && ext.len == 16 {
+            // Its clusters are referenced as metadata (QEMU's check counts them too).
+            let mut b = [0u8; 16];
+            io.read(bounce, ext.data_at, &mut b)?;
+            image.encryption = Some(crate::format::luks::parse_encryption_extension(&b));
+            continue;
+        }
         if ext.magic != extension::BITMAPS {
             continue;
         }

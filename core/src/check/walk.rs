@@ -64,6 +64,10 @@ impl<A: Access> Checker<'_, A> {
             self.check_l1(p, s.entry.l1_table_offset, s.entry.l1_size, false, false)?;
         }
         self.add_reference(p, h.snapshots_offset, g.snapshot_table_len);
+        // The LUKS area of an encrypted image.
+        if let Some((offset, len)) = g.encryption {
+            self.add_reference(p, offset, len);
+        }
         // Refcount table.
         if p.counts_refcount_structure() {
             self.add_reference(
