@@ -40,29 +40,69 @@ pub(crate) struct ChainResolver {
     passphrase: Option<Vec<u8>>,
 }
 
-/// Passphrases of encrypted images, by file: a command line's `--object secret` values, given to the
-/// image files that name them (`encrypt.key-secret`), reach the engine through the resolver when it opens
-/// those files (the top image or any backing file).
-static KEYRING: std::sync::Mutex<Vec<(PathBuf, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+/// Which images of a chain a passphrase is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The file itself, wherever it is in a chain.
+    File,
+    /// The image at this depth of the chain under the file (`backing.encrypt.key-secret`: 1).
+    Depth(usize),
+    /// Every image of the chain under the file.
+    Chain,
+}
 
-/// Gives the encrypted image `path` the passphrase it is opened with from now on (in this process).
-pub fn add_passphrase(path: &str, passphrase: &[u8]) {
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+/// Passphrases of encrypted images: a command line's `--object secret` values given to the image files
+/// that name them (`encrypt.key-secret`, `backing.encrypt.key-secret`), or a library caller's
+/// ([`crate::OpenOptions::passphrase`]), reach the engine through the resolver when it opens those files.
+#[allow(clippy::type_complexity)]
+static KEYRING: std::sync::Mutex<Vec<(PathBuf, Scope, Vec<u8>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn keyring_key(path: &str) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path))
+}
+
+fn add(path: &str, scope: Scope, passphrase: &[u8]) {
+    let key = keyring_key(path);
     if let Ok(mut ring) = KEYRING.lock() {
-        ring.retain(|(p, _)| *p != key);
-        ring.push((key, passphrase.to_vec()));
+        ring.retain(|(p, s, _)| !(*p == key && *s == scope));
+        ring.push((key, scope, passphrase.to_vec()));
     }
 }
 
-/// The passphrase [`add_passphrase`] gave `path`, if any.
-pub fn passphrase_of(path: &str) -> Option<Vec<u8>> {
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-    KEYRING
-        .lock()
-        .ok()?
-        .iter()
-        .find(|(p, _)| *p == key)
-        .map(|(_, v)| v.clone())
+/// Gives the encrypted image file `path` the passphrase it is opened with from now on (in this process).
+pub fn add_passphrase(path: &str, passphrase: &[u8]) {
+    add(path, Scope::File, passphrase);
+}
+
+/// Gives the encrypted image at `depth` of the chain under `path` the passphrase it is opened with.
+pub fn add_backing_passphrase(path: &str, depth: usize, passphrase: &[u8]) {
+    add(path, Scope::Depth(depth), passphrase);
+}
+
+/// Gives every encrypted image of the chain under `path` the passphrase they are opened with.
+pub fn add_chain_passphrase(path: &str, passphrase: &[u8]) {
+    add(path, Scope::Chain, passphrase);
+}
+
+/// The passphrase of the image at `depth` of the chain whose images are `names` (the top first): given to
+/// that depth under the top image, to the file itself, or to the whole chain, in that order.
+fn passphrase_for(names: &[String], depth: usize) -> Option<Vec<u8>> {
+    let ring = KEYRING.lock().ok()?;
+    let top = keyring_key(names.first()?);
+    let file = keyring_key(names.get(depth)?);
+    let find = |p: &PathBuf, s: Scope| {
+        ring.iter()
+            .find(|(kp, ks, _)| kp == p && *ks == s)
+            .map(|(_, _, v)| v.clone())
+    };
+    (if depth > 0 {
+        find(&top, Scope::Depth(depth))
+    } else {
+        None
+    })
+    .or_else(|| find(&file, Scope::File))
+    .or_else(|| find(&top, Scope::Chain))
 }
 
 /// QEMU's `path_has_protocol`: a `:` before any `/`.
@@ -180,7 +220,7 @@ impl Resolver<FileDevice> for ChainResolver {
     }
 
     fn passphrase(&mut self, depth: usize) -> Option<&[u8]> {
-        self.passphrase = self.names.get(depth).and_then(|n| passphrase_of(n));
+        self.passphrase = passphrase_for(&self.names, depth);
         self.passphrase.as_deref()
     }
 

@@ -95,11 +95,20 @@ pub fn engine_error_kind<E>(e: &Error<E>) -> ErrorKind {
     }
 }
 
-/// QEMU's refusal to open an encrypted image without its secret.
-fn secret_required() -> DiskError {
+/// QEMU's refusal to open an encrypted image without its secret (a backing file's, when it is not the
+/// top image of `image` that is locked).
+fn secret_required(image: &HeapImage<FileDevice>) -> DiskError {
+    let backing = !image.layers().first().is_some_and(|l| l.locked());
     DiskError::with_kind(
         ErrorKind::InvalidArgument,
-        "Parameter 'encrypt.key-secret' is required for cipher",
+        format!(
+            "{}Parameter 'encrypt.key-secret' is required for cipher",
+            if backing {
+                "Could not open backing file: "
+            } else {
+                ""
+            }
+        ),
     )
 }
 
@@ -126,7 +135,7 @@ impl Qcow2Disk {
             .map_err(engine_error)?;
         // QEMU opens an encrypted image without its secret only to show what it says about itself.
         if !skip_backing && image.layers().iter().any(|l| l.locked()) {
-            return Err(secret_required());
+            return Err(secret_required(&image));
         }
         Qcow2Disk::finish(image, resolver, false)
     }
@@ -152,10 +161,13 @@ impl Qcow2Disk {
         resolver.no_flush = cache.no_flush;
         let dev = FileDevice::new(file).with_no_flush(cache.no_flush);
         match qcow2_alloc::open_writable(dev, &mut resolver) {
-            Ok(image) if image.layers().iter().any(|l| l.locked()) => Err(secret_required()),
+            Ok(image) if image.layers().iter().any(|l| l.locked()) => Err(secret_required(&image)),
             Ok(image) => Qcow2Disk::finish(image, resolver, true),
             Err(Error::Encryption(qcow2_core::format::luks::LuksError::Locked)) => {
-                Err(secret_required())
+                Err(DiskError::with_kind(
+                    ErrorKind::InvalidArgument,
+                    "Parameter 'encrypt.key-secret' is required for cipher",
+                ))
             }
             Err(Error::ReadOnly) => {
                 let file = open_image_file(path, false).map_err(|e| match &e {

@@ -86,11 +86,12 @@ impl ImageFormat {
 /// # std::fs::remove_file(&path)?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenOptions {
     read_write: bool,
     format: ImageFormat,
     cache: CacheMode,
+    passphrase: Option<Vec<u8>>,
 }
 
 impl Default for OpenOptions {
@@ -106,7 +107,17 @@ impl OpenOptions {
             read_write: false,
             format: ImageFormat::Qcow2,
             cache: CacheMode::WRITEBACK,
+            passphrase: None,
         }
+    }
+
+    /// The passphrase of an encrypted image (LUKS or legacy AES; the image's encrypted backing files too).
+    /// Without one an encrypted image fails to open ("Parameter 'encrypt.key-secret' is required for
+    /// cipher", as in QEMU); a wrong one fails with "Invalid password, cannot unlock any keyslot". The file
+    /// keeps it for the rest of the process ([`crate::chain::add_chain_passphrase`]).
+    pub fn passphrase(&mut self, passphrase: &[u8]) -> &mut OpenOptions {
+        self.passphrase = Some(passphrase.to_vec());
+        self
     }
 
     /// Opens the image for writing too (its backing chain stays read-only). An image whose corrupt bit is
@@ -135,6 +146,9 @@ impl OpenOptions {
     /// Opens the image at `path` (a UTF-8 path: names stored in the image are resolved against it).
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Qcow2File, DiskError> {
         let path = utf8_path(path.as_ref())?;
+        if let Some(p) = &self.passphrase {
+            crate::chain::add_chain_passphrase(path, p);
+        }
         let format = self.format.name();
         let (disk, chain): (Box<dyn VirtualDiskWrite + Send>, _) = if self.read_write {
             let opened = open::open_disk_writable_cache(path, format, self.cache)?;

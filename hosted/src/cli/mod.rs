@@ -207,6 +207,7 @@ fn resolve_image(
     }
     let (mut driver, mut path, mut file_keys, mut others) = (None, None, false, Vec::new());
     let mut key_secret = None;
+    let mut backing_secrets: Vec<(usize, String)> = Vec::new();
     for item in &items {
         let (k, v) = item.split_once('=').unwrap_or((item.as_str(), "on"));
         match k {
@@ -226,6 +227,11 @@ fn resolve_image(
                 key_secret = Some(v.to_string())
             }
             "encrypt.format" if driver.as_deref() != Some("raw") && matches!(v, "luks" | "aes") => {
+            }
+            // `backing.encrypt.key-secret`, `backing.backing.encrypt.key-secret`, ...: a backing file's.
+            _ if k.starts_with("backing.") && k.ends_with(".encrypt.key-secret") => {
+                let depth = k.matches("backing.").count();
+                backing_secrets.push((depth, v.to_string()));
             }
             _ => others.push(k.to_string()),
         }
@@ -267,6 +273,12 @@ fn resolve_image(
             return Err(refuse(format!("No secret with id '{id}'")));
         };
         crate::chain::add_passphrase(&path, &value);
+    }
+    for (depth, id) in backing_secrets {
+        let Some(value) = object::secret(&id) else {
+            return Err(refuse(format!("No secret with id '{id}'")));
+        };
+        crate::chain::add_backing_passphrase(&path, depth, &value);
     }
     Ok((path, driver))
 }
