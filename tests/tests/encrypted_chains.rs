@@ -129,8 +129,8 @@ fn mixed_chains() {
             assert!(o.success(), "{what}: {}", o.describe());
             std::fs::read(out).unwrap()
         };
-        let ours = view(|a| qcow2(a), &s.path("ours.raw"));
-        let theirs = view(|a| qemu_img(a), &s.path("theirs.raw"));
+        let ours = view(qcow2, &s.path("ours.raw"));
+        let theirs = view(qemu_img, &s.path("theirs.raw"));
         assert!(ours == theirs, "{what}: guest views differ");
 
         // Our writes (unaligned, across the backing data), read back by qemu-io.
