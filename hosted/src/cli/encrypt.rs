@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use qcow2_core::crypto::create::{LuksParams, pbkdf2_hmac};
 use qcow2_core::format::luks::{
-    CipherAlgorithm, CipherMode, CipherSpec, HashAlgorithm, IvGenerator, MAX_ITERATIONS, UUID_LEN,
+    CipherAlgorithm, CipherMode, CipherSpec, HashAlgorithm, IvGenerator, MAX_ITERATIONS, STRIPES,
+    UUID_LEN,
 };
 
 use crate::cli::create::CreateError;
@@ -120,6 +121,21 @@ pub(crate) fn parse_create(
             "{file}: ESSIV with a hash other than sha256 is not supported"
         )));
     }
+    let cipher = CipherSpec {
+        algorithm,
+        mode,
+        ivgen,
+        ivgen_hash,
+    };
+    if (cipher.key_bytes() * STRIPES as usize) % 512 != 0 {
+        // QEMU stops on an assertion when it makes or opens one.
+        return Err(err(format!(
+            "{file}: {}-{} is not supported: its key material is not whole 512-byte sectors, which QEMU \
+             cannot handle",
+            algorithm.name(),
+            mode.name()
+        )));
+    }
     let iter_time_ms = match opt("encrypt.iter-time") {
         None => 2000,
         Some(v) => v.parse::<u64>().map_err(|_| {
@@ -129,12 +145,7 @@ pub(crate) fn parse_create(
         })?,
     };
     Ok(Some(NewEncryption::Luks {
-        cipher: CipherSpec {
-            algorithm,
-            mode,
-            ivgen,
-            ivgen_hash,
-        },
+        cipher,
         hash,
         iter_time_ms,
         passphrase,
