@@ -127,7 +127,7 @@ pub(crate) fn parse_create(
         ivgen,
         ivgen_hash,
     };
-    if (cipher.key_bytes() * STRIPES as usize) % 512 != 0 {
+    if !(cipher.key_bytes() * STRIPES as usize).is_multiple_of(512) {
         // QEMU stops on an assertion when it makes or opens one.
         return Err(err(format!(
             "{file}: {}-{} is not supported: its key material is not whole 512-byte sectors, which QEMU \
