@@ -3,7 +3,7 @@
 //! and a repair must leave a sound image byte for byte as it was (a check that took the area for leaked
 //! clusters would free it, and a rebuild could then put refcount blocks over the LUKS header).
 
-use qcow2_tests::{Scratch, qcow2, qemu_img};
+use qcow2_tests::{Scratch, qcow2, qemu_img, qemu_io};
 
 const SECRET: &str = "secret,id=s0,data=check-passphrase";
 
@@ -50,12 +50,17 @@ fn check_and_repair_encrypted_images() {
             "8M",
         ]);
         assert!(out.success(), "{}", out.describe());
-        let io = std::process::Command::new("qemu-io")
-            .args(["--object", SECRET, "--image-opts", &opts(&img)])
-            .args(["-c", "write -P 0x5c 4096 200000", "-c", "write -z 1M 64k"])
-            .output()
-            .expect("qemu-io");
-        assert!(io.status.success());
+        let io = qemu_io([
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(&img),
+            "-c",
+            "write -P 0x5c 4096 200000",
+            "-c",
+            "write -z 1M 64k",
+        ]);
+        assert!(io.success(), "{}", io.describe());
         let before = std::fs::read(&img).unwrap();
         for args in [&[][..], &["--output=json"][..]] {
             let (ours, theirs) = both(&img, args);
@@ -86,14 +91,20 @@ fn check_and_repair_encrypted_images() {
                 "check -r {mode} changed a sound encrypted image ({extra})"
             );
         }
-        let read = std::process::Command::new("qemu-io")
-            .args(["-r", "--object", SECRET, "--image-opts", &opts(&img)])
-            .args(["-c", "read -P 0x5c 4096 200000", "-c", "read -P 0 1M 64k"])
-            .output()
-            .expect("qemu-io");
-        let text = String::from_utf8_lossy(&read.stdout);
+        let read = qemu_io([
+            "-r",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(&img),
+            "-c",
+            "read -P 0x5c 4096 200000",
+            "-c",
+            "read -P 0 1M 64k",
+        ]);
+        let text = read.stdout_str();
         assert!(
-            read.status.success() && !text.contains("verification failed"),
+            read.success() && !text.contains("verification failed"),
             "{text}"
         );
     }

@@ -8,7 +8,7 @@
 use qcow2_tests::crash_harness::{
     CELL, PASSPHRASE, exactly, open_read_only, open_recorded, states_of, verify,
 };
-use qcow2_tests::{Scratch, qemu_img, qemu_img_ok};
+use qcow2_tests::{Scratch, qemu_img, qemu_img_ok, qemu_io};
 
 const SECRET: &str = "secret,id=s0,data=crash-test";
 
@@ -36,14 +36,12 @@ fn qemu_io_secret(img: &std::path::Path, cmds: &[&str]) {
         args.push("-c".into());
         args.push(c.to_string());
     }
-    let out = std::process::Command::new("qemu-io")
-        .args(&args)
-        .output()
-        .expect("qemu-io");
+    let out = qemu_io(&args);
+    let text = out.stdout_str();
     assert!(
-        out.status.success(),
-        "qemu-io {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.success() && !text.contains("verification failed"),
+        "qemu-io {args:?}: {text}{}",
+        out.stderr_str()
     );
 }
 

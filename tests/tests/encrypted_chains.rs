@@ -4,16 +4,13 @@
 //! qemu-img's; our writes into the overlay must read back in qemu-io and leave it clean for `qemu-img
 //! check`; a missing secret gives qemu-img's message and exit code.
 
-use qcow2_tests::{Scratch, qcow2, qemu_img};
+use qcow2_tests::{Scratch, qcow2, qemu_img, qemu_io};
 
 const TOP: &str = "secret,id=top,data=top-passphrase";
 const BASE: &str = "secret,id=base,data=base-passphrase";
 
-fn run(program: &str, args: &[String]) -> std::process::Output {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .expect(program)
+fn run(args: &[String]) -> qcow2_tests::Output {
+    qemu_io(args)
 }
 
 fn secrets() -> Vec<String> {
@@ -48,7 +45,8 @@ fn mixed_chains() {
             a.extend(["-o".into(), luks("base")]);
         }
         a.extend([base.to_str().unwrap().into(), "4M".into()]);
-        assert!(qemu_img(&a).success(), "{what}: create base");
+        let o = qemu_img(&a);
+        assert!(o.success(), "{what}: create base: {}", o.describe());
         let mut a = vec![
             "create".to_string(),
             "-q".into(),
@@ -66,7 +64,8 @@ fn mixed_chains() {
             "qcow2".into(),
         ]);
         a.extend([top.to_str().unwrap().into(), "4M".into()]);
-        assert!(qemu_img(&a).success(), "{what}: create top");
+        let o = qemu_img(&a);
+        assert!(o.success(), "{what}: create top: {}", o.describe());
         let base_opts = format!(
             "driver=qcow2,file.filename={}{}",
             base.display(),
@@ -98,21 +97,10 @@ fn mixed_chains() {
             }
             a
         };
-        let out = run("qemu-io", &io(&base_opts, &["write -P 1 0 4M"]));
-        assert!(
-            out.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = run(
-            "qemu-io",
-            &io(&top_opts, &["write -P 2 64k 100k", "write -z 1M 4k"]),
-        );
-        assert!(
-            out.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = run(&io(&base_opts, &["write -P 1 0 4M"]));
+        assert!(out.success(), "{what}: {}", out.describe());
+        let out = run(&io(&top_opts, &["write -P 2 64k 100k", "write -z 1M 4k"]));
+        assert!(out.success(), "{what}: {}", out.describe());
 
         // The same guest view through both tools.
         let view = |tool: fn(Vec<String>) -> qcow2_tests::Output, out: &std::path::Path| {
@@ -141,25 +129,22 @@ fn mixed_chains() {
         ));
         let out = qcow2(&a);
         assert!(out.success(), "{what}: {}", out.describe());
-        let out = run(
-            "qemu-io",
-            &io(
-                &top_opts,
-                &[
-                    "read -P 1 0 3000",
-                    "read -P 3 3000 70000",
-                    "read -P 2 73000 91840",
-                    "read -P 0 1M 4k",
-                    "read -P 4 2M 512",
-                    "read -P 1 2097664 1024",
-                ],
-            ),
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
+        let out = run(&io(
+            &top_opts,
+            &[
+                "read -P 1 0 3000",
+                "read -P 3 3000 70000",
+                "read -P 2 73000 91840",
+                "read -P 0 1M 4k",
+                "read -P 4 2M 512",
+                "read -P 1 2097664 1024",
+            ],
+        ));
+        let text = out.stdout_str();
         assert!(
-            out.status.success() && !text.contains("verification failed"),
+            out.success() && !text.contains("verification failed"),
             "{what}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
+            out.stderr_str()
         );
         let mut a = vec!["check".to_string()];
         a.extend(secrets());
