@@ -61,16 +61,7 @@ pub fn build_area<E>(
         &mut master_key_digest,
     );
     let kb32 = kb as u32;
-    let mut slots = [KeySlot {
-        active: false,
-        iterations: 0,
-        salt: [0; SALT_LEN],
-        key_offset_sector: 0,
-        stripes: STRIPES,
-    }; KEY_SLOTS];
-    for (i, s) in slots.iter_mut().enumerate() {
-        s.key_offset_sector = LuksHeader::slot_offset_sector(kb32, i);
-    }
+    let mut slots: [KeySlot; KEY_SLOTS] = core::array::from_fn(|i| KeySlot::unused(kb32, i));
     let mut salt = [0u8; SALT_LEN];
     random(&mut salt);
     let mut slot_key = [0u8; MAX_KEY_BYTES];

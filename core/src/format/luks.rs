@@ -399,6 +399,20 @@ pub struct KeySlot {
     pub stripes: u32,
 }
 
+impl KeySlot {
+    /// Slot `index` of a new header for `key_bytes`-byte keys: not in use, its material where QEMU puts
+    /// it.
+    pub fn unused(key_bytes: u32, index: usize) -> KeySlot {
+        KeySlot {
+            active: false,
+            iterations: 0,
+            salt: [0; SALT_LEN],
+            key_offset_sector: LuksHeader::slot_offset_sector(key_bytes, index),
+            stripes: STRIPES,
+        }
+    }
+}
+
 /// A checked and parsed LUKS1 header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -699,16 +713,8 @@ mod tests {
 
     fn sample() -> [u8; LUKS_HEADER_LEN] {
         let key_bytes = 64;
-        let mut slots = [KeySlot {
-            active: false,
-            iterations: 0,
-            salt: [0; SALT_LEN],
-            key_offset_sector: 0,
-            stripes: STRIPES,
-        }; KEY_SLOTS];
-        for (i, s) in slots.iter_mut().enumerate() {
-            s.key_offset_sector = LuksHeader::slot_offset_sector(key_bytes, i);
-        }
+        let mut slots: [KeySlot; KEY_SLOTS] =
+            core::array::from_fn(|i| KeySlot::unused(key_bytes, i));
         slots[0].active = true;
         slots[0].iterations = 1000;
         let h = LuksHeader {

@@ -224,16 +224,7 @@ fn unlock_image(
     let mut opened: Result<Qcow2Reader<'_>, _> = Image::open(dev, buffers, inflate, &mut SemiFiles);
     let took = clock().saturating_sub(start);
     let image = opened.as_mut().map_err(|e| e.clone())?;
-    let size = image.virtual_size();
-    let mut sha = Sha256::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let n = (size - pos).min(chunk.len() as u64) as usize;
-        image.read_at(pos, &mut chunk[..n])?;
-        sha.update(&chunk[..n]);
-        pos += n as u64;
-    }
-    Ok((took, sha.finish()))
+    Ok((took, hash_disk(image, chunk)?))
 }
 
 /// The static inflate state, lent to one image at a time (the engine holds its decompressor by value; lending
@@ -276,6 +267,12 @@ fn hash_image(ctx: &mut Ctx, chunk: &mut [u8], name: &[u8]) -> Result<[u8; 32], 
     // Used in place, inside the `Result`: moving it out would put a second copy in this frame.
     let mut opened: Result<Qcow2Reader<'_>, _> = Image::open(dev, buffers, inflate, &mut SemiFiles);
     let image = opened.as_mut().map_err(|e| e.clone())?;
+    hash_disk(image, chunk)
+}
+
+/// The SHA-256 of the whole virtual disk of `image`, read `chunk.len()` bytes at a time.
+#[inline(always)]
+fn hash_disk(image: &mut Qcow2Reader<'_>, chunk: &mut [u8]) -> Result<[u8; 32], Error<SemiError>> {
     let size = image.virtual_size();
     let mut sha = Sha256::new();
     let mut pos = 0u64;
