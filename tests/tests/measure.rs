@@ -1,7 +1,8 @@
 //! `qcow2 measure` against `qemu-img measure`: the same text and JSON, for `--size` with qcow2 options
 //! (cluster sizes, refcount widths, extended L2, compat, preallocation, a backing file), for raw and qcow2
-//! sources (holes, zero clusters, a backing chain, persistent bitmaps, an internal snapshot), and the same
-//! message and exit code for every mistake.
+//! sources (holes, zero clusters, a backing chain, persistent bitmaps, an internal snapshot), for encrypted
+//! targets (the LUKS area of each cipher, legacy AES), and the same message and exit code for every
+//! mistake.
 
 use qcow2_tests::{Output, Scratch, noise, qcow2, qemu_img, qemu_img_ok, qemu_io_cmds, write_at};
 
@@ -21,6 +22,39 @@ fn same(args: &[&str]) {
     all.extend_from_slice(args);
     let (o, t) = (qcow2(&all), qemu_img(&all));
     assert_eq!(text(&o), text(&t), "measure {args:?}");
+}
+
+/// An encrypted target adds its LUKS area, in whole clusters, to both sizes; a missing or unknown secret
+/// and legacy AES (no secret asked for) as qemu-img answers them.
+#[test]
+fn encrypted_targets_match_qemu_img() {
+    let secret = "secret,id=s0,data=measure";
+    for size in ["0", "1G", "100G"] {
+        for o in [
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc",
+            "encrypt.format=luks,encrypt.key-secret=s0,cluster_size=512",
+            "encrypt.format=luks,encrypt.key-secret=s0,cluster_size=2M,preallocation=full",
+            "encrypt.format=luks",
+            "encrypt.format=luks,encrypt.key-secret=nope",
+            "encrypt.format=aes",
+            "encryption=on",
+        ] {
+            same(&["--object", secret, "-O", "qcow2", "-o", o, "--size", size]);
+            same(&[
+                "--object",
+                secret,
+                "--output=json",
+                "-O",
+                "qcow2",
+                "-o",
+                o,
+                "--size",
+                size,
+            ]);
+        }
+    }
 }
 
 #[test]

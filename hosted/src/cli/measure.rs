@@ -7,6 +7,7 @@ use std::io::Write;
 
 use lexopt::Arg;
 use qcow2_core::create::measure::fully_allocated_size;
+use qcow2_core::format::luks::LuksHeader;
 
 use crate::cli::convert::args::load_snapshot;
 use crate::cli::{
@@ -25,6 +26,8 @@ struct Qcow2Target {
     /// `preallocation=full` or `falloc`: every cluster counts as required.
     full: bool,
     backing: bool,
+    /// Bytes of whole clusters the LUKS area of an encrypted target takes (`encrypt.format=luks`).
+    luks_area: u64,
 }
 
 /// The options each output format and the file protocol take, and their kinds (for the parse errors).
@@ -37,6 +40,13 @@ const QCOW2_KEYS: &[(&str, char)] = &[
     ("data_file_raw", 'b'),
     ("encryption", 'b'),
     ("encrypt.format", 't'),
+    ("encrypt.key-secret", 't'),
+    ("encrypt.cipher-alg", 't'),
+    ("encrypt.cipher-mode", 't'),
+    ("encrypt.ivgen-alg", 't'),
+    ("encrypt.ivgen-hash-alg", 't'),
+    ("encrypt.hash-alg", 't'),
+    ("encrypt.iter-time", 'n'),
     ("cluster_size", 's'),
     ("preallocation", 't'),
     ("lazy_refcounts", 'b'),
@@ -140,11 +150,22 @@ fn qcow2_target(opts: &[(String, String)]) -> Result<Qcow2Target, Fail> {
         Some("falloc") | Some("full") => true,
         Some(other) => return Err(fail(format!("invalid parameter value: {other}"))),
     };
-    if get(opts, "encrypt.format").is_some() || get(opts, "encryption") == Some("on") {
-        return Err(fail(
-            "Encrypted images are not supported (encrypt.format, encryption)",
-        ));
-    }
+    // An encrypted target: the LUKS area in whole clusters (QEMU's payload offset rounded up), none for
+    // legacy AES (whose secret qemu-img does not ask for here). LUKS options are checked as `create`
+    // checks them (the secret must exist).
+    let encryption = if get(opts, "encrypt.format") == Some("luks") {
+        crate::cli::encrypt::parse_create(&|n| get(opts, n).map(str::to_string), "")
+            .map_err(|e| fail(e.0.strip_prefix(": ").unwrap_or(&e.0).to_string()))?
+    } else {
+        None
+    };
+    let luks_area = match encryption {
+        Some(crate::cli::encrypt::NewEncryption::Luks { cipher, .. }) => {
+            let area = LuksHeader::area_len(cipher.key_bytes() as u32);
+            area.div_ceil(cluster_size) * cluster_size
+        }
+        _ => 0,
+    };
     Ok(Qcow2Target {
         cluster_size,
         extended_l2,
@@ -152,6 +173,7 @@ fn qcow2_target(opts: &[(String, String)]) -> Result<Qcow2Target, Fail> {
         refcount_order: refcount_bits.trailing_zeros(),
         full,
         backing: get(opts, "backing_file").is_some(),
+        luks_area,
     })
 }
 
@@ -296,7 +318,8 @@ pub(super) fn cmd_measure(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result
         if t.full {
             required = virtual_size;
         }
-        let fully = fully_allocated_size(virtual_size, cs, t.refcount_order, t.extended_l2);
+        let fully =
+            fully_allocated_size(virtual_size, cs, t.refcount_order, t.extended_l2) + t.luks_area;
         (fully - virtual_size + required, fully, bitmaps)
     };
     let text = if json {
