@@ -155,6 +155,56 @@ where
         })
     }
 
+    /// Allocates `n` contiguous clusters whatever `n` (a LUKS area), and returns the run's host offset.
+    /// [`Self::alloc_clusters`] stops where a refcount block's reach ends and makes each new block cover
+    /// itself, inside the run's way; here the blocks for the regions the run will cover are made first, in
+    /// clusters before the run (QEMU puts them after it), so that one run can span them.
+    #[cfg(feature = "luks")]
+    pub(super) fn alloc_contiguous(&mut self, n: u64) -> Result<u64, Error<D::Error>> {
+        let bits = self.g.tables.refcount_block_bits;
+        for _ in 0..256 {
+            let c = self.find_free(self.w.free_hint)?;
+            let last = c.saturating_add(n).saturating_sub(1);
+            if last >> bits >= self.g.tables.refcount_table_entries {
+                self.grow_reftable(last)?;
+                continue;
+            }
+            let mut missing = None;
+            for r in (c >> bits)..=(last >> bits) {
+                if self.reftable_entry(r)? == 0 {
+                    missing = Some(r);
+                    break;
+                }
+            }
+            if let Some(r) = missing {
+                // A zeroed block for region `r`, its own refcount in a block that exists, durable before
+                // the refcount table points at it.
+                let (b, _) = self.alloc_clusters(1)?;
+                self.guard(b, self.g.tables.cluster_size, false)?;
+                self.note_table(b);
+                self.cache.forget_range(0, b, self.g.tables.cluster_size);
+                self.write_zeros(b, self.g.tables.cluster_size)?;
+                self.writeback(SliceKind::Refcount)?;
+                self.flush_dev()?;
+                self.set_table_word(self.g.tables.refcount_table_offset, r.saturating_mul(8), b)?;
+                continue;
+            }
+            let (host, got) = self.alloc_clusters(n)?;
+            if got == n && host == c << self.g.cluster_bits {
+                return Ok(host);
+            }
+            // Something in the way: give the clusters back and look past it.
+            let first = host >> self.g.cluster_bits;
+            for i in 0..got {
+                self.change_refcount(first.saturating_add(i), false)?;
+            }
+            self.w.free_hint = first.saturating_add(got).saturating_add(1);
+        }
+        Err(Error::NoSpace {
+            what: "allocation of a contiguous run did not converge",
+        })
+    }
+
     /// Allocates one cluster for metadata (never cluster 0).
     pub(super) fn alloc_metadata_cluster(&mut self) -> Result<u64, Error<D::Error>> {
         let (host, _) = self.alloc_clusters(1)?;

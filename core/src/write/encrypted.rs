@@ -173,7 +173,7 @@ where
         let cs = m.g.tables.cluster_size;
         let clusters = area_len.div_ceil(cs);
         m.make_room(3)?;
-        let (area, _) = m.alloc_clusters(clusters)?;
+        let area = m.alloc_contiguous(clusters)?;
         m.write_zeros(area, clusters.saturating_mul(cs))?;
         let built =
             crate::crypto::create::build_area(params, passphrase, random, &mut |at, bytes| {

@@ -185,6 +185,14 @@ pub fn run_check(opts: &CheckOptions, out: &mut dyn Write, err: &mut dyn Write) 
         None if !is_qcow2 => return failed(63, "This image format does not support checks"),
         _ => {}
     }
+    // An encrypted image opens (for qemu-img's check too) only with its secret: unlocked first, so that
+    // a missing or wrong one gives qemu-img's refusal.
+    let mut crypt = [0u8; 4];
+    let encrypted =
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut crypt, 32).is_ok() && crypt != [0; 4];
+    if encrypted && let Err(e) = crate::open::open_disk(path, Some("qcow2")) {
+        return failed(1, format!("Could not open '{shown}': {e}"));
+    }
     let mut dev = FileDevice::new(file);
     let mut sink = StderrSink { err };
     let result = match opts.repair {
