@@ -284,6 +284,27 @@ pub fn check_refcounts(img: &[u8]) -> Result<RefReport, String> {
         }
     };
     add_range(&mut refs, 0, cs);
+    // The LUKS area of an encrypted image (the full-disk-encryption header extension: offset, length).
+    if h.version >= 3 || h.crypt_method == 2 {
+        let mut at = if h.version >= 3 {
+            u64::from(h.header_length)
+        } else {
+            72
+        };
+        while at + 8 <= cs.min(img.len() as u64) {
+            let magic = u32::from_be_bytes(img[at as usize..at as usize + 4].try_into().unwrap());
+            let len = u64::from(u32::from_be_bytes(
+                img[at as usize + 4..at as usize + 8].try_into().unwrap(),
+            ));
+            if magic == 0 {
+                break;
+            }
+            if magic == 0x0537_be77 && len == 16 {
+                add_range(&mut refs, be64(img, at + 8), be64(img, at + 16));
+            }
+            at += 8 + len.div_ceil(8) * 8;
+        }
+    }
     add_range(&mut refs, h.l1_table_offset, u64::from(h.l1_size) * 8);
     add_range(
         &mut refs,
