@@ -117,7 +117,8 @@ for b in ro-deflate rw rw-repair rw-snapshots; do
         status=1
     fi
 done
-echo "Panic paths in ro-luks (for information):"
-python3 budget/panic_paths.py "$bin_dir/ro-luks" budget/panic-allowlist.txt | grep -v "^  allowlisted" || true
+echo "Panic paths in ro-luks (for information, not a budget):"
+python3 budget/panic_paths.py "$bin_dir/ro-luks" budget/panic-allowlist.txt |
+    grep -v "^  allowlisted" | sed 's/^panic-path check FAILED$/(sites outside the allowlist: see above)/' || true
 cd "$root"
 exit $status

@@ -67,6 +67,10 @@
 //!   lazy-refcounts image it writes refcounts back as it does on any other, so whatever it leaves behind,
 //!   even after a power loss, opens for writing again. Reading is the same either way. Firmware that turns
 //!   default features off gets the smaller engine.
+//! - `bitmaps` (default): persistent dirty bitmaps kept up to date by writes, and edited.
+//! - `luks`, `luks-sha512`, `aes-legacy`: encrypted images (module `crypto`): unlocked with the passphrase
+//!   the resolver gives ([`Resolver::passphrase`]), read and written, and made. Off by default: a bootloader
+//!   for plain disks links none of it.
 //! - `embedded-io`: `io::EmbeddedIoDevice`, a block device over an `embedded-io` `Read + Seek` stream.
 //! - `defmt` or `log` (not both): the engine's log messages, and `defmt::Format` for its public types.
 
