@@ -169,6 +169,14 @@ pub struct SnapshotEntry {
 pub use crate::format::bitmap::BitmapsExtension;
 pub use bitmaps::BitmapRef;
 
+/// Why a backing file whose format was probed (not declared by the image above it) is not followed when it
+/// names a backing file of its own: a probed image must not steer the reader to other host files.
+pub const PROBED_NAMES_BACKING: &str = "a backing file whose format was probed as qcow2 names a backing file \
+                                        of its own; refusing to follow it (declare the format with backing_fmt)";
+/// As [`PROBED_NAMES_BACKING`], for an external data file.
+pub const PROBED_NAMES_DATA_FILE: &str = "a backing file whose format was probed as qcow2 names an external \
+                                          data file; refusing to follow it (declare the format with backing_fmt)";
+
 /// Everything the engine knows about one qcow2 image of the chain after opening it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]

@@ -375,8 +375,7 @@ where
             }
             if last.probed {
                 return Err(Error::Unavailable {
-                    what: "a backing file whose format was probed as qcow2 names a backing file of its own; \
-                           refusing to follow it (declare the format with backing_fmt)",
+                    what: PROBED_NAMES_BACKING,
                 });
             }
             if count >= DEPTH {
@@ -455,8 +454,7 @@ where
             // The rule for a probed backing file's own backing name holds for every name it stores.
             Some(_) if meta.l2.external_data && probed => {
                 return Err(Error::Unavailable {
-                    what: "a backing file whose format was probed as qcow2 names an external data file; \
-                           refusing to follow it (declare the format with backing_fmt)",
+                    what: PROBED_NAMES_DATA_FILE,
                 });
             }
             Some(stored) if meta.l2.external_data => {
