@@ -3,8 +3,9 @@
 //! messages and exit codes. The ranges allocated above the base are copied in order, in pieces of at most
 //! 512 KiB; zero clusters become zero writes (dropping what the base held there), a base shorter than the
 //! image grows first. The base then reads as the image did; where its clusters land can differ from
-//! qemu-img's, whose commit runs as a mirror job with requests in flight together. The emptied image is
-//! qemu-img's byte for byte.
+//! qemu-img's, whose commit runs as a mirror job with requests in flight together: its own base files differ
+//! from run to run of the same commit. The base is flushed before the image is emptied, so a power loss
+//! leaves the guest's disk as it was (`tests/crash_commit.rs`). The emptied image is qemu-img's byte for byte.
 
 use std::io::Write;
 
