@@ -99,6 +99,14 @@ pub struct WriteState {
     needs_flush: bool,
     /// No cluster below this index is free (a search starts here).
     free_hint: u64,
+    /// The next allocation starts a run of this many new clusters: it is placed past free holes shorter
+    /// than that, as QEMU places a write's new clusters (0: the first free cluster).
+    #[cfg(feature = "qemu-placement")]
+    place: u64,
+    /// The next allocations continue a request's host run here, for this many clusters (QEMU's allocation
+    /// at the offset right after the cluster before; 0: none).
+    #[cfg(feature = "qemu-placement")]
+    place_at: (u64, u64),
     /// Lazy refcounts are in effect.
     lazy: bool,
     /// The dirty bit is set on disk by this writer.

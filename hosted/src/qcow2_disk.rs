@@ -517,7 +517,7 @@ impl VirtualDiskWrite for Qcow2Disk {
         .map_err(engine_error)
     }
 
-    /// qemu-img's refusals first (with its messages), then the engine's resize; only `off` preallocation.
+    /// qemu-img's refusals first (with its messages), then the engine's resize (and its preallocation).
     fn resize(&mut self, size: u64, prealloc: Preallocation) -> Result<(), DiskError> {
         self.check_writable()?;
         let unsupported = |m: &str| DiskError::with_kind(ErrorKind::Unsupported, m);
@@ -541,22 +541,37 @@ impl VirtualDiskWrite for Qcow2Disk {
             ));
         }
         let backing = self.image.layers().get(1).map_or(0, |l| l.virtual_size());
-        if h.version < 3 && backing > h.size && size > h.size {
+        let preallocated = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
+        if h.version < 3 && backing > h.size && size > h.size && !preallocated {
             return Err(unsupported(
                 "Failed to zero out new clusters: Operation not supported",
             ));
         }
-        if matches!(prealloc, Preallocation::Falloc | Preallocation::Full) {
-            let mode = if prealloc == Preallocation::Falloc {
-                "falloc"
-            } else {
-                "full"
-            };
-            return Err(unsupported(&format!(
-                "Preallocation mode '{mode}' is not supported when resizing qcow2 images"
-            )));
-        }
         let old = self.image.virtual_size();
+        if preallocated {
+            if size <= old {
+                return Err(unsupported(
+                    "Preallocation can only be used for growing images",
+                ));
+            }
+            let (host, len) = self
+                .image
+                .resize_preallocated(size, prealloc == Preallocation::Full)
+                .map_err(engine_error)?;
+            if prealloc == Preallocation::Falloc && len > 0 {
+                // Reserved, as QEMU's falloc reserves it (where the file system can).
+                let file = self.image.layers().first().map(|l| l.device().file());
+                if let Some(file) = file {
+                    let _ = rustix::fs::fallocate(
+                        file,
+                        rustix::fs::FallocateFlags::KEEP_SIZE,
+                        host,
+                        len,
+                    );
+                }
+            }
+            return Ok(());
+        }
         self.image.resize(size).map_err(|e| match e {
             Error::NoSpace { .. } if size > self.image.virtual_size() => DiskError::with_kind(
                 ErrorKind::NoSpace,

@@ -246,7 +246,7 @@ fn refusals_match_qemu_img() {
         1 << 20,
         false,
     );
-    let cases: [&[&str]; 13] = [
+    let cases: [&[&str]; 15] = [
         &["3M"],
         &["--shrink", "0"],
         &["--shrink", "-8M"],
@@ -256,6 +256,8 @@ fn refusals_match_qemu_img() {
         &["--preallocation=bogus", "+1M"],
         &["--preallocation=full", "--shrink", "1M"],
         &["--preallocation=metadata", "4M"],
+        &["--preallocation=falloc", "4M"],
+        &["--preallocation=full", "+0"],
         &["-f", "raw", "--shrink", "-4M"],
         &["1E"],
         &["8E"],
@@ -325,4 +327,116 @@ fn metadata_preallocation_matches_qemu_img() {
             both(&s, &img, &["--preallocation=metadata", size], opts);
         }
     }
+}
+
+/// `--preallocation=falloc|full` when growing: new refcount structures after the last cluster in use (a new
+/// refcount table, the old one freed), the new clusters in one run after them (zeros written for `full`),
+/// mapped by L2 tables allocated as qemu-img allocates them, a cluster holding an unaligned old end copied;
+/// byte-identical, the new area reading zeros (through a longer backing file too), `qemu-img check` clean.
+#[test]
+fn falloc_and_full_preallocation_match_qemu_img() {
+    let s = Scratch::new();
+    let base = s.qcow2("base.qcow2", "cluster_size=65536", 8 << 20);
+    qemu_io_cmds(&base, "qcow2", &["write -P 9 0 8M".to_string()]);
+    let mut checked = 0;
+    for (opts, old, backing) in [
+        ("cluster_size=65536", 1 << 20, false),
+        ("cluster_size=4096", 1 << 20, false),
+        ("cluster_size=512", 1 << 20, false),
+        ("cluster_size=2M", 1 << 20, false),
+        ("cluster_size=65536,extended_l2=on", 1 << 20, false),
+        ("compat=0.10", 1 << 20, false),
+        ("cluster_size=4096,refcount_bits=1", 1 << 20, false),
+        ("cluster_size=4096,refcount_bits=64", 1 << 20, false),
+        ("cluster_size=4096,lazy_refcounts=on", 1 << 20, false),
+        ("cluster_size=65536", 100 << 10, false),
+        ("cluster_size=16384,extended_l2=on", 100 << 10, false),
+        ("cluster_size=65536", 1 << 20, true),
+        ("cluster_size=65536,extended_l2=on", 1 << 20, true),
+        ("cluster_size=4096,compat=0.10", 1 << 20, true),
+    ] {
+        let img = if backing {
+            s.create("p.qcow2", "qcow2", opts, old, Some(("base.qcow2", "qcow2")))
+        } else {
+            s.qcow2("p.qcow2", opts, old)
+        };
+        let last = old.min(1 << 20) - 64 * 1024;
+        let mut cmds = vec![
+            "write -P 1 0 64k".to_string(),
+            format!("write -P 2 {last} 64k"),
+            // A freed cluster at the end: the file is longer than its last cluster in use.
+            "write -P 3 0 4k".to_string(),
+            format!("discard {last} 64k"),
+        ];
+        if old >= 1 << 20 && !opts.contains("2M") {
+            cmds.push("write -c -P 4 128k 64k".to_string());
+        }
+        qemu_io_cmds(&img, "qcow2", &cmds);
+        for mode in ["falloc", "full"] {
+            for size in ["4M", "+40M"] {
+                let what = format!(
+                    "{opts}, {old} bytes{}",
+                    if backing { ", backing" } else { "" }
+                );
+                let o = both(&s, &img, &[&format!("--preallocation={mode}"), size], &what);
+                assert!(o.success(), "{what}: {}", o.describe());
+                // The old disk as it was, the new area zeros.
+                let ours = s.path("ours.img");
+                let read = qcow2_tests::qemu_io([
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-c".as_ref(),
+                    format!("read -P 0 {old} 1M").as_ref(),
+                    "-c".as_ref(),
+                    "read -P 3 0 4k".as_ref(),
+                    ours.as_os_str(),
+                ]);
+                assert!(
+                    read.success() && !read.stdout_str().contains("fail"),
+                    "{what} {mode} {size}: {}",
+                    read.describe()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 56);
+}
+
+/// An encrypted image is refused (its new clusters would not read as zeros; qemu-img leaves them reading
+/// as noise), the file untouched.
+#[test]
+fn falloc_of_an_encrypted_image_is_refused() {
+    let s = Scratch::new();
+    let img = s.path("e.qcow2");
+    let secret = "secret,id=s0,data=pass";
+    qemu_img_ok([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        secret,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        img.to_str().unwrap(),
+        "1M",
+    ]);
+    let before = std::fs::read(&img).unwrap();
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+        img.display()
+    );
+    let o = qcow2([
+        "resize",
+        "--object",
+        secret,
+        "--image-opts",
+        "--preallocation=falloc",
+        &opts,
+        "2M",
+    ]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(o.stderr_str().contains("encrypted"), "{}", o.describe());
+    assert_eq!(std::fs::read(&img).unwrap(), before);
 }

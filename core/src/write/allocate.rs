@@ -63,78 +63,103 @@ where
         }
     }
 
-    /// Moves the search start past free holes shorter than `n` clusters, as QEMU's search for a new run of
-    /// `n` passes over them (and does not come back to them until a cluster below is freed): from then on
-    /// the first free cluster starts `n` free ones, or a run that ends where the refcount blocks do.
-    pub(super) fn skip_short_holes(&mut self, n: u64) -> Result<(), Error<D::Error>> {
+    /// Allocates up to `max` contiguous clusters (at least one) with refcount 1. Returns the host offset
+    /// and the count. When a run of `place` clusters was announced ([`WriteState::place`]), it starts past
+    /// free holes too short for that run, as QEMU's search for a new run passes over them (and does not
+    /// come back to them until a cluster below is freed): at `place` free clusters, or at a run that ends
+    /// where the refcount blocks do.
+    pub(super) fn alloc_clusters(&mut self, max: u64) -> Result<(u64, u64), Error<D::Error>> {
+        #[cfg(feature = "qemu-placement")]
+        if let (at, left @ 1..) = core::mem::take(&mut self.w.place_at) {
+            // Right after the request's previous host cluster, as many as are free there; the search start
+            // stays where it was. Where none is free, the rest of the run is placed anew.
+            if self.refcount_loc(at)?.is_none() || self.refcount(at)? != 0 {
+                self.w.place = left;
+                return self.alloc_clusters(max);
+            }
+            let mut count = 1u64;
+            while count < max.min(left)
+                && self.refcount_loc(at.saturating_add(count))?.is_some()
+                && self.refcount(at.saturating_add(count))? == 0
+            {
+                count = count.saturating_add(1);
+            }
+            self.guard(
+                at << self.g.cluster_bits,
+                count.saturating_mul(self.g.tables.cluster_size),
+                false,
+            )?;
+            for i in 0..count {
+                self.change_refcount(at.saturating_add(i), true)?;
+            }
+            self.w.place_at = (at.saturating_add(count), left.saturating_sub(count));
+            let host = at << self.g.cluster_bits;
+            self.cache
+                .forget_range(0, host, count.saturating_mul(self.g.tables.cluster_size));
+            return Ok((host, count));
+        }
+        #[cfg(feature = "qemu-placement")]
+        let want = core::mem::take(&mut self.w.place);
+        #[cfg(not(feature = "qemu-placement"))]
+        let want = 0u64;
         let mut from = self.w.free_hint;
+        let need = max.max(want);
+        let bits = self.g.tables.refcount_block_bits;
+        // Refcount table growths and new refcount blocks made on the way (each changes what is free).
+        let mut made = 0u32;
         loop {
             let c = self.find_free(from)?;
-            let mut run = 1u64;
-            let mut blocked = false;
-            while run < n {
-                let next = c.saturating_add(run);
-                if next > self.max_cluster() || self.refcount_loc(next)?.is_none() {
-                    break;
-                }
-                if self.refcount(next)? != 0 {
-                    blocked = true;
-                    break;
-                }
-                run = run.saturating_add(1);
-            }
-            if !blocked {
-                self.w.free_hint = c;
-                return Ok(());
-            }
-            from = c.saturating_add(run).saturating_add(1);
-        }
-    }
-
-    /// Allocates up to `max` contiguous clusters (at least one) with refcount 1. Returns the host offset
-    /// and the count.
-    pub(super) fn alloc_clusters(&mut self, max: u64) -> Result<(u64, u64), Error<D::Error>> {
-        for _ in 0..64 {
-            let c = self.find_free(self.w.free_hint)?;
-            let r = c >> self.g.tables.refcount_block_bits;
+            let r = c >> bits;
             if r >= self.g.tables.refcount_table_entries {
+                made = made.saturating_add(1);
+                if made > 64 {
+                    return Err(Error::NoSpace {
+                        what: "cluster allocation did not converge",
+                    });
+                }
                 self.grow_reftable(c)?;
                 continue;
             }
-            if self.reftable_entry(r)? == 0 {
-                // As QEMU places them: the run first, its refcount block at the first free cluster after it
-                // (clusters no block covers count as free); then the search starts again.
-                let mut run = 1u64;
-                while run < max {
-                    let next = c.saturating_add(run);
-                    if next > self.max_cluster()
-                        || (self.refcount_loc(next)?.is_some() && self.refcount(next)? != 0)
-                    {
-                        break;
-                    }
-                    run = run.saturating_add(1);
-                }
-                // (Where that cluster lies past the region, the block goes at the run's start instead.)
-                let b = self.find_free(c.saturating_add(run))?;
-                let at = if b >> self.g.tables.refcount_block_bits == r {
-                    b
-                } else {
-                    c
-                };
-                self.alloc_refblock(r, at)?;
-                continue;
-            }
+            // The run from `c`, as QEMU sees it: clusters no refcount block covers count as free (up to the
+            // refcount table's reach). The first region it reaches without a block gets one.
+            let mut missing = (self.reftable_entry(r)? == 0).then_some(r);
             let mut count = 1u64;
-            while count < max {
+            let mut blocked = false;
+            while count < need {
                 let next = c.saturating_add(count);
-                if next > self.max_cluster()
-                    || self.refcount_loc(next)?.is_none()
-                    || self.refcount(next)? != 0
+                if next > self.max_cluster() || next >> bits >= self.g.tables.refcount_table_entries
                 {
+                    break;
+                }
+                if self.refcount_loc(next)?.is_none() {
+                    missing = missing.or(Some(next >> bits));
+                } else if self.refcount(next)? != 0 {
+                    blocked = true;
                     break;
                 }
                 count = count.saturating_add(1);
             }
+            if blocked && count < want {
+                // A hole too short for the run: the search goes on past it.
+                from = c.saturating_add(count).saturating_add(1);
+                continue;
+            }
+            if let Some(m) = missing {
+                made = made.saturating_add(1);
+                if made > 64 {
+                    return Err(Error::NoSpace {
+                        what: "cluster allocation did not converge",
+                    });
+                }
+                // As QEMU places it: at the first free cluster after the run; then the search starts again.
+                // (Where that cluster lies past the region, the block goes at the region's first cluster of
+                // the run instead.)
+                let b = self.find_free(c.saturating_add(count))?;
+                let at = if b >> bits == m { b } else { c.max(m << bits) };
+                self.alloc_refblock(m, at)?;
+                continue;
+            }
+            let count = count.min(max);
             // A free cluster is never one the engine knows to hold metadata (a refcount that lies).
             self.guard(
                 c << self.g.cluster_bits,
@@ -150,9 +175,6 @@ where
                 .forget_range(0, host, count.saturating_mul(self.g.tables.cluster_size));
             return Ok((host, count));
         }
-        Err(Error::NoSpace {
-            what: "cluster allocation did not converge",
-        })
     }
 
     /// Allocates `n` contiguous clusters whatever `n` (a LUKS area), and returns the run's host offset.
@@ -338,34 +360,88 @@ where
                 });
             }
         }
+        self.install_refcount_area(c, r0, r0.saturating_add(k), t)?;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_refcount_area` with an exact size: from cluster `start` (past every cluster in use),
+    /// new refcount blocks and a new refcount table that count themselves and the `additional` clusters
+    /// that follow them, the table sized for exactly that. Returns the first cluster after them.
+    pub(super) fn refcount_area(
+        &mut self,
+        start: u64,
+        additional: u64,
+    ) -> Result<u64, Error<D::Error>> {
+        let g = self.g;
+        let (blocks, _) = crate::create::measure::refcount_structures(
+            start.saturating_add(additional),
+            g.tables.cluster_size,
+            g.tables.refcount_order,
+            false,
+        );
+        let t = ceil_div(blocks, g.tables.cluster_size >> 3);
+        self.install_refcount_area(start, start >> g.tables.refcount_block_bits, blocks, t)
+    }
+
+    /// Installs new refcount structures from cluster `start` (it and every cluster after it free): a
+    /// refcount block for each region from `first` to `end` (refcount table indices) that has none, in
+    /// consecutive clusters from `start`, then a refcount table of `t` clusters there (the old table's
+    /// entries, as many as fit, and the new blocks), each of these clusters counted. The blocks and the
+    /// table are durable before the header names the table; the old table is freed after. Returns the
+    /// first cluster after the table.
+    fn install_refcount_area(
+        &mut self,
+        start: u64,
+        first: u64,
+        end: u64,
+        t: u64,
+    ) -> Result<u64, Error<D::Error>> {
+        let g = self.g;
+        let per_cluster = g.tables.cluster_size >> 3;
+        let new_entries = t.saturating_mul(per_cluster);
         if t.saturating_mul(g.tables.cluster_size) > MAX_REFTABLE_BYTES || t > u64::from(u32::MAX) {
             return Err(Error::NoSpace {
                 what: "the refcount table would exceed 8 MiB",
             });
         }
-        let area_end = c.saturating_add(k).saturating_add(t);
+        let mut k = 0u64;
+        for r in first..end {
+            if r >= g.tables.refcount_table_entries || self.reftable_entry(r)? == 0 {
+                k = k.saturating_add(1);
+            }
+        }
+        let area_end = start.saturating_add(k).saturating_add(t);
         if area_end > self.max_cluster() {
             return Err(Error::NoSpace {
                 what: "no free host cluster below 2^56",
             });
         }
         self.guard(
-            c << g.cluster_bits,
+            start << g.cluster_bits,
             area_end
-                .saturating_sub(c)
+                .saturating_sub(start)
                 .saturating_mul(g.tables.cluster_size),
             false,
         )?;
-        // Refcount blocks: block i (at cluster c + i) covers region r0 + i and counts the new area's clusters.
-        for i in 0..k {
-            self.note_table(c.saturating_add(i) << g.cluster_bits);
-            let region = r0.saturating_add(i);
-            let first = region << g.tables.refcount_block_bits;
-            let lo = c.max(first).saturating_sub(first);
+        // Each region's block counts the new area's clusters in its reach: a new block is written so, an
+        // existing one has them counted through the cache (written back before the table).
+        let bits = g.tables.refcount_block_bits;
+        let mut next = start;
+        for r in first..end {
+            let region = r << bits;
+            let lo = start.max(region).saturating_sub(region);
             let hi = area_end
-                .min(first.saturating_add(1u64 << g.tables.refcount_block_bits))
-                .saturating_sub(first);
-            let host = c.saturating_add(i) << g.cluster_bits;
+                .min(region.saturating_add(1u64 << bits))
+                .saturating_sub(region);
+            if r < g.tables.refcount_table_entries && self.reftable_entry(r)? != 0 {
+                for e in lo..hi {
+                    self.change_refcount(region.saturating_add(e), true)?;
+                }
+                continue;
+            }
+            self.note_table(next << g.cluster_bits);
+            let host = next << g.cluster_bits;
+            next = next.saturating_add(1);
             self.cache.forget_range(0, host, g.tables.cluster_size);
             self.write_block_with(host, |_, chunk_start, chunk| {
                 let entries = (chunk.len() as u64).saturating_mul(8) >> g.tables.refcount_order;
@@ -380,12 +456,18 @@ where
                 Some(())
             })?;
         }
-        // The new table: the old entries, then the new blocks.
-        let table = c.saturating_add(k) << g.cluster_bits;
+        self.writeback(SliceKind::Refcount)?;
+        // The new table: the old entries that fit, then the new blocks.
+        let table = start.saturating_add(k) << g.cluster_bits;
         self.cache
             .forget_range(0, table, t.saturating_mul(g.tables.cluster_size));
-        let old_bytes = old_entries.saturating_mul(8);
+        let old_bytes = g
+            .tables
+            .refcount_table_entries
+            .min(new_entries)
+            .saturating_mul(8);
         let bs = self.dev.block_size();
+        let mut blocks_seen = 0u64;
         {
             let (bounce, rest) = split_bounce(self.bounce, bs);
             let mut stack = [0u8; STACK_CHUNK];
@@ -405,14 +487,17 @@ where
                         part.get_mut(..m).unwrap_or(&mut []),
                     )?;
                 }
-                for i in 0..k {
-                    let byte = r0.saturating_add(i).saturating_mul(8);
-                    if byte >= done && byte < done.saturating_add(n as u64) {
-                        let at = byte.saturating_sub(done) as usize;
-                        let host = c.saturating_add(i) << g.cluster_bits;
-                        if let Some(dst) = part.get_mut(at..at.saturating_add(8)) {
-                            let _ = copy_exact(dst, &host.to_be_bytes());
-                        }
+                // The regions this chunk holds entries for that get a new block (their entry is 0).
+                let lo_r = first.max(done >> 3);
+                let hi_r = end.min(done.saturating_add(n as u64) >> 3);
+                for r in lo_r..hi_r {
+                    let at = (r.saturating_mul(8).saturating_sub(done)) as usize;
+                    if let Some(dst) = part.get_mut(at..at.saturating_add(8))
+                        && dst.iter().all(|&b| b == 0)
+                    {
+                        let host = start.saturating_add(blocks_seen) << g.cluster_bits;
+                        blocks_seen = blocks_seen.saturating_add(1);
+                        let _ = copy_exact(dst, &host.to_be_bytes());
                     }
                 }
                 write_bytes(self.dev, bounce, table.saturating_add(done), part)?;
@@ -427,11 +512,15 @@ where
         let _ = copy_exact(clusters, &(t as u32).to_be_bytes());
         self.write_header(field::REFCOUNT_TABLE_OFFSET, &field)?;
         let old_off = g.tables.refcount_table_offset;
-        let old_clusters = old_entries.checked_div(per_cluster).unwrap_or(0);
+        let old_clusters = g
+            .tables
+            .refcount_table_entries
+            .checked_div(per_cluster)
+            .unwrap_or(0);
         self.header.refcount_table_offset = table;
         self.header.refcount_table_clusters = t as u32;
         self.g.tables.refcount_table_offset = table;
-        self.g.tables.refcount_table_entries = t.saturating_mul(per_cluster);
+        self.g.tables.refcount_table_entries = new_entries;
         self.cache.forget_range(
             0,
             old_off,
@@ -441,7 +530,7 @@ where
         for i in 0..old_clusters {
             self.change_refcount((old_off >> g.cluster_bits).saturating_add(i), false)?;
         }
-        Ok(())
+        Ok(area_end)
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each) for a table; returns the host offset. As QEMU

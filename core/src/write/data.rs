@@ -133,6 +133,57 @@ where
         Ok(())
     }
 
+    /// Where the clusters from guest cluster `gc` up to guest byte `end` that need new host clusters (a run
+    /// in `gc`'s L2 table, the table made writable first) will go, as QEMU places a write's new clusters:
+    /// right after the host cluster of the request's cluster before (`gc` is not the request's first), as
+    /// many as are free there; otherwise one contiguous run past free holes too short for it. Returns how
+    /// many clusters from `gc` that covers (at least 1: a cluster written in place needs no placing).
+    #[cfg(feature = "qemu-placement")]
+    #[inline(never)]
+    fn place_run(&mut self, gc: u64, end: u64, first_gc: u64) -> Result<u64, Error<D::Error>> {
+        let g = self.geometry()?;
+        if g.tables.l2_format.external_data {
+            return Ok(u64::MAX);
+        }
+        let l2 = self.writable_l2(gc)?;
+        let mut m = self.meta()?;
+        let cs = g.tables.cluster_size;
+        let first = (gc >> g.cluster_bits) & g.l2_entries.wrapping_sub(1);
+        let max = g
+            .l2_entries
+            .saturating_sub(first)
+            .min(end.saturating_sub(gc).div_ceil(cs));
+        let mut n = 0u64;
+        while n < max {
+            let (_, entry, kind) = m.cluster_entry(l2, gc.saturating_add(n.saturating_mul(cs)))?;
+            if in_place(kind, entry, g.tables.l2_format.extended).is_some() {
+                break;
+            }
+            n = n.saturating_add(1);
+        }
+        if n == 0 {
+            return Ok(1);
+        }
+        if gc > first_gc {
+            let before = gc.saturating_sub(cs);
+            if let (_, Some(l2_before)) = m.l2_table(before)? {
+                let (_, _, kind) = m.cluster_entry(l2_before, before)?;
+                if let ClusterKind::Data { host } = kind {
+                    let next = host.saturating_add(cs) >> g.cluster_bits;
+                    if next <= m.max_cluster()
+                        && m.refcount_loc(next)?.is_some()
+                        && m.refcount(next)? == 0
+                    {
+                        m.w.place_at = (next, n);
+                        return Ok(n);
+                    }
+                }
+            }
+        }
+        m.w.place = n;
+        Ok(n)
+    }
+
     /// Writes guest bytes `[a, b)` of the cluster at guest offset `gc` from `src`.
     pub(super) fn write_cluster(
         &mut self,
@@ -170,15 +221,7 @@ where
             touched |= 1u32 << p;
             p = p.saturating_add(1);
         }
-        let in_place = match kind {
-            ClusterKind::Data { host } if old.copied() => Some(host),
-            ClusterKind::Zero { host: Some(host) }
-                if old.copied() && !g.tables.l2_format.extended =>
-            {
-                Some(host)
-            }
-            _ => None,
-        };
+        let in_place = in_place(kind, old, g.tables.l2_format.extended);
         let new_alloc = old_alloc | touched;
         let target = match in_place {
             Some(host) => host,
@@ -346,9 +389,12 @@ where
         if n == 0 {
             return Ok(None);
         }
+        #[cfg(feature = "qemu-placement")]
         if whole_runs {
-            m.skip_short_holes(n)?;
+            m.w.place = n;
         }
+        #[cfg(not(feature = "qemu-placement"))]
+        let _ = whole_runs;
         let (host, got) = m.alloc_clusters(n)?;
         Ok(Some(Reservation {
             guest: gc,
@@ -559,11 +605,17 @@ where
         let cs = self.geometry()?.tables.cluster_size;
         let mut pos = offset;
         let end = offset.saturating_add(len);
+        // Clusters left of the run of new ones placed last (see `place_run`).
+        let mut placed = 0u64;
         while pos < end {
             let gc = pos & !cs.wrapping_sub(1);
             let a = pos.saturating_sub(gc);
             let b = end.saturating_sub(gc).min(cs);
             let from = pos.saturating_sub(offset) as usize;
+            #[cfg(feature = "qemu-placement")]
+            if placed == 0 {
+                placed = self.place_run(gc, end, offset & !cs.wrapping_sub(1))?;
+            }
             if let WriteSource::Bytes(bytes) = src
                 && a == 0
                 && b == cs
@@ -576,14 +628,30 @@ where
                 let done = self.write_fresh_run(gc, run)?;
                 if done > 0 {
                     pos = gc.saturating_add(done.saturating_mul(cs));
+                    placed = placed.saturating_sub(done);
                     continue;
                 }
             }
             let n = b.saturating_sub(a);
             self.write_cluster(gc, a, b, src.sub(from, n as usize))?;
             pos = gc.saturating_add(b);
+            placed = placed.saturating_sub(1);
+        }
+        #[cfg(feature = "qemu-placement")]
+        {
+            self.w.place = 0;
+            self.w.place_at = (0, 0);
         }
         Ok(())
+    }
+}
+
+/// The host cluster a write goes into where it is: the entry's own, when the image alone references it.
+fn in_place(kind: ClusterKind, entry: L2Entry, extended: bool) -> Option<u64> {
+    match kind {
+        ClusterKind::Data { host } if entry.copied() => Some(host),
+        ClusterKind::Zero { host: Some(host) } if entry.copied() && !extended => Some(host),
+        _ => None,
     }
 }
 

@@ -34,6 +34,44 @@ where
     /// version 2 images with internal snapshots, images with an inconsistent bitmap or an external data
     /// file, and sizes whose L1 table would pass 32 MiB.
     pub fn resize(&mut self, new_size: u64) -> Result<(), Error<D::Error>> {
+        self.resize_as(new_size, None).map(drop)
+    }
+
+    /// Grows the virtual disk to `new_size` with every new cluster allocated, as QEMU's resize with
+    /// `preallocation=falloc` (`zeros` false) or `full` (`zeros` true) does: from the end of the last
+    /// cluster in use, new refcount structures sized for the new clusters (a new refcount table, the old
+    /// one freed), then the data clusters in one run (written with zeros for `full`; the file grown to
+    /// cover them, and a part of the run that lies inside the old file zeroed either way, where QEMU leaves
+    /// its old bytes), mapped by the L2 entries (a cluster that held the old end copied first), the size
+    /// last. Returns the data run (host offset, length) for a caller that reserves its space (`falloc`).
+    /// Refused for an image that does not grow and for an encrypted image (its new clusters would not
+    /// read as zeros).
+    pub fn resize_preallocated(
+        &mut self,
+        new_size: u64,
+        zeros: bool,
+    ) -> Result<(u64, u64), Error<D::Error>> {
+        if new_size <= self.virtual_size() {
+            return Err(Error::Unsupported {
+                what: "preallocation for an image that does not grow",
+                value: new_size,
+            });
+        }
+        if self.layers.first().is_some_and(|l| l.encrypted()) {
+            return Err(Error::Unsupported {
+                what: "preallocating the new clusters of an encrypted image",
+                value: new_size,
+            });
+        }
+        self.resize_as(new_size, Some(zeros))
+            .map(|area| area.unwrap_or((0, 0)))
+    }
+
+    fn resize_as(
+        &mut self,
+        new_size: u64,
+        prealloc: Option<bool>,
+    ) -> Result<Option<(u64, u64)>, Error<D::Error>> {
         if !new_size.is_multiple_of(512) {
             return Err(Error::Unsupported {
                 what: "a virtual size that is not a multiple of 512 bytes",
@@ -83,9 +121,9 @@ where
             self.w.discard_freed = true;
             let shrunk = self.shrink(old_size, new_size, l1_needed);
             self.w.discard_freed = false;
-            shrunk
+            shrunk.map(|()| None)
         } else {
-            self.grow(old_size, new_size, l1_needed)
+            self.grow(old_size, new_size, l1_needed, prealloc)
         };
         #[cfg(feature = "bitmaps")]
         if resized.is_err() {
@@ -93,10 +131,11 @@ where
             self.w.bitmaps_held = 0;
             self.w.bitmaps_tracked = 0;
         }
-        resized?;
+        let area = resized?;
         #[cfg(feature = "bitmaps")]
         self.resize_bitmaps(old_size, new_size, true)?;
-        self.end_write()
+        self.end_write()?;
+        Ok(area)
     }
 
     pub(super) fn set_virtual_size(&mut self, size: u64) -> Result<(), Error<D::Error>> {
@@ -122,10 +161,12 @@ where
         old_size: u64,
         new_size: u64,
         l1_needed: u64,
-    ) -> Result<(), Error<D::Error>> {
+        prealloc: Option<bool>,
+    ) -> Result<Option<(u64, u64)>, Error<D::Error>> {
         // A backing file longer than the old disk must not show through the new area (QEMU zeroes it).
         let backing_size = self.layers.get(1).map_or(0, |l| l.size);
-        if backing_size > old_size && new_size > old_size && !self.geometry()?.tables.l2_format.v3 {
+        let longer = backing_size > old_size && new_size > old_size;
+        if longer && prealloc.is_none() && !self.geometry()?.tables.l2_format.v3 {
             return Err(Error::Unsupported {
                 what: "zeroing the area past the old end (a version 2 image cannot mark clusters as zeros)",
                 value: old_size,
@@ -138,18 +179,119 @@ where
             }
         }
         self.set_virtual_size(new_size)?;
-        if backing_size > old_size && new_size > old_size {
-            let zeroed = self.zero_range(old_size, new_size.saturating_sub(old_size), false);
-            if let Err(e) = zeroed {
-                self.set_virtual_size(old_size)?;
-                return Err(e);
-            }
-        }
-        if let Err(e) = self.commit_size(new_size) {
+        let mut area = None;
+        let filled = match prealloc {
+            // Preallocated clusters read as zeros (their subclusters allocated where a backing file would
+            // show through).
+            Some(zeros) => self
+                .preallocate_area(old_size, new_size, zeros, longer)
+                .map(|a| area = Some(a)),
+            None if longer => self.zero_range(old_size, new_size.saturating_sub(old_size), false),
+            None => Ok(()),
+        };
+        if let Err(e) = filled.and_then(|()| self.commit_size(new_size)) {
             self.set_virtual_size(old_size)?;
             return Err(e);
         }
-        self.end_write()
+        self.end_write()?;
+        Ok(area)
+    }
+
+    /// The clusters of QEMU's `falloc`/`full` growth from `old_size` to `new_size` (see
+    /// [`Self::resize_preallocated`]); `allocated`: every subcluster marked allocated.
+    fn preallocate_area(
+        &mut self,
+        old_size: u64,
+        new_size: u64,
+        zeros: bool,
+        allocated: bool,
+    ) -> Result<(u64, u64), Error<D::Error>> {
+        let g = self.geometry()?;
+        let cs = g.tables.cluster_size;
+        let first_gc = old_size & !cs.wrapping_sub(1);
+        let data = ceil_div(new_size, cs).saturating_sub(first_gc >> g.cluster_bits);
+        let (host, file_end) = {
+            let mut m = self.meta()?;
+            let file_end = m.dev.size()?;
+            // The end of the last cluster in use.
+            let mut start = ceil_div(file_end, cs);
+            while start > 0 && m.refcount(start.saturating_sub(1))? == 0 {
+                start = start.saturating_sub(1);
+            }
+            let l2_tables = ceil_div(data, g.l2_entries).saturating_add(1);
+            let first = m.refcount_area(start, data.saturating_add(l2_tables))?;
+            let mut c = first;
+            while c < first.saturating_add(data) {
+                m.make_room(2)?;
+                m.change_refcount(c, true)?;
+                c = c.saturating_add(1);
+            }
+            (first << g.cluster_bits, m.dev.size()?)
+        };
+        let len = data.saturating_mul(cs);
+        let end = host.saturating_add(len);
+        {
+            let mut m = self.meta()?;
+            let keep = if zeros {
+                host
+            } else {
+                file_end.clamp(host, end)
+            };
+            if keep > host || zeros {
+                m.write_zeros(
+                    host,
+                    if zeros {
+                        len
+                    } else {
+                        keep.saturating_sub(host)
+                    },
+                )?;
+            }
+            if end > m.dev.size()? && !m.dev.set_size(end)? {
+                // A device that cannot grow: the clusters past its end are written as zeros.
+                let now = m.dev.size()?.max(host);
+                m.write_zeros(now, end.saturating_sub(now))?;
+            }
+            m.w.needs_flush = true;
+        }
+        // The L2 entries; a cluster that held the old end keeps its first bytes.
+        let bitmap = if g.tables.l2_format.extended && allocated {
+            u64::from(u32::MAX)
+        } else {
+            0
+        };
+        let mut at = 0u64;
+        while at < len {
+            let gc = first_gc.saturating_add(at);
+            let target = host.saturating_add(at);
+            let l2 = self.writable_l2(gc)?;
+            let head = old_size.saturating_sub(gc).min(cs);
+            if head > 0 {
+                self.copy_guest(gc, target, head)?;
+            }
+            let mut m = self.meta()?;
+            m.make_room(2)?;
+            let (index, old, kind) = m.cluster_entry(l2, gc)?;
+            let bitmap = if g.tables.l2_format.extended && !allocated {
+                old.bitmap
+            } else {
+                bitmap
+            };
+            m.l2_set(
+                l2,
+                index,
+                L2Entry {
+                    word: target | OFLAG_COPIED,
+                    bitmap,
+                },
+            )?;
+            m.free_entry(kind)?;
+            if matches!(kind, ClusterKind::Compressed(_)) {
+                self.decompressor.invalidate();
+            }
+            at = at.saturating_add(cs);
+        }
+        Ok((host, len))
     }
 
     /// QEMU's full discard of the guest clusters in `[from, to)` (cluster-aligned): each L2 table of the range

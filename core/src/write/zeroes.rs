@@ -246,6 +246,12 @@ where
         }
         let mut gc = start;
         while gc < end {
+            // As QEMU places tables: each L2 table of the range made writable first (allocated where
+            // there is none), whether or not an entry changes.
+            #[cfg(feature = "qemu-placement")]
+            if gc == start || gc & (1u64 << g.l2_coverage_bits).wrapping_sub(1) == 0 {
+                self.writable_l2(gc)?;
+            }
             self.discard_cluster(gc, backing, false)?;
             gc = gc.saturating_add(g.tables.cluster_size);
         }
