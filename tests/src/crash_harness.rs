@@ -230,3 +230,98 @@ pub fn open_writable_bytes(bytes: &[u8], base: &Option<Vec<u8>>) -> Result<Img, 
         &mut Backing(base.clone(), log),
     )
 }
+
+/// An image a resize is tried on under power loss ([`resize_states`]).
+#[derive(Debug)]
+pub struct ResizeCase {
+    pub name: &'static str,
+    pub opts: &'static str,
+    pub size: u64,
+    pub new_size: u64,
+    /// Over a 4 MiB backing file full of data (longer than the image).
+    pub backing: bool,
+    /// With an internal snapshot, then a write over it.
+    pub snapshot: bool,
+    /// Every third 16 KiB piece compressed.
+    pub compressed: bool,
+}
+
+/// Makes `c`'s image (data one byte value per 16 KiB, the last sector written, a freed cluster left inside the
+/// file), runs `resize` on it through the recording device, and checks every crash state: it opens, its
+/// refcounts are consistent (a sample through `qemu-img check` too), and it is the old disk (old size, old
+/// data) or the new one (new size, the old data, zeros after); the last one the new one. Returns how many
+/// states it checked.
+pub fn resize_states(c: &ResizeCase, resize: impl FnOnce(&mut Img)) -> usize {
+    use crate::{guest_view, qemu_img_ok, qemu_io_cmds};
+    let s = Scratch::new();
+    let img = s.path("r.qcow2");
+    let mut base_bytes = None;
+    if c.backing {
+        let base = s.qcow2("base.qcow2", "", 4 << 20);
+        qemu_io_cmds(&base, "qcow2", &["write -P 0x33 0 4M".to_string()]);
+        base_bytes = Some(std::fs::read(&base).unwrap());
+        s.create(
+            "r.qcow2",
+            "qcow2",
+            c.opts,
+            c.size,
+            Some(("base.qcow2", "qcow2")),
+        );
+    } else {
+        s.qcow2("r.qcow2", c.opts, c.size);
+    }
+    let mut cmds = Vec::new();
+    let mut at = 0;
+    while at + 4096 <= c.size {
+        let flag = if c.compressed && (at / 16384) % 3 == 0 {
+            "-c "
+        } else {
+            ""
+        };
+        cmds.push(format!(
+            "write {flag}-P {} {at} 4096",
+            (at / 16384) % 250 + 1
+        ));
+        at += 16384;
+    }
+    cmds.push(format!("write -P 0x77 {} 512", c.size - 512));
+    cmds.push("discard 16k 4k".to_string());
+    qemu_io_cmds(&img, "qcow2", &cmds);
+    if c.snapshot {
+        qemu_img_ok(["snapshot", "-c", "one", img.to_str().unwrap()]);
+        qemu_io_cmds(&img, "qcow2", &["write -P 0xee 2M 64k".to_string()]);
+    }
+    let initial = std::fs::read(&img).unwrap();
+    let old = guest_view(&img);
+    let mut new = old.clone();
+    new.resize(c.new_size as usize, 0);
+    let (old_cells, new_cells) = (exactly(&old), exactly(&new));
+    let log_base = base_bytes.clone();
+    let states = states_of(&initial, |dev| {
+        let mut image = open_recorded(dev, log_base);
+        resize(&mut image);
+        image.close().unwrap();
+    });
+    let last = states.len() - 1;
+    for (i, (state, what)) in states.iter().enumerate() {
+        let what = format!("resize {}: {what}", c.name);
+        let size = u64::from_be_bytes(state[24..32].try_into().unwrap());
+        let allowed = if size == c.size && i != last {
+            &old_cells
+        } else if size == c.new_size {
+            &new_cells
+        } else {
+            panic!("{what}: virtual size {size} is neither the old nor the new one");
+        };
+        verify_sampled(
+            &s,
+            state,
+            &base_bytes,
+            allowed,
+            &what,
+            i == last || i % 29 == 0,
+        );
+    }
+    eprintln!("resize {}: {} crash states", c.name, states.len());
+    states.len()
+}

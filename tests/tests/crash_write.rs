@@ -21,8 +21,8 @@ use qcow2_tests::crash::{
     Event, Log, SimDevice, SimError, Survivors, check_refcounts, crash_state,
 };
 use qcow2_tests::crash_harness::{
-    Backing, CELL, Img, Values, buffers, exactly, open_read_only, open_recorded,
-    open_writable_bytes, seeds, states_of, verify, verify_sampled,
+    Backing, CELL, Img, ResizeCase, Values, buffers, exactly, open_read_only, open_recorded,
+    open_writable_bytes, resize_states, seeds, states_of, verify, verify_sampled,
 };
 use qcow2_tests::ops::{Op, ops};
 use qcow2_tests::{Scratch, guest_view, qemu_img, qemu_img_ok, qemu_io_cmds};
@@ -822,17 +822,8 @@ fn crash_during_refcount_rebuild() {
 /// old data up to it, zeros after).
 #[test]
 fn crash_resize() {
-    struct Case {
-        name: &'static str,
-        opts: &'static str,
-        size: u64,
-        new_size: u64,
-        backing: bool,
-        snapshot: bool,
-        compressed: bool,
-    }
     let cases = [
-        Case {
+        ResizeCase {
             name: "grow, L1 across clusters",
             opts: "cluster_size=512",
             size: 1 << 20,
@@ -841,7 +832,7 @@ fn crash_resize() {
             snapshot: false,
             compressed: false,
         },
-        Case {
+        ResizeCase {
             name: "grow, lazy refcounts",
             opts: "cluster_size=1024,lazy_refcounts=on",
             size: 1 << 20,
@@ -850,7 +841,7 @@ fn crash_resize() {
             snapshot: false,
             compressed: false,
         },
-        Case {
+        ResizeCase {
             name: "grow over a longer backing file",
             opts: "cluster_size=4096",
             size: 1 << 20,
@@ -859,7 +850,7 @@ fn crash_resize() {
             snapshot: false,
             compressed: false,
         },
-        Case {
+        ResizeCase {
             name: "shrink, refcount blocks dropped",
             opts: "cluster_size=512",
             size: 2 << 20,
@@ -868,7 +859,7 @@ fn crash_resize() {
             snapshot: false,
             compressed: true,
         },
-        Case {
+        ResizeCase {
             name: "shrink with a snapshot",
             opts: "cluster_size=4096",
             size: 4 << 20,
@@ -880,68 +871,7 @@ fn crash_resize() {
     ];
     let mut total = 0;
     for c in cases {
-        let s = Scratch::new();
-        let img = s.path("r.qcow2");
-        let mut base_bytes = None;
-        if c.backing {
-            let base = s.qcow2("base.qcow2", "", 4 << 20);
-            qemu_io_cmds(&base, "qcow2", &["write -P 0x33 0 4M".to_string()]);
-            base_bytes = Some(std::fs::read(&base).unwrap());
-            s.create(
-                "r.qcow2",
-                "qcow2",
-                c.opts,
-                c.size,
-                Some(("base.qcow2", "qcow2")),
-            );
-        } else {
-            s.qcow2("r.qcow2", c.opts, c.size);
-        }
-        // Data over the whole disk, one byte value per 16 KiB.
-        let mut cmds = Vec::new();
-        let mut at = 0;
-        while at < c.size {
-            let flag = if c.compressed && (at / 16384) % 3 == 0 {
-                "-c "
-            } else {
-                ""
-            };
-            cmds.push(format!(
-                "write {flag}-P {} {at} 4096",
-                (at / 16384) % 250 + 1
-            ));
-            at += 16384;
-        }
-        qemu_io_cmds(&img, "qcow2", &cmds);
-        if c.snapshot {
-            qemu_img_ok(["snapshot", "-c", "one", img.to_str().unwrap()]);
-            qemu_io_cmds(&img, "qcow2", &["write -P 0xee 2M 64k".to_string()]);
-        }
-        let initial = std::fs::read(&img).unwrap();
-        let old = guest_view(&img);
-        let mut new = old.clone();
-        new.resize(c.new_size as usize, 0);
-        let (old_cells, new_cells) = (exactly(&old), exactly(&new));
-        let log_base = base_bytes.clone();
-        let states = states_of(&initial, |dev| {
-            let mut image = open_recorded(dev, log_base);
-            image.resize(c.new_size).unwrap();
-            image.close().unwrap();
-        });
-        for (state, what) in &states {
-            let what = format!("resize {}: {what}", c.name);
-            let size = u64::from_be_bytes(state[24..32].try_into().unwrap());
-            let allowed = if size == c.size {
-                &old_cells
-            } else if size == c.new_size {
-                &new_cells
-            } else {
-                panic!("{what}: virtual size {size} is neither the old nor the new one");
-            };
-            total += 1;
-            verify_sampled(&s, state, &base_bytes, allowed, &what, total % 29 == 0);
-        }
-        eprintln!("resize {}: {} crash states", c.name, states.len());
+        total += resize_states(&c, |image| image.resize(c.new_size).unwrap());
     }
     qcow2_tests::record_evidence(
         "crash_write-resize",

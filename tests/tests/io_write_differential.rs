@@ -44,6 +44,26 @@ fn assert_clean(img: &Path, who: &str, cmds: &[String]) {
     );
 }
 
+/// Runs `cmds` through `qcow2 io` on `ours` and qemu-io on `theirs`; each must succeed and leave a clean image.
+fn both_tools(ours: &Path, theirs: &Path, cmds: &[String], what: &str) {
+    let mut args: Vec<OsString> = vec!["io".into(), "-f".into(), "qcow2".into()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.into());
+    }
+    args.push(ours.into());
+    let out = qcow2(&args);
+    let text = out.stdout_str() + &out.stderr_str();
+    assert!(
+        out.success() && !text.contains("failed"),
+        "qcow2 io failed ({what}):\n{}",
+        out.describe()
+    );
+    qemu_io_cmds(theirs, "qcow2", cmds);
+    assert_clean(ours, "qcow2 io", cmds);
+    assert_clean(theirs, "qemu-io", cmds);
+}
+
 /// `seeds` random sequences of `count` operations on an image made with `opts`.
 fn sequences(
     opts: &str,
@@ -58,22 +78,7 @@ fn sequences(
     for seed in 0..seeds {
         let seq = ops(seed.wrapping_mul(7919) ^ size ^ cluster, size, cluster, 30);
         let cmds: Vec<String> = seq.iter().map(Op::qemu_io).collect();
-        let mut args: Vec<OsString> = vec!["io".into(), "-f".into(), "qcow2".into()];
-        for c in &cmds {
-            args.push("-c".into());
-            args.push(c.into());
-        }
-        args.push(ours.clone().into());
-        let out = qcow2(&args);
-        let text = out.stdout_str() + &out.stderr_str();
-        assert!(
-            out.success() && !text.contains("failed"),
-            "qcow2 io failed ({opts}, seed {seed}):\n{}",
-            out.describe()
-        );
-        qemu_io_cmds(&theirs, "qcow2", &cmds);
-        assert_clean(&ours, "qcow2 io", &cmds);
-        assert_clean(&theirs, "qemu-io", &cmds);
+        both_tools(&ours, &theirs, &cmds, &format!("{opts}, seed {seed}"));
         let a = raw(&s, &ours, "ours.raw");
         let b = raw(&s, &theirs, "theirs.raw");
         if let Some(diff) = qcow2_tests::bytes_diff(&a, &b) {
@@ -110,16 +115,7 @@ fn layouts_after_writes_and_discards() {
                 .filter(|op| matches!(op, Op::Write { .. } | Op::Discard { .. }))
                 .map(Op::qemu_io)
                 .collect();
-            let mut args: Vec<OsString> = vec!["io".into(), "-f".into(), "qcow2".into()];
-            for c in &cmds {
-                args.push("-c".into());
-                args.push(c.into());
-            }
-            args.push(ours.clone().into());
-            let out = qcow2(&args);
-            assert!(out.success(), "{}", out.describe());
-            qemu_io_cmds(&theirs, "qcow2", &cmds);
-            assert_clean(&ours, "qcow2 io", &cmds);
+            both_tools(&ours, &theirs, &cmds, &format!("{opts}, seed {seed}"));
             let (ma, mb) = (map(&ours), map(&theirs));
             if ma != mb {
                 let diff = ma.lines().zip(mb.lines()).find(|(x, y)| x != y);

@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// Counts one more refcount structure made during an allocation; more than 64 means it does not settle.
+fn converging<E>(made: u32) -> Result<u32, Error<E>> {
+    if made >= 64 {
+        return Err(Error::NoSpace {
+            what: "cluster allocation did not converge",
+        });
+    }
+    Ok(made.saturating_add(1))
+}
+
 /// Sets refcount entry `entry` (of a block whose chunk starting at byte `chunk_start` is `chunk`) to 1.
 pub(super) fn set_in_chunk(
     chunk: &mut [u8],
@@ -84,18 +94,8 @@ where
             {
                 count = count.saturating_add(1);
             }
-            self.guard(
-                at << self.g.cluster_bits,
-                count.saturating_mul(self.g.tables.cluster_size),
-                false,
-            )?;
-            for i in 0..count {
-                self.change_refcount(at.saturating_add(i), true)?;
-            }
+            let host = self.take_clusters(at, count)?;
             self.w.place_at = (at.saturating_add(count), left.saturating_sub(count));
-            let host = at << self.g.cluster_bits;
-            self.cache
-                .forget_range(0, host, count.saturating_mul(self.g.tables.cluster_size));
             return Ok((host, count));
         }
         #[cfg(feature = "qemu-placement")]
@@ -111,12 +111,7 @@ where
             let c = self.find_free(from)?;
             let r = c >> bits;
             if r >= self.g.tables.refcount_table_entries {
-                made = made.saturating_add(1);
-                if made > 64 {
-                    return Err(Error::NoSpace {
-                        what: "cluster allocation did not converge",
-                    });
-                }
+                made = converging(made)?;
                 self.grow_reftable(c)?;
                 continue;
             }
@@ -145,12 +140,7 @@ where
                 continue;
             }
             if let Some(m) = missing {
-                made = made.saturating_add(1);
-                if made > 64 {
-                    return Err(Error::NoSpace {
-                        what: "cluster allocation did not converge",
-                    });
-                }
+                made = converging(made)?;
                 // As QEMU places it: at the first free cluster after the run; then the search starts again.
                 // (Where that cluster lies past the region, the block goes at the region's first cluster of
                 // the run instead.)
@@ -160,21 +150,23 @@ where
                 continue;
             }
             let count = count.min(max);
-            // A free cluster is never one the engine knows to hold metadata (a refcount that lies).
-            self.guard(
-                c << self.g.cluster_bits,
-                count.saturating_mul(self.g.tables.cluster_size),
-                false,
-            )?;
-            for i in 0..count {
-                self.change_refcount(c.saturating_add(i), true)?;
-            }
+            let host = self.take_clusters(c, count)?;
             self.w.free_hint = c.saturating_add(count);
-            let host = c << self.g.cluster_bits;
-            self.cache
-                .forget_range(0, host, count.saturating_mul(self.g.tables.cluster_size));
             return Ok((host, count));
         }
+    }
+
+    /// Gives the `count` free clusters from cluster `c` refcount 1; returns the host offset of the first.
+    fn take_clusters(&mut self, c: u64, count: u64) -> Result<u64, Error<D::Error>> {
+        let host = c << self.g.cluster_bits;
+        let len = count.saturating_mul(self.g.tables.cluster_size);
+        // A free cluster is never one the engine knows to hold metadata (a refcount that lies).
+        self.guard(host, len, false)?;
+        for i in 0..count {
+            self.change_refcount(c.saturating_add(i), true)?;
+        }
+        self.cache.forget_range(0, host, len);
+        Ok(host)
     }
 
     /// Allocates `n` contiguous clusters whatever `n` (a LUKS area), and returns the run's host offset.
