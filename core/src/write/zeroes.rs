@@ -56,14 +56,15 @@ where
             let ps = pos & !piece.wrapping_sub(1);
             let pe = ps.saturating_add(piece).min(size);
             let b = end.min(pe);
-            if pos == gc && (b == gc.saturating_add(g.tables.cluster_size) || b >= size) {
-                // A whole cluster.
+            let ce = gc.saturating_add(g.tables.cluster_size).min(size);
+            if pos == gc && end >= ce {
+                // A whole cluster (with extended L2 too: its host cluster goes with `unmap`, as in QEMU).
                 if g.tables.l2_format.v3 {
                     self.zero_cluster(gc, unmap)?;
                 } else {
                     self.discard_cluster(gc, false, false)?;
                 }
-                pos = b;
+                pos = ce;
                 continue;
             }
             // A whole piece, or a partial one whose rest already reads as zeros and that holds no data in
@@ -81,6 +82,10 @@ where
             } else if promote {
                 self.zero_cluster(gc, unmap)?;
             } else {
+                // As in QEMU, where the tail of a request takes a cluster that its whole clusters just gave
+                // back: their frees are made durable (after the entries that dropped them) first.
+                #[cfg(feature = "qemu-placement")]
+                self.meta()?.commit_frees()?;
                 self.write_cluster(
                     gc,
                     pos.saturating_sub(gc),
