@@ -125,6 +125,9 @@ pub struct WriteState {
     filter: guard::MetadataFilter,
     /// Clusters whose refcount drops to 0 are discarded on the device (while a shrink frees them).
     discard_freed: bool,
+    /// The clusters a guest discard or an unmapping zero write gives back are discarded on the device too
+    /// ([`Image::pass_discards`]).
+    pass_discards: bool,
     /// Which of the first [`bitmaps::TRACKED_BITMAPS`] bitmap directory entries this writer marked in use
     /// (bit `i` for entry `i`): their flag is cleared at a clean close.
     #[cfg(feature = "bitmaps")]

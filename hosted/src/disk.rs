@@ -417,6 +417,12 @@ pub trait VirtualDiskWrite: VirtualDisk {
     /// as the format decides).
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError>;
 
+    /// With `on`, the space that discards and unmapping zero writes give back inside the image file is
+    /// released in the file too (qemu-io's default; a raw file releases it anyway).
+    fn pass_discards(&mut self, on: bool) {
+        let _ = on;
+    }
+
     /// The unit of compressed writes (the cluster size), or why this image takes no compressed writes.
     fn compressed_cluster_size(&self) -> Result<u64, DiskError>;
 

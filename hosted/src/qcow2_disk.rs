@@ -458,6 +458,10 @@ impl VirtualDiskWrite for Qcow2Disk {
         self.image.discard(offset, len).map_err(engine_error)
     }
 
+    fn pass_discards(&mut self, on: bool) {
+        self.image.pass_discards(on);
+    }
+
     fn compressed_cluster_size(&self) -> Result<u64, DiskError> {
         match self.top_format() {
             // Compressed clusters cannot live in an external data file.

@@ -112,6 +112,10 @@ where
             let r = c >> bits;
             if r >= self.g.tables.refcount_table_entries {
                 made = converging(made)?;
+                #[cfg(feature = "qemu-placement")]
+                if self.grow_reftable_after(c, need)? {
+                    continue;
+                }
                 self.grow_reftable(c)?;
                 continue;
             }
@@ -232,6 +236,17 @@ where
     /// Writes the refcount block for refcount table index `r` at cluster `c` (inside the range it covers, so
     /// that it covers itself), then points the refcount table at it.
     pub(super) fn alloc_refblock(&mut self, r: u64, c: u64) -> Result<(), Error<D::Error>> {
+        let host = self.write_refblock(c)?;
+        self.set_table_word(
+            self.g.tables.refcount_table_offset,
+            r.saturating_mul(8),
+            host,
+        )?;
+        Ok(())
+    }
+
+    /// Writes a refcount block at cluster `c` that counts only itself (durable); returns its host offset.
+    fn write_refblock(&mut self, c: u64) -> Result<u64, Error<D::Error>> {
         let host = c << self.g.cluster_bits;
         self.guard(host, self.g.tables.cluster_size, false)?;
         self.note_table(host);
@@ -242,12 +257,7 @@ where
             set_in_chunk(chunk, chunk_start, self_index, order)
         })?;
         self.flush_dev()?;
-        self.set_table_word(
-            self.g.tables.refcount_table_offset,
-            r.saturating_mul(8),
-            host,
-        )?;
-        Ok(())
+        Ok(host)
     }
 
     /// Writes a new L2 table at `new` (a copy of the shared table at `old`, or zeros) and makes it durable
@@ -352,8 +362,43 @@ where
                 });
             }
         }
-        self.install_refcount_area(c, r0, r0.saturating_add(k), t)?;
+        self.install_refcount_area(c, r0, r0.saturating_add(k), t, None)?;
         Ok(())
+    }
+
+    /// QEMU's growth of a full refcount table when a run of up to `need` clusters from cluster `c` (clusters
+    /// no block covers counting as free) reaches past it: the run's refcount block at the first free cluster
+    /// after the run (counting itself), then, from the first region boundary after both, new refcount
+    /// blocks and a refcount table with room to grow by half (the old table freed). `false` where that
+    /// block would not lie in the run's region (the caller grows the table its own way).
+    #[cfg(feature = "qemu-placement")]
+    fn grow_reftable_after(&mut self, c: u64, need: u64) -> Result<bool, Error<D::Error>> {
+        let g = self.g;
+        let bits = g.tables.refcount_block_bits;
+        let mut count = 1u64;
+        while count < need && c.saturating_add(count) <= self.max_cluster() {
+            let next = c.saturating_add(count);
+            if self.refcount_loc(next)?.is_some() && self.refcount(next)? != 0 {
+                break;
+            }
+            count = count.saturating_add(1);
+        }
+        let b = self.find_free(c.saturating_add(count))?;
+        if b >> bits != c >> bits {
+            return Ok(false);
+        }
+        let host = self.write_refblock(b)?;
+        let meta = ceil_div(c.max(b).saturating_add(1), 1u64 << bits) << bits;
+        let (blocks, _) = crate::create::measure::refcount_structures(
+            meta,
+            g.tables.cluster_size,
+            g.tables.refcount_order,
+            true,
+        );
+        let entries = blocks.saturating_add(blocks.div_ceil(2));
+        let t = ceil_div(entries, g.tables.cluster_size >> 3);
+        self.install_refcount_area(meta, meta >> bits, blocks, t, Some((c >> bits, host)))?;
+        Ok(true)
     }
 
     /// QEMU's `qcow2_refcount_area` with an exact size: from cluster `start` (past every cluster in use),
@@ -372,21 +417,29 @@ where
             false,
         );
         let t = ceil_div(blocks, g.tables.cluster_size >> 3);
-        self.install_refcount_area(start, start >> g.tables.refcount_block_bits, blocks, t)
+        self.install_refcount_area(
+            start,
+            start >> g.tables.refcount_block_bits,
+            blocks,
+            t,
+            None,
+        )
     }
 
     /// Installs new refcount structures from cluster `start` (it and every cluster after it free): a
     /// refcount block for each region from `first` to `end` (refcount table indices) that has none, in
     /// consecutive clusters from `start`, then a refcount table of `t` clusters there (the old table's
     /// entries, as many as fit, and the new blocks), each of these clusters counted. The blocks and the
-    /// table are durable before the header names the table; the old table is freed after. Returns the
-    /// first cluster after the table.
+    /// table are durable before the header names the table; the old table is freed after. `given`: a
+    /// refcount block already written, `(index, host offset)`, that the new table takes. Returns the first
+    /// cluster after the table.
     fn install_refcount_area(
         &mut self,
         start: u64,
         first: u64,
         end: u64,
         t: u64,
+        given: Option<(u64, u64)>,
     ) -> Result<u64, Error<D::Error>> {
         let g = self.g;
         let per_cluster = g.tables.cluster_size >> 3;
@@ -478,6 +531,15 @@ where
                         g.tables.refcount_table_offset.saturating_add(done),
                         part.get_mut(..m).unwrap_or(&mut []),
                     )?;
+                }
+                if let Some((r, host)) = given {
+                    let byte = r.saturating_mul(8);
+                    if byte >= done && byte < done.saturating_add(n as u64) {
+                        let at = byte.saturating_sub(done) as usize;
+                        if let Some(dst) = part.get_mut(at..at.saturating_add(8)) {
+                            let _ = copy_exact(dst, &host.to_be_bytes());
+                        }
+                    }
                 }
                 // The regions this chunk holds entries for that get a new block (their entry is 0).
                 let lo_r = first.max(done >> 3);

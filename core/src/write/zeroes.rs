@@ -26,8 +26,21 @@ where
         else {
             return self.end_write();
         };
-        self.zero_range(offset, len, unmap)?;
-        self.end_write()
+        // Version 2 gives clusters back for any zero write (it has no zero flag).
+        let v3 = self.geometry()?.tables.l2_format.v3;
+        self.w.discard_freed = (unmap || !v3) && self.w.pass_discards;
+        let done = self
+            .zero_range(offset, len, unmap)
+            .and_then(|()| self.end_write());
+        self.w.discard_freed = false;
+        done
+    }
+
+    /// With `on`, the host clusters that a discard or a zero write with unmap gives back are discarded on the
+    /// device as well (once the entries that dropped them are durable), so that the image file releases their
+    /// space: QEMU's `pass-discard-request`, on in qemu-io. Off by default.
+    pub fn pass_discards(&mut self, on: bool) {
+        self.w.pass_discards = on;
     }
 
     pub(super) fn zero_range(
@@ -249,6 +262,19 @@ where
             // data: like QEMU, leave such clusters in place.
             return self.end_write();
         }
+        self.w.discard_freed = self.w.pass_discards;
+        let done = self.discard_clusters(start, end, backing);
+        self.w.discard_freed = false;
+        done
+    }
+
+    fn discard_clusters(
+        &mut self,
+        start: u64,
+        end: u64,
+        backing: bool,
+    ) -> Result<(), Error<D::Error>> {
+        let g = self.geometry()?;
         let mut gc = start;
         while gc < end {
             // As QEMU places tables: each L2 table of the range made writable first (allocated where

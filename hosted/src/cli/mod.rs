@@ -746,10 +746,13 @@ fn cmd_io(p: &mut lexopt::Parser, out: &mut dyn Write, err: &mut dyn Write) -> R
         (Some(f), Some(p)) if read_only => Some(io::OpenedIo::ReadOnly(
             open::open_disk(p, fmt.as_deref()).map_err(|e| cant_open(f, e))?,
         )),
-        (Some(f), Some(p)) => Some(io::OpenedIo::Writable(
-            open::open_disk_writable_cache(p, fmt.as_deref(), cache)
-                .map_err(|e| cant_open(f, e))?,
-        )),
+        (Some(f), Some(p)) => {
+            let mut w = open::open_disk_writable_cache(p, fmt.as_deref(), cache)
+                .map_err(|e| cant_open(f, e))?;
+            // qemu-io opens images with discard=unmap: freed clusters are released in the file.
+            w.disk.pass_discards(true);
+            Some(io::OpenedIo::Writable(w))
+        }
         _ => None,
     };
     // An image marked corrupt may only be read.
