@@ -605,8 +605,14 @@ where
         let cs = self.geometry()?.tables.cluster_size;
         let mut pos = offset;
         let end = offset.saturating_add(len);
-        // Clusters left of the run of new ones placed last (see `place_run`).
+        // Clusters left of the run of new ones placed last (see `place_run`); nothing left from a request
+        // that failed.
         let mut placed = 0u64;
+        #[cfg(feature = "qemu-placement")]
+        {
+            self.w.place = 0;
+            self.w.place_at = (0, 0);
+        }
         while pos < end {
             let gc = pos & !cs.wrapping_sub(1);
             let a = pos.saturating_sub(gc);

@@ -232,20 +232,14 @@ where
         let end = host.saturating_add(len);
         {
             let mut m = self.meta()?;
-            let keep = if zeros {
-                host
+            // `full` zeroes the whole run; otherwise only the part that reuses the old file's space.
+            let zero_to = if zeros {
+                end
             } else {
-                file_end.clamp(host, end)
+                file_end.max(host).min(end)
             };
-            if keep > host || zeros {
-                m.write_zeros(
-                    host,
-                    if zeros {
-                        len
-                    } else {
-                        keep.saturating_sub(host)
-                    },
-                )?;
+            if zero_to > host {
+                m.write_zeros(host, zero_to.saturating_sub(host))?;
             }
             if end > m.dev.size()? && !m.dev.set_size(end)? {
                 // A device that cannot grow: the clusters past its end are written as zeros.
