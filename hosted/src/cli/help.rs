@@ -269,7 +269,7 @@ pub fn command_help(cmd: &str) -> Option<String> {
   --shrink
      allow operation when new size is smaller than original
   --preallocation PREALLOC
-     preallocation of the new area: off (default); raw images also falloc and full
+     preallocation of the new area: off (default), metadata (qcow2), falloc, full
   --object OBJDEF
      a QEMU object (a secret, a throttle group), checked as qemu-img checks it
   FILENAME
