@@ -1,6 +1,15 @@
-//! `qemu-img info` output, human and JSON, from [`ImageInfo`].
+//! `qemu-img info`: the command, and its output, human and JSON, from [`ImageInfo`].
 
 use std::fmt::Write as _;
+use std::io::Write;
+
+use lexopt::Arg;
+
+use crate::cli::{
+    Fail, OutputFormat, fail, no_value, open_error, opt_error, os_to_string, parse_output,
+    print_help, resolve_image, unknown_option, value,
+};
+use crate::{disk, open};
 
 use crate::cli::json::{Value, human_dump_object};
 use crate::cli::size::size_to_str;
@@ -351,6 +360,105 @@ pub fn format_info_human_chain(images: &[ImageInfo], chain: bool) -> String {
         out.push_str(&format_info_human(info));
     }
     out
+}
+
+pub(super) fn cmd_info(p: &mut lexopt::Parser, out: &mut dyn Write) -> Result<i32, Fail> {
+    let mut image_opts = false;
+    let (mut fmt, mut output, mut chain, mut files) =
+        (None, OutputFormat::Human, false, Vec::new());
+    let mut objects = crate::cli::object::Objects::default();
+    while let Some(arg) = p.next().map_err(|e| opt_error("info", e))? {
+        match arg {
+            Arg::Long("object") => objects.add(&value("info", p)?)?,
+            Arg::Short('h') => return print_help("info", out),
+            Arg::Long("help") => {
+                return no_value("info", "help", p).and_then(|()| print_help("info", out));
+            }
+            Arg::Short('f') | Arg::Long("format") => fmt = Some(value("info", p)?),
+            Arg::Long("output") => output = parse_output(&value("info", p)?)?,
+            Arg::Short('b') | Arg::Long("backing-chain") => chain = true,
+            Arg::Short('U') | Arg::Long("force-share") => {}
+            Arg::Long("image-opts") => image_opts = true,
+            Arg::Value(v) => files.push(os_to_string(v)?),
+            other => return Err(unknown_option("info", other)),
+        }
+    }
+    let [file] = files.as_slice() else {
+        return Err(fail("Expecting one image file name"));
+    };
+    let (path, fmt) = resolve_image(file, image_opts, fmt.as_deref())?;
+    let images = info_images(file, path, fmt, chain)?;
+    let text = match output {
+        OutputFormat::Json => format_info_json(&images, chain),
+        OutputFormat::Human => format_info_human_chain(&images, chain),
+    };
+    out.write_all(text.as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
+/// What `info` describes: the image alone, and with `chain` each image of its backing chain, each opened
+/// alone in turn by its full backing file name and format as qemu-img does (so a missing or unreadable
+/// backing file is named in the message, and a chain that comes back to a name already seen is refused).
+/// Nothing is printed unless every image opens.
+fn info_images(
+    shown: &str,
+    path: String,
+    fmt: Option<String>,
+    chain: bool,
+) -> Result<Vec<disk::ImageInfo>, Fail> {
+    let (mut shown, mut path, mut fmt) = (shown.to_string(), path, fmt);
+    let mut seen = std::collections::HashSet::new();
+    let mut images = Vec::new();
+    loop {
+        if !seen.insert(shown.clone()) {
+            return Err(fail(format!(
+                "Backing file '{shown}' creates an infinite loop."
+            )));
+        }
+        // Like qemu-img, the backing files are not opened here (and need not exist).
+        let img =
+            open::open_disk_alone(&path, fmt.as_deref()).map_err(|e| open_error(&shown, e))?;
+        let Some(info) = img.chain.into_iter().next() else {
+            return Err(fail(format!(
+                "Could not open '{shown}': no image information"
+            )));
+        };
+        // The engine's rule for a backing file whose format was probed: it may name no other file.
+        if !images.is_empty() && fmt.is_none() && info.format == "qcow2" {
+            let data_file = info.qcow2.as_ref().is_some_and(|q| q.data_file.is_some());
+            let refused = if info.backing_filename.is_some() {
+                Some(qcow2_core::engine::PROBED_NAMES_BACKING)
+            } else {
+                data_file.then_some(qcow2_core::engine::PROBED_NAMES_DATA_FILE)
+            };
+            if let Some(why) = refused {
+                return Err(fail(format!("Could not open '{shown}': {why}")));
+            }
+        }
+        let next = (info.backing_filename.is_some() && chain).then(|| {
+            (
+                info.full_backing_filename.clone(),
+                info.backing_filename_format.clone(),
+            )
+        });
+        images.push(info);
+        match next {
+            None => return Ok(images),
+            Some((Some(full), format)) => {
+                (shown, path, fmt) = (full.clone(), full, format);
+            }
+            Some((None, _)) => {
+                return Err(fail(format!(
+                    "Could not determine absolute backing filename, but backing filename '{}' present",
+                    images
+                        .last()
+                        .and_then(|i| i.backing_filename.as_deref())
+                        .unwrap_or_default()
+                )));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
