@@ -152,7 +152,7 @@ fn files_identical_after_random_writes() {
     qcow2_tests::record_evidence(
         "io_write_differential-layout",
         &format!(
-            "io_write_differential layouts: {runs} sequences of writes and discards placed as qemu-io places them"
+            "io_write_differential files: {runs} sequences of writes, zero writes and discards, each pair of files byte-identical to qemu-io's"
         ),
     );
 }
