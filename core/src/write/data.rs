@@ -137,7 +137,8 @@ where
     /// in `gc`'s L2 table, the table made writable first) will go, as QEMU places a write's new clusters:
     /// right after the host cluster of the request's cluster before (`gc` is not the request's first), as
     /// many as are free there; otherwise one contiguous run past free holes too short for it. Returns how
-    /// many clusters from `gc` that covers (at least 1: a cluster written in place needs no placing).
+    /// many clusters from `gc` that covers (at least 1); from a cluster written in place, the run of such
+    /// clusters, which need no placing.
     #[cfg(feature = "qemu-placement")]
     #[inline(never)]
     fn place_run(&mut self, gc: u64, end: u64, first_gc: u64) -> Result<u64, Error<D::Error>> {
@@ -153,16 +154,20 @@ where
             .l2_entries
             .saturating_sub(first)
             .min(end.saturating_sub(gc).div_ceil(cs));
+        // The run of clusters from `gc` alike to the first: written in place, or needing new clusters.
         let mut n = 0u64;
+        let mut written_in_place = None;
         while n < max {
             let (_, entry, kind) = m.cluster_entry(l2, gc.saturating_add(n.saturating_mul(cs)))?;
-            if in_place(kind, entry, g.tables.l2_format.extended).is_some() {
+            let here = in_place(kind, entry, g.tables.l2_format.extended).is_some();
+            if *written_in_place.get_or_insert(here) != here {
                 break;
             }
             n = n.saturating_add(1);
         }
-        if n == 0 {
-            return Ok(1);
+        if written_in_place != Some(false) {
+            // Nothing to place up to the next cluster that needs one.
+            return Ok(n.max(1));
         }
         if gc > first_gc {
             let before = gc.saturating_sub(cs);
